@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One device call: build, GPU tests on 2 and 4 GPUs, benchmarks; everything lands under $OUT.
+# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [tests] [faults] [grid] [bench] [e2e]
+# Never touches NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS.
+set -u
+OUT=${OUT:-/tmp/tokenweave-out}
+mkdir -p "$OUT"
+stages=${*:-build tests faults grid bench}
+ngpu=$(nvidia-smi -L | wc -l)
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
+log "stages: $stages; GPUs: $ngpu; $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+log "env: NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-unset} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-unset} NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-unset}"
+has() { case " $stages " in *" $1 "*) return 0;; *) return 1;; esac; }
+pytest_run() {  # name, args...
+  local name=$1; shift
+  local t0=$(date +%s)
+  timeout 590 python -m pytest -q -p no:cacheprovider "$@" > "$OUT/$name.log" 2>&1
+  log "$name: rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/$name.log")"
+}
+if has build; then
+  t0=$(date +%s)
+  MAX_JOBS=${MAX_JOBS:-16} pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+  log "build: rc=$? in $(( $(date +%s) - t0 )) s; $(grep -m1 '\[tokenweave\]' "$OUT/build.log")"
+  python -c "import tokenweave as tw; print('extension:', tw.HAS_EXTENSION)" 2>&1 | tee -a "$OUT/summary.txt"
+fi
+has tests && pytest_run tests_gpu tests/gpu -m gpu -k "not grid and not timeout and not mismatch and not streams"
+has faults && pytest_run tests_faults tests/gpu/test_faults_gpu.py -m gpu
+has grid && pytest_run tests_grid tests/gpu -m gpu -k grid
+if has bench; then
+  for tp in 2 4; do
+    [ "$ngpu" -ge "$tp" ] || continue
+    t0=$(date +%s)
+    timeout 400 python -m tokenweave.bench --tp "$tp" ${BENCH_ARGS:-} > "$OUT/bench_tp$tp.log" 2>&1
+    log "bench tp$tp: rc=$? in $(( $(date +%s) - t0 )) s"
+    tail -40 "$OUT/bench_tp$tp.log"
+  done
+fi
+if has e2e; then
+  for tp in 2 4; do
+    [ "$ngpu" -ge "$tp" ] || continue
+    t0=$(date +%s)
+    timeout 400 torchrun --nproc-per-node "$tp" bench/e2e_layers.py ${E2E_ARGS:-} > "$OUT/e2e_tp$tp.log" 2>&1
+    log "e2e tp$tp: rc=$? in $(( $(date +%s) - t0 )) s"
+    tail -30 "$OUT/e2e_tp$tp.log"
+  done
+fi
+tar czf "$OUT/results.tar.gz" bench/results 2>/dev/null
+cat "$OUT/summary.txt"

@@ -1,0 +1,48 @@
+// Host-side planning of one collective launch: chunking, grid, row groups, call signature.
+// Torch-free; the torch glue and the Python dispatcher both go through plan_allreduce.
+#pragma once
+
+#include <cstdint>
+
+#include "tokenweave/types.h"
+
+namespace tokenweave {
+
+// What the kernel is asked to produce (part of the call signature).
+enum OpBits : uint32_t { kOpResidual = 1u, kOpNorm = 2u };
+
+struct CallArgs {
+  const void* x;
+  void* out;
+  void* residual;
+  const void* weight;
+  int64_t tokens;
+  int hidden;
+  float eps;
+  int algo;        // Algo::kOneShot or Algo::kTwoShot (never kAuto here)
+  int dtype;       // DType
+  int ctas;        // grid size actually launched
+  int chunk_rows;  // rows per chunk
+  int n_chunks;
+  int group;       // threads per row in the epilogue
+  uint32_t op;     // OpBits
+  uint32_t sig;    // call signature, identical on every rank making the same call
+};
+
+inline int lanes_of(DType d) { return d == DType::kFloat32 ? 4 : 8; }
+
+// FNV-1a over the fields every rank must agree on.
+inline uint32_t call_signature(const CallArgs& a) {
+  const int64_t fields[] = {a.op, a.algo, a.dtype, a.tokens, a.hidden, a.ctas, a.chunk_rows};
+  uint32_t h = 2166136261u;
+  for (int64_t f : fields)
+    for (int b = 0; b < 8; ++b) h = (h ^ uint32_t((f >> (8 * b)) & 0xff)) * 16777619u;
+  return h == 0 ? 1 : h;
+}
+
+// Fills algo-dependent fields of `a` (ctas, chunk_rows, n_chunks, group, sig) from the request.
+// Returns nullptr on success or a message saying what to change.
+// chunks_per_cta > 1 lets each CTA pipeline its chunks (scatter of chunk k+1 while waiting for k).
+const char* plan_allreduce(CallArgs& a, const Layout& l, int ctas, int chunks_per_cta);
+
+}  // namespace tokenweave

@@ -1,0 +1,121 @@
+// Cross-GPU synchronisation primitives: flags, the bounded wait, and error reporting.
+//
+// Memory-ordering pattern (the same for every phase of every kernel):
+//   producer: every thread of the CTA stores its data (weak st.global, local or to a peer)
+//             -> __syncthreads()                     (orders the CTA's stores before thread t's release)
+//             -> thread t: st.release.sys flag       (release is cumulative over what the barrier ordered)
+//   consumer: thread t: ld.acquire.sys flag == want  (spins, bounded by globaltimer)
+//             -> __syncthreads_and(ok)               (the whole CTA may now read the data)
+// System scope is required: the flag and the data cross the NVLink fabric between GPUs.
+// An acquire at .sys scope also invalidates this SM's L1, so later plain loads see the peer's data.
+#pragma once
+
+#include "tokenweave/common.cuh"
+
+namespace tokenweave {
+
+__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// A flag carries the epoch of the call in its low word and the call's signature in its high word,
+// so one acquire both synchronises and checks that the peer is making the same call.
+__device__ __forceinline__ uint64_t make_flag(uint32_t epoch, uint32_t sig) {
+  return (uint64_t(sig) << 32) | epoch;
+}
+
+__device__ __forceinline__ bool aborted(const CommDevice& c) {
+  return *reinterpret_cast<volatile uint32_t*>(&c.state->abort) != 0;
+}
+
+// First error wins the record; every error sets `abort` so the other CTAs stop waiting too.
+__device__ inline void record_error(const CommDevice& c, int64_t code, int peer, uint32_t epoch,
+                                    int chunk, uint32_t sig, uint32_t op, uint64_t seen) {
+  if (atomicCAS(&c.state->claimed, 0u, 1u) == 0u) {
+    volatile ErrorRecord* r = c.err;
+    r->rank = c.rank;
+    r->peer = peer;
+    r->epoch = epoch;
+    r->chunk = chunk;
+    r->own_sig = sig;
+    r->peer_sig = int64_t(seen >> 32);
+    r->op = op;
+    __threadfence_system();
+    r->code = code;
+    __threadfence_system();
+  }
+  atomicExch(&c.state->abort, 1u);
+}
+
+struct CallId {
+  uint32_t epoch;
+  uint32_t sig;
+  uint32_t op;
+};
+
+// Spins until `flag` holds this call's epoch. Bounded: gives up after c.timeout_ns, or at once when
+// another CTA of this rank has already failed. Returns false after recording why.
+__device__ inline bool wait_flag(const CommDevice& c, const uint64_t* flag, const CallId& id, int peer,
+                                 int chunk) {
+  const uint64_t start = globaltimer_ns();
+  for (uint32_t spin = 0;; ++spin) {
+    const uint64_t v = ld_acquire_sys(flag);
+    if (uint32_t(v) == id.epoch) {
+      if (uint32_t(v >> 32) == id.sig) return true;
+      record_error(c, kErrMismatch, peer, id.epoch, chunk, id.sig, id.op, v);
+      return false;
+    }
+    // Reading the timer and the abort word costs more than a flag poll: do it every 64 polls.
+    if ((spin & 63) == 63) {
+      if (aborted(c)) return false;
+      if (globaltimer_ns() - start > c.timeout_ns) {
+        record_error(c, kErrTimeout, peer, id.epoch, chunk, id.sig, id.op, v);
+        return false;
+      }
+    }
+  }
+}
+
+// Flag of (phase, src, chunk) for the call's parity inside the workspace at `base`.
+__device__ __forceinline__ uint64_t* flag_ptr(char* base, const Layout& l, int parity, int phase, int src,
+                                              int chunk) {
+  uint64_t* f = reinterpret_cast<uint64_t*>(base + l.flags_off);
+  return f + ((size_t(parity) * 2 + phase) * kMaxWorld + src) * kMaxChunks + chunk;
+}
+
+// Producer side: after the whole CTA stored its part of `chunk`, tell every rank (itself included).
+// Tr is the transport: its fence_before_signal() orders its own kind of stores before the release.
+template <class Tr, int W>
+__device__ __forceinline__ void signal_all(const CommDevice& c, const CallId& id, int phase, int chunk) {
+  Tr::fence_before_signal();
+  __syncthreads();
+  if (threadIdx.x < W) {
+    st_release_sys(flag_ptr(c.ws[threadIdx.x], c.layout, id.epoch & 1, phase, c.rank, chunk),
+                   make_flag(id.epoch, id.sig));
+  }
+}
+
+// Consumer side: every rank's part of `chunk` has arrived (or the CTA must give up: returns false).
+template <int W>
+__device__ __forceinline__ bool wait_all(const CommDevice& c, const CallId& id, int phase, int chunk) {
+  bool ok = true;
+  if (threadIdx.x < W) {
+    ok = wait_flag(c, flag_ptr(c.ws[c.rank], c.layout, id.epoch & 1, phase, threadIdx.x, chunk), id,
+                   threadIdx.x, chunk);
+  }
+  return __syncthreads_and(ok) != 0;
+}
+
+}  // namespace tokenweave

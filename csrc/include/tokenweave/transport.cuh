@@ -1,0 +1,123 @@
+// The two transports. Kernels are written once against this interface; a transport decides only
+// where bytes go and how a sum over ranks is read:
+//   stage(c, half, q, slot_vec, v)   two-shot: make my copy of rank q's piece available to rank q
+//   reduce(c, half, slot_vec, acc)   two-shot: fp32 sum over all ranks of my piece
+//   broadcast(c, byte_off, v)        store v at byte_off of every rank's workspace (all-gather, one-shot push)
+//   fence_before_signal()            whatever must precede the flag release after this transport's stores
+#pragma once
+
+#include "tokenweave/common.cuh"
+#include "tokenweave/sync.cuh"
+
+namespace tokenweave {
+
+__device__ __forceinline__ char* slot_ptr(char* base, const Layout& l, int half, int slot) {
+  return base + l.data_off + uint64_t(half) * l.half_bytes + uint64_t(slot) * l.slot_bytes;
+}
+
+__device__ __forceinline__ uint64_t gather_off(const Layout& l, int half) {
+  return l.data_off + uint64_t(half) * l.half_bytes + uint64_t(l.world) * l.slot_bytes;
+}
+
+// P2P: 16-byte loads and stores through the peer-mapped workspaces. Rank s stages rank q's piece into
+// rank q's slot s; rank q then sums its own W slots locally, in rank order (deterministic).
+template <typename T, int W>
+struct P2P {
+  __device__ static void stage(const CommDevice& c, int half, int q, uint64_t slot_vec, const Vec& v) {
+    reinterpret_cast<Vec*>(slot_ptr(c.ws[q], c.layout, half, c.rank))[slot_vec] = v;
+  }
+
+  __device__ static void reduce(const CommDevice& c, int half, uint64_t slot_vec, float* acc) {
+    constexpr int L = Pack<T>::kLanes;
+    Vec v[W];
+#pragma unroll
+    for (int s = 0; s < W; ++s) v[s] = reinterpret_cast<const Vec*>(slot_ptr(c.ws[c.rank], c.layout, half, s))[slot_vec];
+#pragma unroll
+    for (int i = 0; i < L; ++i) acc[i] = 0.f;
+#pragma unroll
+    for (int s = 0; s < W; ++s) {
+      float f[L];
+      Pack<T>::unpack(v[s], f);
+#pragma unroll
+      for (int i = 0; i < L; ++i) acc[i] += f[i];
+    }
+  }
+
+  __device__ static void broadcast(const CommDevice& c, uint64_t byte_off, const Vec& v) {
+    // Start at the next rank so that the W writers do not all hit rank 0 first.
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      const int q = (c.rank + 1 + i) % W;
+      *reinterpret_cast<Vec*>(c.ws[q] + byte_off) = v;
+    }
+  }
+
+  __device__ static void fence_before_signal() {}
+};
+
+// Multimem (Hopper NVLink SHARP): one multimem.ld_reduce returns the sum over all ranks and one
+// multimem.st writes every rank, through the multicast address c.mc of the same workspace.
+// Rank s stages rank q's piece into its own slot q; rank q reduces slot q through the multicast address.
+// The switch accumulates bf16/fp16 in fp32 (.acc::f32) but returns the sum rounded to T.
+template <typename T>
+struct MultimemOps;
+
+template <>
+struct MultimemOps<__nv_bfloat16> {
+  __device__ static Vec ld_reduce(const void* p) {
+    Vec v;
+    asm volatile("multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p)
+                 : "memory");
+    return v;
+  }
+};
+
+template <>
+struct MultimemOps<__half> {
+  __device__ static Vec ld_reduce(const void* p) {
+    Vec v;
+    asm volatile("multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.f16x2 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p)
+                 : "memory");
+    return v;
+  }
+};
+
+template <>
+struct MultimemOps<float> {
+  __device__ static Vec ld_reduce(const void* p) {
+    Vec v;
+    asm volatile("multimem.ld_reduce.relaxed.sys.global.add.v4.f32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p)
+                 : "memory");
+    return v;
+  }
+};
+
+template <typename T, int W>
+struct Multimem {
+  __device__ static void stage(const CommDevice& c, int half, int q, uint64_t slot_vec, const Vec& v) {
+    reinterpret_cast<Vec*>(slot_ptr(c.ws[c.rank], c.layout, half, q))[slot_vec] = v;
+  }
+
+  __device__ static void reduce(const CommDevice& c, int half, uint64_t slot_vec, float* acc) {
+    const Vec* p = reinterpret_cast<const Vec*>(slot_ptr(c.mc, c.layout, half, c.rank)) + slot_vec;
+    Pack<T>::unpack(MultimemOps<T>::ld_reduce(p), acc);
+  }
+
+  __device__ static void broadcast(const CommDevice& c, uint64_t byte_off, const Vec& v) {
+    asm volatile("multimem.st.relaxed.sys.global.v4.f32 [%0], {%1,%2,%3,%4};" ::"l"(c.mc + byte_off), "r"(v.x),
+                 "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+  }
+
+  // Peers read what we wrote through the multicast alias via their unicast mapping: order the alias
+  // proxy before the flag release.
+  __device__ static void fence_before_signal() { asm volatile("fence.proxy.alias;" ::: "memory"); }
+};
+
+}  // namespace tokenweave

@@ -1,0 +1,238 @@
+// The all-reduce (+ residual + RMSNorm) kernel, written once over the transport policy.
+//
+// Work is cut into chunks of whole rows; CTA b owns chunks b, b + grid, ... on every rank (the same
+// grid on every rank is part of the call signature). Per chunk and phase, each rank's CTA releases one
+// flag to every rank, so CTA b only ever waits for the CTAs b of its peers: no grid-wide barrier.
+//
+// Two-shot (the TokenWeave order), per chunk:
+//   A  scatter : piece q of the chunk (1/W of its vectors) goes to rank q      (Tr::stage)
+//   B  reduce  : rank q sums its piece over ranks, adds the residual, rounds,
+//                and all-gathers the result                                   (Tr::reduce, Tr::broadcast)
+//   C  epilogue: residual <- z, out <- RMSNorm(z) * weight for the chunk's rows (local)
+// Each CTA pipelines its chunks: A of chunk k+1 is issued before it waits for chunk k.
+// Every element is summed exactly once, in rank order, then copied: all ranks get the same bits.
+//
+// One-shot (small inputs), per chunk: every rank pushes the chunk into its slot on every rank
+// (Tr::broadcast), then each rank sums the W slots locally in rank order + residual, and runs C.
+// The same numerics as two-shot with P2P: both give bitwise identical results.
+#pragma once
+
+#include "tokenweave/common.cuh"
+#include "tokenweave/plan.h"
+#include "tokenweave/rownorm.cuh"
+#include "tokenweave/sync.cuh"
+#include "tokenweave/transport.cuh"
+
+namespace tokenweave {
+
+constexpr int kPhaseA = 0;
+constexpr int kPhaseB = 1;
+// Independent 16-byte vectors each thread keeps in flight in the streaming phases.
+constexpr int kUnroll = 4;
+
+// For i in [begin, end) spread over the CTA: v = load(i) for kUnroll indices, then store(i, v) for them,
+// so the loads are in flight together (the compiler cannot reorder them across possibly-aliasing stores).
+template <class Load, class Store>
+__device__ __forceinline__ void stream_vecs(int64_t begin, int64_t end, const Load& load, const Store& store) {
+  for (int64_t i = begin + threadIdx.x; i < end; i += int64_t(kUnroll) * kBlockThreads) {
+    Vec v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = i + int64_t(u) * kBlockThreads;
+      if (k < end) v[u] = load(k);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = i + int64_t(u) * kBlockThreads;
+      if (k < end) store(k, v[u]);
+    }
+  }
+}
+
+// z from the all-gathered result in this rank's workspace (two-shot).
+struct GatherSource {
+  const Vec* gather;
+  int nvr;
+  __device__ Vec load_z(int64_t row, int j) const { return gather[row * nvr + j]; }
+};
+
+// z from the W pushed copies in this rank's slots (one-shot): sum in rank order, + residual, round.
+template <typename T, int W>
+struct SlotsSource {
+  const char* slots;  // slot 0 of this call's half
+  uint64_t slot_bytes;
+  const Vec* residual;
+  int nvr;
+  __device__ Vec load_z(int64_t row, int j) const {
+    constexpr int L = Pack<T>::kLanes;
+    const int64_t idx = row * nvr + j;
+    Vec v[W];
+#pragma unroll
+    for (int s = 0; s < W; ++s) v[s] = reinterpret_cast<const Vec*>(slots + s * slot_bytes)[idx];
+    float acc[L];
+#pragma unroll
+    for (int i = 0; i < L; ++i) acc[i] = 0.f;
+#pragma unroll
+    for (int s = 0; s < W; ++s) {
+      float f[L];
+      Pack<T>::unpack(v[s], f);
+#pragma unroll
+      for (int i = 0; i < L; ++i) acc[i] += f[i];
+    }
+    if (residual) {
+      float r[L];
+      Pack<T>::unpack(residual[idx], r);
+#pragma unroll
+      for (int i = 0; i < L; ++i) acc[i] += r[i];
+    }
+    return Pack<T>::pack(acc);
+  }
+};
+
+// The last CTA to finish advances the epoch; every CTA read it at its start, before taking a ticket.
+__device__ __forceinline__ void finish_call(const CommDevice& c, uint32_t epoch) {
+  __syncthreads();
+  if (threadIdx.x == 0 && atomicAdd(&c.state->ticket, 1u) == gridDim.x - 1) {
+    c.state->ticket = 0;
+    c.state->epoch = epoch;
+  }
+}
+
+template <typename T, int W, template <typename, int> class TransportT>
+__global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommDevice c, const CallArgs a) {
+  using Tr = TransportT<T, W>;
+  constexpr int L = Pack<T>::kLanes;
+  __shared__ float red[2][kBlockThreads / 32];
+
+  const CallId id{c.state->epoch + 1, a.sig, a.op};
+  const int half = id.epoch & 1;
+  const int nvr = a.hidden / L;
+  const int n_mine = (a.n_chunks - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
+  const Layout& l = c.layout;
+  const Vec* x = reinterpret_cast<const Vec*>(a.x);
+  const Vec* residual = reinterpret_cast<const Vec*>(a.residual);
+  const RowArgs rows{a.out, a.residual, (a.op & kOpNorm) ? a.weight : nullptr, a.hidden, a.group, a.eps};
+  auto chunk_at = [&](int i) { return int(blockIdx.x) + i * int(gridDim.x); };
+  auto row_begin = [&](int ch) { return int64_t(ch) * a.chunk_rows; };
+  auto row_end = [&](int ch) { return min(int64_t(ch + 1) * a.chunk_rows, a.tokens); };
+
+  bool ok = !aborted(c);
+  if (ok && blockIdx.x == 0 && threadIdx.x < W) {
+    // Tell rank threadIdx.x what we are calling; this thread's first flag release to it orders the header.
+    CallHeader h{};
+    h.sig = a.sig;
+    h.epoch = id.epoch;
+    h.op = a.op;
+    h.dtype = a.dtype;
+    h.tokens = a.tokens;
+    h.hidden = a.hidden;
+    h.ctas = a.ctas;
+    h.chunk_rows = a.chunk_rows;
+    h.algo = a.algo;
+    reinterpret_cast<CallHeader*>(c.ws[threadIdx.x] + l.headers_off)[(id.epoch & 1) * kMaxWorld + c.rank] = h;
+  }
+
+  if (ok && a.algo == int(Algo::kOneShot)) {
+    char* my_slots = slot_ptr(c.ws[c.rank], l, half, 0);
+    const uint64_t my_slot_off = l.data_off + uint64_t(half) * l.half_bytes + uint64_t(c.rank) * l.slot_bytes;
+    const SlotsSource<T, W> src{my_slots, l.slot_bytes, (a.op & kOpResidual) ? residual : nullptr, nvr};
+    for (int step = 0; step <= n_mine; ++step) {
+      if (step < n_mine) {
+        const int ch = chunk_at(step);
+        stream_vecs(
+            row_begin(ch) * nvr, row_end(ch) * nvr, [&](int64_t i) { return x[i]; },
+            [&](int64_t i, const Vec& v) { Tr::broadcast(c, my_slot_off + uint64_t(i) * 16, v); });
+        signal_all<Tr, W>(c, id, kPhaseA, ch);
+      }
+      if (step >= 1) {
+        const int ch = chunk_at(step - 1);
+        if (!(ok = wait_all<W>(c, id, kPhaseA, ch))) break;
+        finish_rows<T>(src, rows, row_begin(ch), row_end(ch), false, red);
+      }
+    }
+  } else if (ok) {
+    const GatherSource src{reinterpret_cast<const Vec*>(c.ws[c.rank] + gather_off(l, half)), nvr};
+    const uint64_t g_off = gather_off(l, half);
+    const int64_t piece_full = (int64_t(a.chunk_rows) * nvr + W - 1) / W;  // slot stride per chunk
+    for (int step = 0; step <= n_mine + 1; ++step) {
+      if (step < n_mine) {  // A: scatter chunk `step`
+        const int ch = chunk_at(step);
+        const int64_t v0 = row_begin(ch) * nvr, nv = (row_end(ch) - row_begin(ch)) * nvr;
+        const int64_t piece = (nv + W - 1) / W;
+#pragma unroll
+        for (int q = 0; q < W; ++q) {
+          const int64_t p0 = min(int64_t(q) * piece, nv), p1 = min(p0 + piece, nv);
+          const uint64_t slot0 = uint64_t(ch) * piece_full - p0;
+          stream_vecs(
+              p0, p1, [&](int64_t i) { return x[v0 + i]; },
+              [&](int64_t i, const Vec& v) { Tr::stage(c, half, q, slot0 + i, v); });
+        }
+        signal_all<Tr, W>(c, id, kPhaseA, ch);
+      }
+      if (step >= 1 && step - 1 < n_mine) {  // B: reduce my piece of chunk step-1, add residual, all-gather
+        const int ch = chunk_at(step - 1);
+        if (!(ok = wait_all<W>(c, id, kPhaseA, ch))) break;
+        const int64_t v0 = row_begin(ch) * nvr, nv = (row_end(ch) - row_begin(ch)) * nvr;
+        const int64_t piece = (nv + W - 1) / W;
+        const int64_t p0 = min(int64_t(c.rank) * piece, nv), p1 = min(p0 + piece, nv);
+        const uint64_t slot0 = uint64_t(ch) * piece_full - p0;
+        const bool add_res = (a.op & kOpResidual) != 0;
+        stream_vecs(
+            p0, p1,
+            [&](int64_t i) {
+              float acc[L];
+              Tr::reduce(c, half, slot0 + i, acc);
+              if (add_res) {
+                float r[L];
+                Pack<T>::unpack(residual[v0 + i], r);
+#pragma unroll
+                for (int k = 0; k < L; ++k) acc[k] += r[k];
+              }
+              return Pack<T>::pack(acc);
+            },
+            [&](int64_t i, const Vec& v) { Tr::broadcast(c, g_off + uint64_t(v0 + i) * 16, v); });
+        signal_all<Tr, W>(c, id, kPhaseB, ch);
+      }
+      if (step >= 2) {  // C: epilogue of chunk step-2
+        const int ch = chunk_at(step - 2);
+        if (!(ok = wait_all<W>(c, id, kPhaseB, ch))) break;
+        finish_rows<T>(src, rows, row_begin(ch), row_end(ch), false, red);
+      }
+    }
+  }
+
+  if (!ok) {  // gave up (timeout, mismatch, or an earlier failure): never leave output that looks valid
+    const LocalSource<T> none{x, nullptr, nvr};  // never read when poisoning
+    for (int i = 0; i < n_mine; ++i) finish_rows<T>(none, rows, row_begin(chunk_at(i)), row_end(chunk_at(i)), true, red);
+  }
+  finish_call(c, id.epoch);
+}
+
+// Launches allreduce_kernel for transport TransportT: dtype and world size are dispatched here, once.
+template <template <typename, int> class TransportT>
+cudaError_t launch_allreduce(const CommDevice& c, const CallArgs& a, cudaStream_t stream) {
+  auto go = [&](auto kernel) {
+    kernel<<<a.ctas, kBlockThreads, 0, stream>>>(c, a);
+    return cudaGetLastError();
+  };
+#define TW_WORLD_CASES(T)                                   \
+  switch (c.world) {                                        \
+    case 2: return go(allreduce_kernel<T, 2, TransportT>); \
+    case 3: return go(allreduce_kernel<T, 3, TransportT>); \
+    case 4: return go(allreduce_kernel<T, 4, TransportT>); \
+    case 5: return go(allreduce_kernel<T, 5, TransportT>); \
+    case 6: return go(allreduce_kernel<T, 6, TransportT>); \
+    case 7: return go(allreduce_kernel<T, 7, TransportT>); \
+    case 8: return go(allreduce_kernel<T, 8, TransportT>); \
+    default: return cudaErrorInvalidValue;                  \
+  }
+  switch (DType(a.dtype)) {
+    case DType::kBFloat16: TW_WORLD_CASES(__nv_bfloat16)
+    case DType::kFloat16: TW_WORLD_CASES(__half)
+    case DType::kFloat32: TW_WORLD_CASES(float)
+  }
+#undef TW_WORLD_CASES
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace tokenweave

@@ -1,0 +1,194 @@
+// The one binding file: TORCH_LIBRARY schemas + CUDA impls of the ops, and the pybind11 helpers
+// that Communicator uses to register its device state. Every check names its op.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+
+#include "tokenweave/tokenweave.h"
+
+namespace tw = tokenweave;
+
+namespace {
+
+struct CommEntry {
+  tw::CommDevice dev;
+  tw::Transport transport;
+};
+
+std::mutex g_mu;
+std::unordered_map<int64_t, CommEntry> g_comms;
+int64_t g_next_id = 1;
+
+CommEntry lookup(int64_t id, const char* op) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto it = g_comms.find(id);
+  TORCH_CHECK(it != g_comms.end(), op, ": communicator ", id, " is closed or was never created");
+  return it->second;
+}
+
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
+tw::DType dtype_of(const at::Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kBFloat16: return tw::DType::kBFloat16;
+    case at::kHalf: return tw::DType::kFloat16;
+    case at::kFloat: return tw::DType::kFloat32;
+    default: TORCH_CHECK(false, op, ": dtype ", t.scalar_type(), " is not supported; use bfloat16, float16 or float32");
+  }
+}
+
+void check_rows(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), ", x has ", x.scalar_type());
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(), ", x has ", x.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name, " must be 16-byte aligned");
+}
+
+void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+                  const at::Tensor& out, const char* op) {
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [tokens, hidden], got ", x.sizes());
+  dtype_of(x, op);
+  check_rows(x, x, op, "x");
+  check_rows(out, x, op, "out");
+  if (residual) check_rows(*residual, x, op, "residual");
+  if (weight) {
+    TORCH_CHECK(weight->device() == x.device() && weight->scalar_type() == x.scalar_type(), op,
+                ": weight must have x's device and dtype");
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == x.size(1) && weight->is_contiguous(), op,
+                ": weight must be contiguous of shape [hidden] = [", x.size(1), "]");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(weight->data_ptr()) % 16 == 0, op, ": weight must be 16-byte aligned");
+  }
+}
+
+void allreduce_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+                    at::Tensor& out, double eps, int64_t comm, int64_t algo, int64_t ctas, int64_t chunks_per_cta) {
+  constexpr const char* op = "tokenweave.allreduce";
+  check_inputs(x, residual, weight, out, op);
+  const CommEntry e = lookup(comm, op);
+  tw::CallArgs a{};
+  a.x = x.data_ptr();
+  a.out = out.data_ptr();
+  a.residual = residual ? residual->data_ptr() : nullptr;
+  a.weight = weight ? weight->data_ptr() : nullptr;
+  a.tokens = x.size(0);
+  a.hidden = int(x.size(1));
+  a.eps = float(eps);
+  a.algo = int(algo);
+  a.dtype = int(dtype_of(x, op));
+  a.op = (residual ? tw::kOpResidual : 0u) | (weight ? tw::kOpNorm : 0u);
+  const char* err = tw::plan_allreduce(a, e.dev.layout, int(ctas), int(chunks_per_cta));
+  TORCH_CHECK(err == nullptr, op, ": ", err);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t st = tw::allreduce(e.dev, a, e.transport, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(st == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(st));
+}
+
+void add_rmsnorm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
+                      at::Tensor& out, double eps) {
+  constexpr const char* op = "tokenweave.add_rmsnorm";
+  check_inputs(x, residual, weight, out, op);
+  if (x.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t st = tw::add_rmsnorm(x.data_ptr(), residual ? residual->data_ptr() : nullptr, weight.data_ptr(),
+                                         out.data_ptr(), x.size(0), int(x.size(1)), float(eps), dtype_of(x, op),
+                                         at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(st == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(st),
+              " (hidden must be a multiple of 8 and at most 32768)");
+}
+
+int64_t comm_create(int64_t rank, int64_t world, const std::vector<int64_t>& ws_ptrs, int64_t mc_ptr, int64_t state_ptr,
+                    int64_t err_ptr, int64_t capacity_bytes, int64_t timeout_ns, int64_t transport) {
+  constexpr const char* op = "tokenweave.Communicator";
+  TORCH_CHECK(world >= 2 && world <= tw::kMaxWorld, op, ": world size ", world, " is outside 2..", tw::kMaxWorld);
+  TORCH_CHECK(int64_t(ws_ptrs.size()) == world, op, ": need one workspace pointer per rank");
+  TORCH_CHECK(rank >= 0 && rank < world, op, ": bad rank ", rank);
+  if (transport == int64_t(tw::Transport::kMultimem)) {
+    // Second line of defence behind Python's selection: never run multimem where multicast is off.
+    TORCH_CHECK(mc_ptr != 0, op, ": multimem needs a multicast address");
+    TORCH_CHECK(!env_is("NCCL_NVLS_ENABLE", "0") && !env_is("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1") &&
+                    !env_is("NVSHMEM_DISABLE_NVLS", "1") && !env_is("TOKENWEAVE_DISABLE_MULTIMEM", "1"),
+                op, ": multimem requested but multicast is disabled by the environment");
+  }
+  CommEntry e{};
+  for (int i = 0; i < world; ++i) e.dev.ws[i] = reinterpret_cast<char*>(ws_ptrs[i]);
+  e.dev.mc = reinterpret_cast<char*>(mc_ptr);
+  e.dev.state = reinterpret_cast<tw::LocalState*>(state_ptr);
+  e.dev.err = reinterpret_cast<tw::ErrorRecord*>(err_ptr);
+  e.dev.layout = tw::make_layout(uint64_t(capacity_bytes), int(world));
+  e.dev.timeout_ns = uint64_t(timeout_ns);
+  e.dev.rank = int(rank);
+  e.dev.world = int(world);
+  e.transport = tw::Transport(transport);
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_comms[g_next_id] = e;
+  return g_next_id++;
+}
+
+void comm_destroy(int64_t id) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_comms.erase(id);
+}
+
+py::dict layout(int64_t capacity_bytes, int64_t world) {
+  const tw::Layout l = tw::make_layout(uint64_t(capacity_bytes), int(world));
+  py::dict d;
+  d["flags_off"] = l.flags_off;
+  d["headers_off"] = l.headers_off;
+  d["probe_off"] = l.probe_off;
+  d["data_off"] = l.data_off;
+  d["slot_bytes"] = l.slot_bytes;
+  d["gather_bytes"] = l.gather_bytes;
+  d["half_bytes"] = l.half_bytes;
+  d["total_bytes"] = l.total_bytes;
+  d["capacity_bytes"] = l.capacity_bytes;
+  d["one_shot_bytes"] = l.slot_bytes - uint64_t(tw::kMaxChunks) * 16 - 16;
+  d["max_world"] = tw::kMaxWorld;
+  d["block_threads"] = tw::kBlockThreads;
+  return d;
+}
+
+void peer_probe(int64_t comm, int64_t magic, at::Tensor& result) {
+  constexpr const char* op = "tokenweave.peer_probe";
+  const CommEntry e = lookup(comm, op);
+  TORCH_CHECK(result.is_cuda() && result.scalar_type() == at::kLong && result.numel() >= e.dev.world, op,
+              ": result must be a CUDA int64 tensor of world size");
+  const c10::cuda::CUDAGuard guard(result.device());
+  const cudaError_t st = tw::peer_probe(e.dev, uint64_t(magic), reinterpret_cast<uint64_t*>(result.data_ptr()),
+                                        at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(st == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(st));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tokenweave, m) {
+  m.def("allreduce(Tensor x, Tensor(a!)? residual, Tensor? weight, Tensor(b!) out, float eps, int comm, int algo, "
+        "int ctas, int chunks_per_cta) -> ()");
+  m.def("add_rmsnorm(Tensor x, Tensor(a!)? residual, Tensor weight, Tensor(b!) out, float eps) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(tokenweave, CUDA, m) {
+  m.impl("allreduce", &allreduce_cuda);
+  m.impl("add_rmsnorm", &add_rmsnorm_cuda);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tokenweave CUDA kernels (see tokenweave/ops.py for the public API)";
+  m.def("comm_create", &comm_create);
+  m.def("comm_destroy", &comm_destroy);
+  m.def("layout", &layout);
+  m.def("peer_probe", &peer_probe);
+  m.attr("BLOCK_THREADS") = tw::kBlockThreads;
+  m.attr("MAX_WORLD") = tw::kMaxWorld;
+  m.attr("MAX_CHUNKS") = tw::kMaxChunks;
+}

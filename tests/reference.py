@@ -1,0 +1,34 @@
+"""float64 references and comparison helpers shared by the CPU and GPU tests."""
+from __future__ import annotations
+
+import torch
+
+# ||out - ref|| / ||ref|| bounds: bf16 / fp16 round z and out once each (unit roundoff 2^-9 / 2^-12).
+REL_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+def rank_inputs(seed: int, world: int, tokens: int, hidden: int, dtype, device):
+    """Every rank's x, the residual and the norm weight, identical on every rank (same seeds)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    xs = [torch.randn(tokens, hidden, generator=g).to(device=device, dtype=dtype) for _ in range(world)]
+    residual = torch.randn(tokens, hidden, generator=g).to(device=device, dtype=dtype)
+    weight = (1.0 + 0.5 * torch.randn(hidden, generator=g)).to(device=device, dtype=dtype)
+    return xs, residual, weight
+
+
+def reference(xs, residual, weight, eps):
+    """z = sum(x) + residual and RMSNorm(z) * weight, in float64 without intermediate rounding."""
+    z = torch.stack([x.double() for x in xs]).sum(0)
+    if residual is not None:
+        z = z + residual.double()
+    out = None
+    if weight is not None:
+        out = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+    return z, out
+
+
+def rel_err(got, ref) -> float:
+    got = got.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))

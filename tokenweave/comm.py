@@ -1,0 +1,317 @@
+"""Communicator: one object per process group owning tokenweave's workspace and state.
+
+It owns the symmetric workspace (peer-mapped on every rank), this rank's device-side epoch and
+abort words, the pinned error record the kernels write when they give up, and the choice of
+transport. ``close()`` (collective) releases it; it is also a context manager.
+"""
+from __future__ import annotations
+
+import math
+import socket
+import struct
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tokenweave import env
+from tokenweave._ext import HAS_EXTENSION, _C
+from tokenweave.errors import (CollectiveMismatchError, CollectiveTimeoutError, CommunicatorClosedError,
+                               TokenweaveError)
+
+_TRANSPORT_CODE = {"p2p": 0, "multimem": 1}
+ALGOS = {"one_shot": 1, "two_shot": 2}
+_ERR_TIMEOUT, _ERR_MISMATCH = 1, 2
+_OP_RESIDUAL, _OP_NORM = 1, 2
+_DTYPE_NAMES = {0: "float32", 1: "float16", 2: "bfloat16"}
+_ALGO_NAMES = {1: "one_shot", 2: "two_shot"}
+_PROBE_MAGIC = 0x7EAF << 48
+
+
+def plan_transport(requested, *, device_is_cuda, has_extension, world_size, same_host, blockers):
+    """Decide the transport before any memory is allocated.
+
+    Returns ``(transport, reason)``; ``multimem`` is tentative: it still needs a multicast address
+    from the rendezvous on every rank. Never returns ``multimem`` while a multicast blocker is set.
+    """
+    if requested == "multimem" and blockers:
+        raise ValueError(f"transport 'multimem' was requested but multicast is disabled by {', '.join(blockers)}; "
+                         "use transport='p2p' or leave it unset")
+    if requested == "torch":
+        return "torch", "requested"
+    if world_size == 1:
+        return "torch", "a single rank needs no transport (ops run locally)"
+    why_not = None
+    if not device_is_cuda:
+        why_not = "the process group's device is not CUDA"
+    elif not has_extension:
+        why_not = "tokenweave was installed without its CUDA extension (torch without CUDA, or no nvcc)"
+    elif world_size > 8:
+        why_not = f"world size {world_size} exceeds the 8 ranks the kernels are built for"
+    elif not same_host:
+        why_not = "the ranks are on more than one host (P2P needs one NVLink domain)"
+    if why_not:
+        if requested in ("p2p", "multimem"):
+            raise ValueError(f"transport {requested!r} was requested but {why_not}")
+        return "torch", why_not
+    if requested == "p2p":
+        return "p2p", "requested"
+    if blockers:
+        return "p2p", f"multicast is disabled by {', '.join(blockers)}"
+    return "multimem", "multicast allowed"
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    algo: int
+    ctas: int
+    chunks_per_cta: int
+
+
+class Communicator:
+    """Owns tokenweave's state for one process group.
+
+    Parameters
+    ----------
+    group : ProcessGroup, optional
+        Defaults to the default group. Every rank of it must create the Communicator (collective).
+    max_tokens, hidden : int
+        Size the workspace: the largest ``x`` handled in one launch is ``max_tokens * hidden`` elements
+        of ``dtype``. Larger inputs are processed in row chunks of that size (several launches).
+    dtype : torch.dtype
+        Largest element type you will pass (sizes the workspace).
+    transport : {"multimem", "p2p", "torch"}, optional
+        Force a transport (also ``TOKENWEAVE_TRANSPORT``). Default: the fastest that works here.
+    timeout_ms : int, optional
+        Bound of every cross-GPU wait (also ``TOKENWEAVE_TIMEOUT_MS``; default 30000).
+
+    Notes
+    -----
+    The device is ``torch.cuda.current_device()`` for NCCL groups; set it before creating the
+    Communicator. Ops issued on one Communicator from different streams are serialised by it.
+    """
+
+    def __init__(self, group=None, max_tokens=8192, hidden=8192, dtype=torch.bfloat16, transport=None,
+                 timeout_ms=None):
+        if not dist.is_initialized():
+            raise RuntimeError("tokenweave.Communicator: torch.distributed is not initialised; call "
+                               "torch.distributed.init_process_group first")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.backend = str(dist.get_backend(self.group))
+        if max_tokens < 1 or hidden < 8 or hidden % 8:
+            raise ValueError("tokenweave.Communicator: max_tokens must be >= 1 and hidden a positive multiple of 8")
+        self.capacity_bytes = int(max_tokens) * int(hidden) * torch.empty((), dtype=dtype).element_size()
+        self.timeout_ms = int(timeout_ms) if timeout_ms is not None else env.timeout_ms()
+        self._id = None
+        self._closed = False
+        self._error = None
+        self._plans = {}
+        self._last_stream = None
+        self.device = self._device()
+
+        requested = transport if transport is not None else env.requested_transport()
+        if requested is not None and requested not in env.TRANSPORTS:
+            raise ValueError(f"tokenweave.Communicator: transport={requested!r}; use one of {env.TRANSPORTS}")
+        is_cuda = self.device.type == "cuda"
+        choice, reason = plan_transport(
+            requested, device_is_cuda=is_cuda, has_extension=HAS_EXTENSION, world_size=self.world_size,
+            same_host=self._same_host() if is_cuda and self.world_size > 1 else True,
+            blockers=env.multicast_blockers())
+        if choice in ("p2p", "multimem"):
+            choice, reason = self._setup_device_transport(choice, reason)
+        self.transport = choice
+        self.transport_reason = reason
+        if self.rank == 0 and choice != "multimem" and self.world_size > 1 and requested is None:
+            warnings.warn(f"tokenweave: using the {choice!r} transport: {reason}", stacklevel=2)
+
+    # ------------------------------------------------------------------ set-up
+    def _device(self) -> torch.device:
+        if self.backend == "nccl" or (torch.cuda.is_available() and "nccl" in self.backend):
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _all_gather_object(self, obj):
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def _same_host(self) -> bool:
+        return len(set(self._all_gather_object(socket.gethostname()))) == 1
+
+    def _all_ranks_agree(self, ok: bool) -> bool:
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
+    def _setup_device_transport(self, choice, reason):
+        from tokenweave import _symm
+
+        self._layout = _C.layout(self.capacity_bytes, self.world_size)
+        self._buffer = _symm.allocate(self._layout["total_bytes"], self.device, self.group)
+        ws = self._buffer.tensor
+        ws[: self._layout["data_off"]].zero_()  # flags, headers, probe: epochs start at 0 on every rank
+        self._state = torch.zeros(4, dtype=torch.int32, device=self.device)
+        self._err = torch.zeros(8, dtype=torch.int64).pin_memory()  # mapped (UVA): the kernels write it
+        self._err_view = self._err.numpy()
+        if choice == "multimem" and not self._all_ranks_agree(self._buffer.multicast_ptr != 0):
+            choice, reason = "p2p", "the symmetric-memory rendezvous gave no multicast address on every rank"
+        torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)  # nobody signals before every rank zeroed its flags
+        self._id = _C.comm_create(self.rank, self.world_size, self._buffer.peer_ptrs,
+                                  self._buffer.multicast_ptr if choice == "multimem" else 0,
+                                  self._state.data_ptr(), self._err.data_ptr(), self.capacity_bytes,
+                                  self.timeout_ms * 1_000_000, _TRANSPORT_CODE[choice])
+        problem = self._probe_peers()
+        if not self._all_ranks_agree(problem is None):
+            _C.comm_destroy(self._id)
+            self._id = None
+            why = problem or "a peer's check failed"
+            warnings.warn(f"tokenweave: peer access check failed ({why}); falling back to the 'torch' transport. "
+                          "Set TOKENWEAVE_TRANSPORT=torch to skip the check and this warning.", stacklevel=3)
+            self._buffer = None
+            return "torch", f"peer access check failed: {why}"
+        return choice, reason
+
+    def _probe_peers(self):
+        """Write to and read from every peer through the mappings; check what the peers wrote to us."""
+        nonce = torch.randint(1, 2**31, (1,), device=self.device)
+        dist.broadcast(nonce, src=dist.get_global_rank(self.group, 0), group=self.group)
+        magic = _PROBE_MAGIC | (int(nonce.item()) << 16)
+        result = torch.zeros(self.world_size, dtype=torch.int64, device=self.device)
+        _C.peer_probe(self._id, magic, result)
+        torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)
+        off = self._layout["probe_off"]
+        received = self._buffer.tensor[off: off + 8 * self.world_size].view(torch.int64).tolist()
+        readback = result.tolist()
+        for q in range(self.world_size):
+            if readback[q] != magic + (self.rank << 8) + q:
+                return f"rank {self.rank} read back {readback[q]:#x} from rank {q}'s buffer"
+            if received[q] != magic + (q << 8) + self.rank:
+                return f"rank {self.rank} found {received[q]:#x} where rank {q} wrote"
+        return None
+
+    # ------------------------------------------------------------------ per call
+    def plan(self, tokens: int, hidden: int, itemsize: int, algo=None, ctas=None) -> LaunchPlan:
+        """Launch settings for one call: the dispatcher (one place).
+
+        One-shot pushes (W-1) x S bytes per GPU but needs one synchronisation; two-shot moves
+        2(W-1)/W x S with two. One-shot wins while latency dominates: up to 256 KiB of x.
+        CTAs: one per 64 KiB of x up to 32 (ANCHORS: remote writes saturate NVLink at about 8-16
+        CTAs; the local epilogue needs more), and 4 pipelined chunks per CTA from 8 MiB on.
+        """
+        key = (tokens, hidden, itemsize, algo, ctas)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        nbytes = tokens * hidden * itemsize
+        if algo is None:
+            code = 1 if nbytes <= min(256 << 10, self._layout["one_shot_bytes"]) else 2
+        else:
+            if algo not in ALGOS:
+                raise ValueError(f"algo={algo!r}: use one of {tuple(ALGOS)} or None")
+            code = ALGOS[algo]
+            if code == 1 and nbytes > self._layout["one_shot_bytes"]:
+                raise ValueError(f"algo='one_shot': x has {nbytes} bytes, more than one-shot's limit of "
+                                 f"{self._layout['one_shot_bytes']} (workspace / world); use 'two_shot' or a larger "
+                                 "max_tokens")
+        if ctas is None:
+            ctas = max(1, min(32, math.ceil(nbytes / (64 << 10))))
+        elif not 1 <= int(ctas) <= 132:
+            raise ValueError(f"ctas={ctas}: use 1..132")
+        plan = LaunchPlan(code, int(ctas), 4 if nbytes >= (8 << 20) else 1)
+        self._plans[key] = plan
+        return plan
+
+    def check(self):
+        """Raise the error a kernel recorded (timeout, mismatch), or if the communicator is closed.
+
+        Cheap (reads pinned host memory, no device synchronisation); every op calls it first.
+        """
+        if self._closed:
+            raise CommunicatorClosedError("tokenweave: this Communicator was closed; create a new one")
+        if self._error is not None:
+            raise type(self._error)(str(self._error), op=self._error.op, rank=self._error.rank,
+                                    peer=self._error.peer, seq=self._error.seq)
+        if self._id is not None and self._err_view[0] != 0:
+            self._error = self._decode_error()
+            self.check()
+
+    def synchronize(self):
+        """Wait for this rank's queued work, then raise any error a kernel recorded."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self.check()
+
+    def order_stream(self):
+        """Serialise calls issued from different streams (one epoch counter per Communicator)."""
+        stream = torch.cuda.current_stream(self.device)
+        last = self._last_stream
+        if last is not None and last != stream and not torch.cuda.is_current_stream_capturing():
+            stream.wait_stream(last)
+        self._last_stream = stream
+
+    def _header(self, epoch: int, src: int) -> dict:
+        base = self._layout["headers_off"] + ((epoch & 1) * 8 + src) * 64
+        raw = bytes(self._buffer.tensor[base: base + 64].cpu().numpy().tobytes())
+        sig, ep, op, dtype, tokens, hidden, ctas, chunk_rows, algo = struct.unpack_from("<IIIiqiiii", raw)
+        return {"epoch": ep, "op": _op_name(op), "tokens": tokens, "hidden": hidden,
+                "dtype": _DTYPE_NAMES.get(dtype, dtype), "algo": _ALGO_NAMES.get(algo, algo), "ctas": ctas,
+                "chunk_rows": chunk_rows, "sig": sig}
+
+    def _decode_error(self) -> TokenweaveError:
+        code, rank, peer, epoch, chunk, own_sig, peer_sig, op = (int(v) for v in self._err_view)
+        name = _op_name(op)
+        if code == _ERR_TIMEOUT:
+            return CollectiveTimeoutError(
+                f"tokenweave.{name}: rank {rank} timed out after {self.timeout_ms} ms waiting for rank {peer} "
+                f"(call #{epoch}, chunk {chunk}). Rank {peer} never arrived: it may have crashed, be stuck, or be "
+                "making a different number of tokenweave calls. This Communicator is now broken; outputs of the "
+                "failed call were set to NaN. Create a new Communicator to continue.",
+                op=name, rank=rank, peer=peer, seq=epoch)
+        if code == _ERR_MISMATCH:
+            try:
+                mine, theirs = self._header(epoch, rank), self._header(epoch, peer)
+                detail = f"rank {rank} called {_describe(mine)} but rank {peer} called {_describe(theirs)}"
+            except Exception:  # the headers are diagnostics only
+                detail = f"signatures {own_sig:#x} (rank {rank}) and {peer_sig & 0xffffffff:#x} (rank {peer}) differ"
+            return CollectiveMismatchError(
+                f"tokenweave.{name}: ranks disagree on call #{epoch}: {detail}. Every rank must make the same "
+                "calls with the same shapes, dtypes, algo and ctas. This Communicator is now broken.",
+                op=name, rank=rank, peer=peer, seq=epoch)
+        return TokenweaveError(f"tokenweave: unknown error record {list(self._err_view)}")
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self):
+        """Collective: wait for outstanding work, then release the workspace on every rank."""
+        if self._closed:
+            return
+        if self._id is not None:
+            torch.cuda.synchronize(self.device)
+            dist.barrier(group=self.group)  # no peer still writes into our workspace
+            _C.comm_destroy(self._id)
+            self._id = None
+        self._buffer = None
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"Communicator(rank={self.rank}, world_size={self.world_size}, transport={self.transport!r}, "
+                f"device={self.device}, capacity_bytes={self.capacity_bytes})")
+
+
+def _op_name(op_bits: int) -> str:
+    return "fused_allreduce_rmsnorm" if op_bits & _OP_NORM else "all_reduce"
+
+
+def _describe(h: dict) -> str:
+    return (f"{h['op']}(tokens={h['tokens']}, hidden={h['hidden']}, dtype={h['dtype']}, algo={h['algo']}, "
+            f"ctas={h['ctas']})")

@@ -1,0 +1,43 @@
+"""Environment variables tokenweave reads, in one place.
+
+Multicast (and so the ``multimem`` transport) is off when any of these is set to its "off" value:
+``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``, ``NVSHMEM_DISABLE_NVLS=1``,
+``TOKENWEAVE_DISABLE_MULTIMEM=1``. tokenweave only reads them; it never changes them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+MULTICAST_OFF = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "TOKENWEAVE_DISABLE_MULTIMEM": "1",
+}
+TRANSPORTS = ("multimem", "p2p", "torch")
+DEFAULT_TIMEOUT_MS = 30_000
+
+
+def multicast_blockers(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Names of the variables that switch multicast off, as ``NAME=value``."""
+    return [f"{k}={v}" for k, v in MULTICAST_OFF.items() if environ.get(k) == v]
+
+
+def requested_transport(environ: Mapping[str, str] = os.environ) -> str | None:
+    value = environ.get("TOKENWEAVE_TRANSPORT")
+    if value is None or value == "":
+        return None
+    if value not in TRANSPORTS:
+        raise ValueError(f"TOKENWEAVE_TRANSPORT={value!r}: use one of {', '.join(TRANSPORTS)} or leave it unset")
+    return value
+
+
+def timeout_ms(environ: Mapping[str, str] = os.environ) -> int:
+    value = environ.get("TOKENWEAVE_TIMEOUT_MS")
+    if value is None or value == "":
+        return DEFAULT_TIMEOUT_MS
+    ms = int(value)
+    if ms <= 0:
+        raise ValueError(f"TOKENWEAVE_TIMEOUT_MS={value}: must be a positive number of milliseconds")
+    return ms
