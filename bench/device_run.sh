@@ -11,10 +11,10 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
 log "stages: $stages; GPUs: $ngpu; $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 log "env: NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-unset} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-unset} NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-unset}"
 has() { case " $stages " in *" $1 "*) return 0;; *) return 1;; esac; }
-pytest_run() {  # name, args...
-  local name=$1; shift
+pytest_run() {  # name, seconds, pytest args...
+  local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
-  timeout 590 python -m pytest -q -p no:cacheprovider "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" python -m pytest -q -p no:cacheprovider "$@" > "$OUT/$name.log" 2>&1
   log "$name: rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/$name.log")"
 }
 if has build; then
@@ -23,9 +23,9 @@ if has build; then
   log "build: rc=$? in $(( $(date +%s) - t0 )) s; $(grep -m1 '\[tokenweave\]' "$OUT/build.log")"
   python -c "import tokenweave as tw; print('extension:', tw.HAS_EXTENSION)" 2>&1 | tee -a "$OUT/summary.txt"
 fi
-has tests && pytest_run tests_gpu tests/gpu -m gpu -k "not grid and not timeout and not mismatch and not streams"
-has faults && pytest_run tests_faults tests/gpu/test_faults_gpu.py -m gpu
-has grid && pytest_run tests_grid tests/gpu -m gpu -k grid
+has tests && pytest_run tests_gpu ${T_TESTS:-150} tests/gpu -m gpu -k "not grid and not timeout and not mismatch and not streams"
+has faults && pytest_run tests_faults ${T_FAULTS:-150} tests/gpu/test_faults_gpu.py -m gpu
+has grid && pytest_run tests_grid ${T_GRID:-400} tests/gpu -m gpu -k grid
 if has bench; then
   for tp in 2 4; do
     [ "$ngpu" -ge "$tp" ] || continue
