@@ -7,6 +7,7 @@ TORCH_CUDA_ARCH_LIST defaults to "9.0a" (Hopper: multimem and sm_90a instruction
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -17,8 +18,8 @@ def _extension():
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
-    except ImportError:
-        return [], {}, "torch is not importable at build time"
+    except ImportError as e:
+        return [], {}, f"torch is not importable at build time ({e})"
     if os.environ.get("TOKENWEAVE_NO_EXTENSION") == "1":
         return [], {}, "TOKENWEAVE_NO_EXTENSION=1"
     if torch.version.cuda is None:
@@ -43,7 +44,10 @@ def _extension():
 
 
 ext_modules, cmdclass, summary = _extension()
-print(f"[tokenweave] {summary if ext_modules else 'no CUDA extension: ' + summary + ' (the torch transport will be used)'}")
+print(f"[tokenweave] {summary if ext_modules else 'no CUDA extension: ' + summary + ' (the torch transport will be used)'}",
+      file=sys.stderr)
+if not ext_modules and os.environ.get("TOKENWEAVE_REQUIRE_EXTENSION") == "1":
+    raise SystemExit(f"[tokenweave] TOKENWEAVE_REQUIRE_EXTENSION=1 but the CUDA extension cannot be built: {summary}")
 
 setup(
     name="tokenweave",

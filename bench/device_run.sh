@@ -19,7 +19,8 @@ pytest_run() {  # name, seconds, pytest args...
 }
 if has build; then
   t0=$(date +%s)
-  MAX_JOBS=${MAX_JOBS:-16} pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+  { which nvcc; echo "CUDA_HOME=${CUDA_HOME:-unset}"; ls -d /usr/local/cuda* ; python -c "import torch, torch.utils.cpp_extension as c; print(torch.__version__, torch.version.cuda, c.CUDA_HOME)"; } > "$OUT/build.log" 2>&1
+  TOKENWEAVE_REQUIRE_EXTENSION=1 MAX_JOBS=${MAX_JOBS:-16} python -m pip install -v --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1
   log "build: rc=$? in $(( $(date +%s) - t0 )) s; $(grep -m1 '\[tokenweave\]' "$OUT/build.log")"
   python -c "import tokenweave as tw; print('extension:', tw.HAS_EXTENSION)" 2>&1 | tee -a "$OUT/summary.txt"
 fi
