@@ -9,10 +9,10 @@ REL_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 
 def rank_inputs(seed: int, world: int, tokens: int, hidden: int, dtype, device):
     """Every rank's x, the residual and the norm weight, identical on every rank (same seeds)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    xs = [torch.randn(tokens, hidden, generator=g).to(device=device, dtype=dtype) for _ in range(world)]
-    residual = torch.randn(tokens, hidden, generator=g).to(device=device, dtype=dtype)
-    weight = (1.0 + 0.5 * torch.randn(hidden, generator=g)).to(device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(seed)  # same device type -> same numbers on every rank
+    xs = [torch.randn(tokens, hidden, generator=g, device=device).to(dtype) for _ in range(world)]
+    residual = torch.randn(tokens, hidden, generator=g, device=device).to(dtype)
+    weight = (1.0 + 0.5 * torch.randn(hidden, generator=g, device=device)).to(dtype)
     return xs, residual, weight
 
 
