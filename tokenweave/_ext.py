@@ -1,4 +1,6 @@
 """The compiled extension, if it was built (one place decides)."""
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:
     from tokenweave import _C  # noqa: F401
 

@@ -46,7 +46,7 @@ def _grid(rank, world, transports, dtypes, tokens, hiddens):
     for dtype in dtypes:
         for T in tokens:
             for H in hiddens:
-                seed = hash((T, H, str(dtype))) % 100000
+                seed = T * 100003 + H * 7 + (dtype == torch.float16)  # same on every rank (no str hash)
                 xs, residual, weight = rank_inputs(seed, world, T, H, dtype, "cuda")
                 z_ref, out_ref = reference(xs, residual, weight, EPS)
                 sum_ref, out_nores_ref = reference(xs, None, weight, EPS)
