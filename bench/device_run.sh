@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests on 2 and 4 GPUs, benchmarks; everything lands under $OUT.
-# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [tests] [faults] [grid] [bench] [e2e]
+# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [tests] [faults] [stress] [weave] [grid] [bench] [e2e]
 # Never touches NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS.
 set -u
 OUT=${OUT:-/tmp/tokenweave-out}
 mkdir -p "$OUT"
-stages=${*:-build tests faults grid bench}
+stages=${*:-build tests faults stress weave grid bench e2e}
 ngpu=$(nvidia-smi -L | wc -l)
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
 log "stages: $stages; GPUs: $ngpu; $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
@@ -24,8 +24,10 @@ if has build; then
   log "build: rc=$? in $(( $(date +%s) - t0 )) s; $(grep -m1 '\[tokenweave\]' "$OUT/build.log")"
   python -c "import tokenweave as tw; print('extension:', tw.HAS_EXTENSION)" 2>&1 | tee -a "$OUT/summary.txt"
 fi
-has tests && pytest_run tests_gpu ${T_TESTS:-150} tests/gpu -m gpu -k "not grid and not timeout and not mismatch and not streams"
+has tests && pytest_run tests_gpu ${T_TESTS:-150} -m gpu tests/gpu/test_ops_gpu.py -k "not grid"
 has faults && pytest_run tests_faults ${T_FAULTS:-150} tests/gpu/test_faults_gpu.py -m gpu
+has stress && pytest_run tests_stress ${T_STRESS:-300} tests/gpu/test_stress_gpu.py -m gpu
+has weave && pytest_run tests_weave ${T_WEAVE:-200} tests/gpu/test_weave_gpu.py -m gpu
 has grid && pytest_run tests_grid ${T_GRID:-400} tests/gpu -m gpu -k grid
 if has bench; then
   for tp in 2 4; do

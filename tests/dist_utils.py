@@ -19,7 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, backend, port, fn, args, queue, extra_env):
+def _worker(rank, world, backend, port, fn, args, queue, extra_env, exit_after):
     os.environ.update(extra_env)  # os.environ keeps the multicast-off variables of the parent
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -33,6 +33,10 @@ def _worker(rank, world, backend, port, fn, args, queue, extra_env):
             dist.init_process_group(backend, rank=rank, world_size=world)
         result = fn(rank, world, *args)
         queue.put((rank, "ok", result))
+        if exit_after:  # a peer may be dead: tearing the process group down could block
+            queue.close()
+            queue.join_thread()
+            os._exit(0)
     except BaseException as e:  # report everything, including timeouts raised by tokenweave
         queue.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:
@@ -44,15 +48,16 @@ def _worker(rank, world, backend, port, fn, args, queue, extra_env):
 
 
 def run_workers(fn, world: int, *args, backend: str = "gloo", timeout: float = 180.0, extra_env=None,
-                allow_errors: bool = False):
+                allow_errors: bool = False, exit_after: bool = False):
     """Run ``fn(rank, world, *args)`` on ``world`` spawned ranks; return the list of results by rank.
 
     With ``allow_errors``, a rank's exception text is returned as ``("error", text)`` instead of failing.
+    With ``exit_after``, ranks exit right after reporting (for tests where a peer died on purpose).
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, backend, port, fn, args, queue, dict(extra_env or {})),
+    procs = [ctx.Process(target=_worker, args=(r, world, backend, port, fn, args, queue, dict(extra_env or {}), exit_after),
                          daemon=True) for r in range(world)]
     for p in procs:
         p.start()

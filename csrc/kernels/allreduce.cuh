@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
 
   bool ok = !aborted(c);
   if (ok && blockIdx.x == 0 && threadIdx.x < W) {
-    // Tell rank threadIdx.x what we are calling; this thread's first flag release to it orders the header.
+    // Tell rank threadIdx.x what we are calling; the first flag release (barrier + fence) orders it.
     CallHeader h{};
     h.sig = a.sig;
     h.epoch = id.epoch;

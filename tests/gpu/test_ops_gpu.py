@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dist_utils import run_workers
-from reference import REL_TOL, rank_inputs, reference, rel_err
+from reference import REL_TOL, fingerprint, rank_inputs, reference, rel_err
 
 pytestmark = pytest.mark.gpu
 EPS = 1e-5
@@ -18,13 +18,6 @@ HIDDENS = [512, 2880, 4096, 5120, 8192, 16384]
 
 def needs_gpus(n):
     return pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} GPUs, found {torch.cuda.device_count()}")
-
-
-def fingerprint(t: torch.Tensor) -> int:
-    """A position-sensitive checksum of the bits (equal bits -> equal value)."""
-    bits = t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32).flatten().to(torch.int64)
-    w = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
-    return int((bits * w).sum().item())
 
 
 def _run_op(tw, comm, op, x, residual, weight, algo=None):

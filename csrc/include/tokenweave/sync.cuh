@@ -3,7 +3,8 @@
 // Memory-ordering pattern (the same for every phase of every kernel):
 //   producer: every thread of the CTA stores its data (weak st.global, local or to a peer)
 //             -> __syncthreads()                     (orders the CTA's stores before thread t's release)
-//             -> thread t: st.release.sys flag       (release is cumulative over what the barrier ordered)
+//             -> thread 0: fence.acq_rel.sys         (cumulative over what the barrier ordered)
+//             -> thread 0: st.relaxed.sys flag, to every rank (fence + relaxed store = a release pattern)
 //   consumer: thread t: ld.acquire.sys flag == want  (spins, bounded by globaltimer)
 //             -> __syncthreads_and(ok)               (the whole CTA may now read the data)
 // System scope is required: the flag and the data cross the NVLink fabric between GPUs.
@@ -14,9 +15,11 @@
 
 namespace tokenweave {
 
-__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+__device__ __forceinline__ void st_relaxed_sys(uint64_t* p, uint64_t v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
+
+__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
 __device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
   uint64_t v;
@@ -97,13 +100,17 @@ __device__ __forceinline__ uint64_t* flag_ptr(char* base, const Layout& l, int p
 
 // Producer side: after the whole CTA stored its part of `chunk`, tell every rank (itself included).
 // Tr is the transport: its fence_before_signal() orders its own kind of stores before the release.
+// One thread fences once (cumulative over the barrier) and then posts W relaxed flag stores: W
+// separate st.release would cost W system-scope fences for the same ordering.
 template <class Tr, int W>
 __device__ __forceinline__ void signal_all(const CommDevice& c, const CallId& id, int phase, int chunk) {
   Tr::fence_before_signal();
   __syncthreads();
-  if (threadIdx.x < W) {
-    st_release_sys(flag_ptr(c.ws[threadIdx.x], c.layout, id.epoch & 1, phase, c.rank, chunk),
-                   make_flag(id.epoch, id.sig));
+  if (threadIdx.x == 0) {
+    fence_acq_rel_sys();
+#pragma unroll
+    for (int q = 0; q < W; ++q)
+      st_relaxed_sys(flag_ptr(c.ws[q], c.layout, id.epoch & 1, phase, c.rank, chunk), make_flag(id.epoch, id.sig));
   }
 }
 

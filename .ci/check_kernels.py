@@ -1,0 +1,84 @@
+"""Compile every CUDA kernel for sm_90a (CMake, torch-free) and check the SASS.
+
+The multimem kernels cannot run on our GPU hosts (multicast is forbidden there), so this is their
+check: every multimem instantiation must contain the multicast reduce-load (LDGMC) and the
+multicast store (multimem.st assembles to STG.E.128.STRONG.SYS on the multicast address), and the
+P2P instantiations must contain neither. Needs nvcc, cmake, cuobjdump and nvdisasm
+(PyPI: nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm). Exit 0 = checked and fine.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_tool(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    try:
+        import nvidia
+
+        for base in nvidia.__path__:
+            for p in Path(base).glob(f"*/bin/{name}"):
+                return str(p)
+    except ImportError:
+        pass
+    return None
+
+
+def sass_by_function(cuobjdump: str, obj: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    nvdisasm = find_tool("nvdisasm")
+    if nvdisasm:
+        env["PATH"] = str(Path(nvdisasm).parent) + os.pathsep + env.get("PATH", "")
+    text = subprocess.run([cuobjdump, "--dump-sass", str(obj)], capture_output=True, text=True, check=True,
+                          env=env).stdout
+    parts = re.split(r"\n\s*Function : (\S+)\n", text)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
+def main() -> int:
+    build = ROOT / "build" / "kernels"
+    nvcc, cuobjdump = find_tool("nvcc"), find_tool("cuobjdump")
+    if not nvcc or not cuobjdump or not shutil.which("cmake"):
+        print(f"check_kernels: missing tools (nvcc={nvcc}, cuobjdump={cuobjdump}, cmake={shutil.which('cmake')})")
+        return 1
+    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), f"-DCMAKE_CUDA_COMPILER={os.path.realpath(nvcc)}"],
+                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), f"-j{os.cpu_count() or 2}"], check=True, stdout=subprocess.DEVNULL)
+    objs = {p.name: p for p in build.rglob("*.cu.o")}
+    problems, counted = [], {"Multimem": 0, "P2P": 0}
+    for name, obj in sorted(objs.items()):
+        for fn, sass in sass_by_function(cuobjdump, obj).items():
+            if "allreduce_kernel" not in fn:
+                continue
+            transport = "Multimem" if "Multimem" in fn else "P2P"
+            counted[transport] += 1
+            has_ld_reduce = "LDGMC" in sass
+            has_mc_store = "STG.E.128.STRONG.SYS" in sass
+            if transport == "Multimem" and not (has_ld_reduce and has_mc_store):
+                problems.append(f"{fn}: multimem kernel without LDGMC/multicast store")
+            if transport == "P2P" and (has_ld_reduce or has_mc_store):
+                problems.append(f"{fn}: P2P kernel contains multimem instructions")
+            if not re.search(r"LDG\.E\.128", sass):
+                problems.append(f"{fn}: no 16-byte loads")
+    print(f"check_kernels: {counted['Multimem']} multimem and {counted['P2P']} p2p all-reduce kernels disassembled "
+          f"from {len(objs)} objects")
+    for p in problems:
+        print("  PROBLEM:", p)
+    expected = 3 * 7  # dtypes x world sizes 2..8
+    if counted["Multimem"] != expected or counted["P2P"] != expected:
+        print(f"  PROBLEM: expected {expected} kernels per transport")
+        return 1
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The TokenWeave overlap schedule: two streams, events, and a split of the tokens into parts.
+
+A TP decoder stack is a chain of *stages* (attention, MLP, attention, ...). Each stage maps
+normalised hidden states to a row-parallel partial sum, which a fused all-reduce + residual-add +
+RMSNorm (with the weight of the norm that follows) turns into the next stage's input.
+With the tokens split into parts A and B, the compute stream runs
+
+    stage k (A), stage k (B), stage k+1 (A), stage k+1 (B), ...
+
+and the communication stream, at high priority and on few CTAs, runs
+
+              AR+norm k (A), AR+norm k (B), AR+norm k+1 (A), ...
+
+so each part's all-reduce + norm hides behind the other part's compute; only the first stage of A
+and the last AR+norm of B are exposed. Events carry the dependencies, so nothing waits on the host
+and the whole schedule can be captured in a CUDA graph (fixed shapes per captured size).
+
+On CPU, or with a single part, everything runs in the same order on the current stream: the same
+code path, sequentially.
+
+Memory safety across streams: every tensor the communication stream touches is allocated on the
+compute stream (the caller's current stream) and kept referenced until the compute stream has
+waited for the event that ends that use; only then is it released, so the caching allocator can
+never hand its memory to a later compute-stream allocation while the communication stream still
+reads or writes it. This holds under CUDA-graph capture too.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+import tokenweave as tw
+
+StageFn = Callable[[int, torch.Tensor], torch.Tensor]
+"""``stage(part_index, normalised_input_rows) -> partial_sum_rows`` (same shape)."""
+
+
+class StreamPair:
+    """The caller's compute stream and a high-priority communication stream on ``device``.
+
+    On a non-CUDA device both are absent and every method is a no-op, so the schedule runs in
+    program order.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.enabled = self.device.type == "cuda"
+        if self.enabled:
+            _, highest = torch.cuda.Stream.priority_range()  # (least, greatest): greatest is numerically lowest
+            self.comm = torch.cuda.Stream(device=self.device, priority=highest)
+        else:
+            self.comm = None
+
+    def compute(self):
+        return torch.cuda.current_stream(self.device) if self.enabled else None
+
+    def on_comm(self):
+        """Context manager: issue the enclosed work on the communication stream."""
+        return torch.cuda.stream(self.comm) if self.enabled else contextlib.nullcontext()
+
+    def record(self, stream) -> torch.cuda.Event | None:
+        if not self.enabled:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def wait(self, stream, event) -> None:
+        if self.enabled and event is not None:
+            stream.wait_event(event)
+
+
+@dataclass
+class _InFlight:
+    """A part's AR+norm issued on the communication stream, with the tensors it uses."""
+
+    done: torch.cuda.Event | None
+    keep_alive: tuple
+
+
+class WovenPass:
+    """One forward pass through a chain of stages with the tokens split into parts.
+
+    Parameters
+    ----------
+    comm : tokenweave.Communicator
+    x : Tensor [T, hidden]
+        Normalised input of the first stage, replicated on every rank.
+    residual : Tensor [T, hidden]
+        The residual stream; updated in place (each part's rows by its own all-reduces).
+    bounds : sequence of (start, stop)
+        Row ranges of the parts, covering ``[0, T)`` in order (see :class:`tokenweave.split.Split`).
+    streams : StreamPair, optional
+        Without one (or with a single part) everything runs on the current stream.
+    ctas : int, optional
+        CTAs of the fused kernel while it overlaps compute; ``None`` lets the dispatcher choose
+        (right when there is nothing to overlap with).
+
+    Notes
+    -----
+    Call :meth:`stage` once per stage, then :meth:`finish` exactly once; the output of
+    :meth:`finish` is valid on the caller's stream. Rows are views of [T, hidden] buffers, so each
+    part is contiguous; with 2-byte dtypes the kernels' 16-byte alignment needs
+    ``start * hidden`` to be a multiple of 8, which holds for any hidden size the ops accept.
+    """
+
+    def __init__(self, comm, x: torch.Tensor, residual: torch.Tensor, bounds: Sequence[tuple[int, int]], *,
+                 streams: StreamPair | None = None, ctas: int | None = None):
+        if x.dim() != 2 or residual.shape != x.shape:
+            raise ValueError(f"WovenPass: x and residual must both be [T, hidden]; got {tuple(x.shape)} and "
+                             f"{tuple(residual.shape)}")
+        _check_bounds(bounds, x.shape[0])
+        self.comm = comm
+        self.bounds = [tuple(b) for b in bounds]
+        self.streams = streams if streams is not None and streams.enabled and len(self.bounds) > 1 else None
+        self.ctas = ctas if self.streams is not None else None
+        self.residual_parts = [residual[a:b] for a, b in self.bounds]
+        self.x_parts = [x[a:b] for a, b in self.bounds]
+        self._like = x
+        self._in_flight: list[_InFlight | None] = [None] * len(self.bounds)
+        self._finished = False
+
+    def stage(self, compute: StageFn, norm_weight: torch.Tensor, eps: float) -> None:
+        """Run ``compute`` on every part, each followed by fused all-reduce + add + RMSNorm with
+        ``norm_weight``; the normalised result becomes the next stage's input."""
+        if self._finished:
+            raise RuntimeError("WovenPass.stage called after finish()")
+        # Allocated on the compute stream, written by the communication stream: see the module notes.
+        out = torch.empty_like(self._like)
+        for i, (a, b) in enumerate(self.bounds):
+            self._await(i)
+            partial = compute(i, self.x_parts[i])
+            if partial.shape != self.x_parts[i].shape:
+                raise ValueError(f"WovenPass: stage returned shape {tuple(partial.shape)} for part {i}, expected "
+                                 f"{tuple(self.x_parts[i].shape)}")
+            partial = partial.contiguous()
+            if self.streams is None:
+                tw.fused_allreduce_rmsnorm(self.comm, partial, self.residual_parts[i], norm_weight, eps,
+                                           out=out[a:b])
+            else:
+                self._issue_on_comm(i, partial, norm_weight, eps, out[a:b])
+            self.x_parts[i] = out[a:b]
+        self._out = out
+
+    def finish(self) -> torch.Tensor:
+        """Join the communication stream; returns the last stage's normalised output [T, hidden]."""
+        if self._finished:
+            raise RuntimeError("WovenPass.finish called twice")
+        for i in range(len(self.bounds)):
+            self._await(i)
+        self._finished = True
+        return self._out
+
+    # ------------------------------------------------------------------ internals
+    def _issue_on_comm(self, i, partial, norm_weight, eps, out_rows):
+        # Recorded after the part's compute, so it also covers everything the caller queued before
+        # the pass (inputs, residual).
+        ready = self.streams.record(self.streams.compute())
+        with self.streams.on_comm():
+            self.streams.wait(self.streams.comm, ready)
+            tw.fused_allreduce_rmsnorm(self.comm, partial, self.residual_parts[i], norm_weight, eps, out=out_rows,
+                                       ctas=self.ctas)
+            done = self.streams.record(self.streams.comm)
+        self._in_flight[i] = _InFlight(done, (partial, out_rows, self.residual_parts[i]))
+
+    def _await(self, i):
+        """Make the compute stream wait for part ``i``'s pending AR+norm, then release its tensors."""
+        pending = self._in_flight[i]
+        if pending is not None:
+            self.streams.wait(self.streams.compute(), pending.done)
+            self._in_flight[i] = None
+
+
+def run_stages(comm, stages: Sequence[tuple[StageFn, torch.Tensor]], x: torch.Tensor, residual: torch.Tensor,
+               bounds: Sequence[tuple[int, int]], eps: float, *, streams: StreamPair | None = None,
+               ctas: int | None = None) -> torch.Tensor:
+    """Run a whole chain of ``(stage_fn, norm_weight)`` through one :class:`WovenPass`."""
+    woven = WovenPass(comm, x, residual, bounds, streams=streams, ctas=ctas)
+    for fn, weight in stages:
+        woven.stage(fn, weight, eps)
+    return woven.finish()
+
+
+def _check_bounds(bounds, tokens):
+    expected = 0
+    for a, b in bounds:
+        if a != expected or b <= a:
+            raise ValueError(f"WovenPass: parts {list(bounds)} must be non-empty, in order and contiguous from 0")
+        expected = b
+    if expected != tokens:
+        raise ValueError(f"WovenPass: parts {list(bounds)} must cover all {tokens} rows")
