@@ -48,4 +48,5 @@ if has e2e; then
   done
 fi
 tar czf "$OUT/results.tar.gz" bench/results 2>/dev/null
+(cd "$OUT" && tar czf logs.tar.gz --remove-files ./*.log 2>/dev/null)  # the device tool returns at most 8 files
 cat "$OUT/summary.txt"

@@ -28,8 +28,11 @@ const char* plan_allreduce(CallArgs& a, const Layout& l, int ctas, int chunks_pe
   a.ctas = ctas < a.n_chunks ? ctas : a.n_chunks;
   if (a.algo == int(Algo::kTwoShot)) {
     const uint64_t nvr = a.hidden / lanes;
+    // Chunk c's piece sits at c * piece_full in every slot; only the last chunk is shorter.
     const uint64_t piece_full = (uint64_t(a.chunk_rows) * nvr + l.world - 1) / l.world;
-    if (uint64_t(a.n_chunks) * piece_full * 16 > l.slot_bytes) return "internal: two-shot slots overflow";
+    const uint64_t last_rows = uint64_t(a.tokens) - uint64_t(a.n_chunks - 1) * a.chunk_rows;
+    const uint64_t piece_last = (last_rows * nvr + l.world - 1) / l.world;
+    if ((uint64_t(a.n_chunks - 1) * piece_full + piece_last) * 16 > l.slot_bytes) return "internal: two-shot slots overflow";
   }
   a.sig = call_signature(a);
   return nullptr;

@@ -41,9 +41,14 @@ def _call(tw, comm, op, x, res, w, out, algo, ctas):
         tw.add_rmsnorm(x, res, w, EPS, out=out)
 
 
+def _input(op, xs, rank):
+    """Collectives take each rank's own x; the local add_rmsnorm takes one x shared by all ranks."""
+    return xs[0] if op == "add_rmsnorm" else xs[rank]
+
+
 def _expected(op, xs, rank, residual, weight):
     if op == "add_rmsnorm":
-        return reference([xs[rank]], residual, weight, EPS)
+        return reference([_input(op, xs, rank)], residual, weight, EPS)
     z, out = reference(xs, residual if op == "fused" else None, None if op == "all_reduce" else weight, EPS)
     return z, (z if op == "all_reduce" else out)
 
@@ -59,7 +64,7 @@ def _random_sequence(rank, world, calls, seed):
         xs, residual, weight = rank_inputs(seed * 100003 + i, world, T, H, dtype, "cuda")
         res = residual.clone()
         out = torch.full_like(xs[rank], float("nan"))
-        _call(tw, comm, op, xs[rank], res, weight, out, algo, ctas)
+        _call(tw, comm, op, _input(op, xs, rank), res, weight, out, algo, ctas)
         z_ref, out_ref = _expected(op, xs, rank, residual, weight)
         e = rel_err(out, out_ref)
         if op in ("fused", "add_rmsnorm"):
@@ -97,7 +102,7 @@ def _graph_sequence(rank, world, replays, seed):
         refs = []
         for j, ((op, T, H, dtype, algo, ctas), (x, res, out, _, w)) in enumerate(zip(calls, bufs)):
             xs, residual, weight = rank_inputs(seed * 7919 + it * 8 + j, world, T, H, dtype, "cuda")
-            x.copy_(xs[rank]); res.copy_(residual); w.copy_(weight); out.fill_(float("nan"))
+            x.copy_(_input(op, xs, rank)); res.copy_(residual); w.copy_(weight); out.fill_(float("nan"))
             refs.append(_expected(op, xs, rank, residual, weight))
         graph.replay()
         comm.synchronize()
