@@ -28,6 +28,7 @@ has tests && pytest_run tests_gpu ${T_TESTS:-150} -m gpu tests/gpu/test_ops_gpu.
 has faults && pytest_run tests_faults ${T_FAULTS:-150} tests/gpu/test_faults_gpu.py -m gpu
 has stress && pytest_run tests_stress ${T_STRESS:-300} tests/gpu/test_stress_gpu.py -m gpu
 has weave && pytest_run tests_weave ${T_WEAVE:-200} tests/gpu/test_weave_gpu.py -m gpu
+has hf && pytest_run tests_hf ${T_HF:-300} tests/gpu/test_weave_gpu.py -m gpu -k hf
 has grid && pytest_run tests_grid ${T_GRID:-400} tests/gpu -m gpu -k grid
 if has bench; then
   for tp in 2 4; do
@@ -39,10 +40,10 @@ if has bench; then
   done
 fi
 if has e2e; then
-  for tp in 2 4; do
+  for tp in ${E2E_TPS:-2 4}; do
     [ "$ngpu" -ge "$tp" ] || continue
     t0=$(date +%s)
-    timeout 400 torchrun --nproc-per-node "$tp" bench/e2e_layers.py ${E2E_ARGS:-} > "$OUT/e2e_tp$tp.log" 2>&1
+    timeout ${T_E2E:-400} torchrun --nproc-per-node "$tp" bench/e2e_layers.py ${E2E_ARGS:-} > "$OUT/e2e_tp$tp.log" 2>&1
     log "e2e tp$tp: rc=$? in $(( $(date +%s) - t0 )) s"
     tail -30 "$OUT/e2e_tp$tp.log"
   done
