@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests on 2 and 4 GPUs, benchmarks; everything lands under $OUT.
-# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [tests] [faults] [stress] [weave] [grid] [bench] [e2e]
+# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [tests] [faults] [stress] [weave] [grid] [host] [bench] [e2e]
 # Never touches NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS.
 set -u
 OUT=${OUT:-/tmp/tokenweave-out}
@@ -30,6 +30,10 @@ has stress && pytest_run tests_stress ${T_STRESS:-300} tests/gpu/test_stress_gpu
 has weave && pytest_run tests_weave ${T_WEAVE:-200} tests/gpu/test_weave_gpu.py -m gpu
 has hf && pytest_run tests_hf ${T_HF:-300} tests/gpu/test_weave_gpu.py -m gpu -k hf
 has grid && pytest_run tests_grid ${T_GRID:-400} tests/gpu -m gpu -k grid
+if has host; then
+  timeout 120 python bench/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" | tail -6
+  log "host overhead: done"
+fi
 if has bench; then
   for tp in 2 4; do
     [ "$ngpu" -ge "$tp" ] || continue

@@ -1,0 +1,64 @@
+"""Host (CPU) cost per call of the eager launch path, against a bare torch kernel launch.
+
+An engine calls the fused op twice per layer (160 times per forward of an 80-layer model), so the
+Python + dispatcher + launch cost matters whenever the GPU waits for the host. Measures, on one GPU:
+  bare_launch        torch.Tensor.add_ on a tiny tensor (one kernel launch through the dispatcher)
+  torch_op_direct    torch.ops.tokenweave.add_rmsnorm (dispatcher + C++ checks + launch)
+  tokenweave_api     tokenweave.add_rmsnorm (+ Python validation)
+  torch_rmsnorm      torch.nn.functional.rms_norm (eager, several kernels)
+Each: wall time of N back-to-back calls (the GPU work is tiny, so the host is the bottleneck),
+median of repeats, microseconds per call. Writes bench/results/host_overhead-<card>.json.
+The collective ops add Communicator.check(), order_stream() and a cached plan lookup on top of this
+path; tests/cpu/test_host_overhead.py measures those pieces with pytest-benchmark.
+"""
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tokenweave as tw  # noqa: E402
+from tokenweave.bench import harness  # noqa: E402
+
+
+def per_call_us(fn, calls=2000, repeats=7):
+    for _ in range(200):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(times)
+
+
+def main():
+    assert torch.cuda.is_available() and tw.HAS_EXTENSION, "needs a GPU and the built extension"
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    res, w, out = torch.randn_like(x), torch.randn(4096, device="cuda", dtype=torch.bfloat16), torch.empty_like(x)
+    variants = {
+        "bare_launch": lambda: x.add_(0),
+        "torch_op_direct": lambda: torch.ops.tokenweave.add_rmsnorm(x, res, w, out, 1e-6),
+        "tokenweave_api": lambda: tw.add_rmsnorm(x, res, w, 1e-6, out=out),
+        "torch_rmsnorm": lambda: torch.nn.functional.rms_norm(x, (4096,), w, 1e-6),
+    }
+    rows = [{"variant": k, "us": round(per_call_us(f), 2)} for k, f in variants.items()]
+    doc = {"bench": "host_overhead", "device": harness.device_name(), "device_name": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "git": harness.git_sha(), "rows": rows,
+           "timing": "wall clock of 2000 back-to-back eager calls, median of 7, us per call"}
+    path = Path("bench/results") / f"host_overhead-{harness.device_name()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1))
+    for r in rows:
+        print(f"{r['variant']:>16}: {r['us']:7.2f} us/call")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
