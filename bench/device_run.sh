@@ -31,6 +31,7 @@ has weave && pytest_run tests_weave ${T_WEAVE:-200} tests/gpu/test_weave_gpu.py 
 has hf && pytest_run tests_hf ${T_HF:-300} tests/gpu/test_weave_gpu.py -m gpu -k hf
 has grid && pytest_run tests_grid ${T_GRID:-400} tests/gpu -m gpu -k grid
 if has host; then
+  timeout 120 python -m pytest -q -p no:cacheprovider tests/gpu/test_ops_gpu.py -k add_rmsnorm 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
   timeout 120 python bench/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" | tail -6
   log "host overhead: done"
 fi

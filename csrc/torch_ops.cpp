@@ -19,6 +19,7 @@ namespace {
 struct CommEntry {
   tw::CommDevice dev;
   tw::Transport transport;
+  int device;  // CUDA device index the workspace lives on
 };
 
 std::mutex g_mu;
@@ -42,32 +43,43 @@ tw::DType dtype_of(const at::Tensor& t, const char* op) {
     case at::kBFloat16: return tw::DType::kBFloat16;
     case at::kHalf: return tw::DType::kFloat16;
     case at::kFloat: return tw::DType::kFloat32;
-    default: TORCH_CHECK(false, op, ": dtype ", t.scalar_type(), " is not supported; use bfloat16, float16 or float32");
+    default: TORCH_CHECK_TYPE(false, op, ": dtype ", t.scalar_type(), " is not supported; use bfloat16, float16 or float32");
   }
 }
 
+// TORCH_CHECK_TYPE / TORCH_CHECK_VALUE surface in Python as TypeError / ValueError, like the
+// torch transport's checks; every message names the op and says what to change.
 void check_rows(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), ", x has ", x.scalar_type());
-  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(), ", x has ", x.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name, " must be 16-byte aligned");
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+                    "; move it with .to('", x.device(), "')");
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but x has ",
+                   x.scalar_type(), "; convert it with .to(", x.scalar_type(), ")");
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(), ", x has ", x.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous; call .contiguous() on it");
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+                    " must be 16-byte aligned (it is a view at an odd offset); pass a fresh tensor or .clone() it");
 }
 
 void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
                   const at::Tensor& out, const char* op) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [tokens, hidden], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) >= 1, op, ": x must be non-empty 2-D [tokens, hidden], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(1) % 8 == 0, op, ": hidden size (last dim of x) is ", x.size(1),
+                    "; it must be a multiple of 8 (16-byte vectors): pad the hidden dimension");
   dtype_of(x, op);
   check_rows(x, x, op, "x");
   check_rows(out, x, op, "out");
-  if (residual) check_rows(*residual, x, op, "residual");
+  if (residual) {
+    check_rows(*residual, x, op, "residual");
+    TORCH_CHECK_VALUE(residual->data_ptr() != out.data_ptr(), op, ": out must not be the residual tensor (both are written)");
+  }
   if (weight) {
-    TORCH_CHECK(weight->device() == x.device() && weight->scalar_type() == x.scalar_type(), op,
-                ": weight must have x's device and dtype");
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == x.size(1) && weight->is_contiguous(), op,
-                ": weight must be contiguous of shape [hidden] = [", x.size(1), "]");
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(weight->data_ptr()) % 16 == 0, op, ": weight must be 16-byte aligned");
+    TORCH_CHECK_TYPE(weight->scalar_type() == x.scalar_type(), op, ": weight has dtype ", weight->scalar_type(),
+                     " but x has ", x.scalar_type(), "; convert it with .to(", x.scalar_type(), ")");
+    TORCH_CHECK_VALUE(weight->device() == x.device(), op, ": weight is on ", weight->device(), " but x is on ", x.device());
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == x.size(1) && weight->is_contiguous(), op,
+                      ": weight must be contiguous of shape [hidden] = [", x.size(1), "], got ", weight->sizes());
+    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(weight->data_ptr()) % 16 == 0, op, ": weight must be 16-byte aligned");
   }
 }
 
@@ -76,6 +88,8 @@ void allreduce_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residu
   constexpr const char* op = "tokenweave.allreduce";
   check_inputs(x, residual, weight, out, op);
   const CommEntry e = lookup(comm, op);
+  TORCH_CHECK_VALUE(x.device().index() == e.device, op, ": x is on ", x.device(), " but the communicator's workspace is on cuda:",
+                    e.device, "; call torch.cuda.set_device before creating the Communicator, or move x");
   tw::CallArgs a{};
   a.x = x.data_ptr();
   a.out = out.data_ptr();
@@ -88,7 +102,7 @@ void allreduce_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residu
   a.dtype = int(dtype_of(x, op));
   a.op = (residual ? tw::kOpResidual : 0u) | (weight ? tw::kOpNorm : 0u);
   const char* err = tw::plan_allreduce(a, e.dev.layout, int(ctas), int(chunks_per_cta));
-  TORCH_CHECK(err == nullptr, op, ": ", err);
+  TORCH_CHECK_VALUE(err == nullptr, op, ": ", err);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t st = tw::allreduce(e.dev, a, e.transport, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(st == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(st));
@@ -98,7 +112,6 @@ void add_rmsnorm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& resi
                       at::Tensor& out, double eps) {
   constexpr const char* op = "tokenweave.add_rmsnorm";
   check_inputs(x, residual, weight, out, op);
-  if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t st = tw::add_rmsnorm(x.data_ptr(), residual ? residual->data_ptr() : nullptr, weight.data_ptr(),
                                          out.data_ptr(), x.size(0), int(x.size(1)), float(eps), dtype_of(x, op),
@@ -107,8 +120,8 @@ void add_rmsnorm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& resi
               " (hidden must be a multiple of 8 and at most 32768)");
 }
 
-int64_t comm_create(int64_t rank, int64_t world, const std::vector<int64_t>& ws_ptrs, int64_t mc_ptr, int64_t state_ptr,
-                    int64_t err_ptr, int64_t capacity_bytes, int64_t timeout_ns, int64_t transport) {
+int64_t comm_create(int64_t device, int64_t rank, int64_t world, const std::vector<int64_t>& ws_ptrs, int64_t mc_ptr,
+                    int64_t state_ptr, int64_t err_ptr, int64_t capacity_bytes, int64_t timeout_ns, int64_t transport) {
   constexpr const char* op = "tokenweave.Communicator";
   TORCH_CHECK(world >= 2 && world <= tw::kMaxWorld, op, ": world size ", world, " is outside 2..", tw::kMaxWorld);
   TORCH_CHECK(int64_t(ws_ptrs.size()) == world, op, ": need one workspace pointer per rank");
@@ -130,6 +143,7 @@ int64_t comm_create(int64_t rank, int64_t world, const std::vector<int64_t>& ws_
   e.dev.rank = int(rank);
   e.dev.world = int(world);
   e.transport = tw::Transport(transport);
+  e.device = int(device);
   std::lock_guard<std::mutex> lock(g_mu);
   g_comms[g_next_id] = e;
   return g_next_id++;

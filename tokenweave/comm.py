@@ -110,6 +110,7 @@ class Communicator:
         self._error = None
         self._plans = {}
         self._last_stream = None
+        self._last_raw_stream = None
         self.device = self._device()
 
         requested = transport if transport is not None else env.requested_transport()
@@ -162,7 +163,7 @@ class Communicator:
             choice, reason = "p2p", "the symmetric-memory rendezvous gave no multicast address on every rank"
         torch.cuda.synchronize(self.device)
         dist.barrier(group=self.group)  # nobody signals before every rank zeroed its flags
-        self._id = _C.comm_create(self.rank, self.world_size, self._buffer.peer_ptrs,
+        self._id = _C.comm_create(self.device.index, self.rank, self.world_size, self._buffer.peer_ptrs,
                                   self._buffer.multicast_ptr if choice == "multimem" else 0,
                                   self._state.data_ptr(), self._err.data_ptr(), self.capacity_bytes,
                                   self.timeout_ms * 1_000_000, _TRANSPORT_CODE[choice])
@@ -250,12 +251,17 @@ class Communicator:
         self.check()
 
     def order_stream(self):
-        """Serialise calls issued from different streams (one epoch counter per Communicator)."""
+        """Serialise calls issued from different streams (one epoch counter per Communicator).
+
+        Compares raw stream handles (cheap); only on a change does the new stream wait for the old one.
+        """
+        raw = _current_raw_stream(self.device.index)
+        if raw == self._last_raw_stream:
+            return
         stream = torch.cuda.current_stream(self.device)
-        last = self._last_stream
-        if last is not None and last != stream and not torch.cuda.is_current_stream_capturing():
-            stream.wait_stream(last)
-        self._last_stream = stream
+        if self._last_stream is not None and not torch.cuda.is_current_stream_capturing():
+            stream.wait_stream(self._last_stream)
+        self._last_stream, self._last_raw_stream = stream, raw
 
     def _header(self, epoch: int, src: int) -> dict:
         base = self._layout["headers_off"] + ((epoch & 1) * 8 + src) * 64
@@ -309,6 +315,11 @@ class Communicator:
     def __repr__(self):
         return (f"Communicator(rank={self.rank}, world_size={self.world_size}, transport={self.transport!r}, "
                 f"device={self.device}, capacity_bytes={self.capacity_bytes})")
+
+
+def _current_raw_stream(device_index: int) -> int:
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return get(device_index) if get is not None else torch.cuda.current_stream(device_index).cuda_stream
 
 
 def _op_name(op_bits: int) -> str:

@@ -82,33 +82,67 @@ def _finish_torch(summed, residual, weight, eps, out):
     return out
 
 
+def _as_rows(op, x, residual, weight, out, device):
+    """2-D views of [..., hidden] tensors (the rare N-D case, fully validated first so .view cannot fail)."""
+    _validate(op, x, residual, weight, out, device)
+    hidden = x.shape[-1]
+    return (x.view(-1, hidden), None if residual is None else residual.view(-1, hidden), out.view(-1, hidden))
+
+
 def _collective(op, comm: Communicator, x, residual, weight, eps, out, algo, ctas):
     if not isinstance(comm, Communicator):
         raise TypeError(f"tokenweave.{op}: comm must be a tokenweave.Communicator, got {type(comm).__name__}")
     comm.check()
-    _validate(op, x, residual, weight, out, comm.device)
-    if out is None:
-        out = torch.empty_like(x)
     if comm.transport == "torch":
+        _validate(op, x, residual, weight, out, comm.device)
+        if out is None:
+            out = torch.empty_like(x)
         summed = x.to(torch.float32, copy=True)  # never alias x (float32)
         if comm.world_size > 1:
             dist.all_reduce(summed, group=comm.group)
         return _finish_torch(summed, residual, weight, eps, out)
 
-    hidden = x.shape[-1]
-    x2, out2 = x.view(-1, hidden), out.view(-1, hidden)
-    res2 = residual.view(-1, hidden) if residual is not None else None
+    # The hot path (called twice per layer): the op's C++ checks validate every tensor before launch,
+    # with TypeError/ValueError messages naming the op; Python only adds what C++ cannot see.
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"tokenweave.{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if out is None:
+        out = torch.empty_like(x)
+    elif residual is not None and out.data_ptr() == residual.data_ptr():
+        raise ValueError(f"tokenweave.{op}: out must not be the residual tensor (both are written)")
+    x2, res2, out2 = (x, residual, out) if x.dim() == 2 else _as_rows(op, x, residual, weight, out, comm.device)
+    tokens, hidden = x2.shape
+    itemsize = x2.element_size()
     comm.order_stream()
-    tokens = x2.shape[0]
-    rows = max(1, comm.capacity_bytes // (hidden * x.element_size()))  # inputs larger than the workspace: row chunks
+    if tokens * hidden * itemsize <= comm.capacity_bytes:
+        plan = comm.plan(tokens, hidden, itemsize, algo, ctas)
+        _ops().allreduce(x2, res2, weight, out2, float(eps), comm._id, plan.algo, plan.ctas, plan.chunks_per_cta)
+        return out
+    rows = max(1, comm.capacity_bytes // (hidden * itemsize))  # larger than the workspace: row chunks
     for r0 in range(0, tokens, rows):
         r1 = min(tokens, r0 + rows)
-        xs, os_ = (x2, out2) if r1 - r0 == tokens else (x2[r0:r1], out2[r0:r1])
-        rs = res2 if res2 is None or r1 - r0 == tokens else res2[r0:r1]
-        plan = comm.plan(r1 - r0, hidden, x.element_size(), algo, ctas)
-        torch.ops.tokenweave.allreduce(xs, rs, weight, os_, float(eps), comm._id, plan.algo, plan.ctas,
-                                       plan.chunks_per_cta)
+        plan = comm.plan(r1 - r0, hidden, itemsize, algo, ctas)
+        _ops().allreduce(x2[r0:r1], None if res2 is None else res2[r0:r1], weight, out2[r0:r1], float(eps), comm._id,
+                         plan.algo, plan.ctas, plan.chunks_per_cta)
     return out
+
+
+class _Ops:
+    """The extension's op overloads, resolved once (calling an OpOverload skips overload resolution)."""
+
+    def __init__(self):
+        self.allreduce = torch.ops.tokenweave.allreduce.default
+        self.add_rmsnorm = torch.ops.tokenweave.add_rmsnorm.default
+
+
+_OPS = None
+
+
+def _ops() -> _Ops:
+    global _OPS
+    if _OPS is None:
+        _OPS = _Ops()
+    return _OPS
 
 
 def fused_allreduce_rmsnorm(comm: Communicator, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -189,12 +223,14 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
     """
     if weight is None:
         raise TypeError("tokenweave.add_rmsnorm: weight is required")
+    if HAS_EXTENSION and isinstance(x, torch.Tensor) and x.is_cuda:  # C++ validates before launch
+        if out is None:
+            out = torch.empty_like(x)
+        x2, res2, out2 = (x, residual, out) if x.dim() == 2 else _as_rows("add_rmsnorm", x, residual, weight, out,
+                                                                          x.device)
+        _ops().add_rmsnorm(x2, res2, weight, out2, float(eps))
+        return out
     _validate("add_rmsnorm", x, residual, weight, out, x.device if isinstance(x, torch.Tensor) else None)
     if out is None:
         out = torch.empty_like(x)
-    if x.is_cuda and HAS_EXTENSION:
-        hidden = x.shape[-1]
-        torch.ops.tokenweave.add_rmsnorm(x.view(-1, hidden), None if residual is None else residual.view(-1, hidden),
-                                         weight, out.view(-1, hidden), float(eps))
-        return out
     return _finish_torch(x.to(torch.float32, copy=True), residual, weight, eps, out)

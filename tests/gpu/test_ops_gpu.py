@@ -181,3 +181,30 @@ def test_add_rmsnorm_gpu(dtype):
             tw.add_rmsnorm(xs[0], res, weight, EPS, out=out)
             assert rel_err(out, out_ref) < REL_TOL[dtype], (T, H)
             assert rel_err(res, z_ref) < REL_TOL[dtype], (T, H)
+
+
+@needs_gpus(1)
+def test_add_rmsnorm_validation_gpu():
+    """The CUDA path validates in C++ before launch: TypeError/ValueError naming the op, nothing written."""
+    import tokenweave as tw
+
+    x = torch.randn(4, 64, dtype=torch.bfloat16, device="cuda")
+    res, w = torch.randn_like(x), torch.ones(64, dtype=torch.bfloat16, device="cuda")
+    before = (x.clone(), res.clone())
+    cases = [
+        (TypeError, "convert it", lambda: tw.add_rmsnorm(x, res, w.float())),
+        (ValueError, "multiple of 8", lambda: tw.add_rmsnorm(x[:, :60].contiguous(), None, w[:60].contiguous())),
+        (ValueError, "contiguous", lambda: tw.add_rmsnorm(x.t(), None, torch.ones(4, dtype=torch.bfloat16, device="cuda"))),
+        (ValueError, "must not be the residual", lambda: tw.add_rmsnorm(x, res, w, out=res)),
+        (ValueError, "shape [hidden]", lambda: tw.add_rmsnorm(x, res, w[:32])),
+        (ValueError, "residual has shape", lambda: tw.add_rmsnorm(x, res[:2], w)),
+    ]
+    for exc, words, call in cases:
+        with pytest.raises(exc, match="add_rmsnorm"):
+            try:
+                call()
+            except exc as e:
+                assert words in str(e), str(e)
+                raise
+    torch.cuda.synchronize()
+    assert torch.equal(x, before[0]) and torch.equal(res, before[1])
