@@ -4,6 +4,8 @@
 # Never touches NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS.
 set -u
 OUT=${OUT:-/tmp/tokenweave-out}
+# The tree travels without .git: pass TOKENWEAVE_GIT_SHA=$(git rev-parse HEAD) in the command so results name it.
+export TOKENWEAVE_GIT_SHA=${TOKENWEAVE_GIT_SHA:-unknown}
 mkdir -p "$OUT"
 stages=${*:-build tests faults stress weave grid bench e2e}
 ngpu=$(nvidia-smi -L | wc -l)
@@ -36,7 +38,7 @@ if has host; then
   log "host overhead: done"
 fi
 if has bench; then
-  for tp in 2 4; do
+  for tp in ${BENCH_TPS:-2 4 8}; do
     [ "$ngpu" -ge "$tp" ] || continue
     t0=$(date +%s)
     timeout 400 python -m tokenweave.bench --tp "$tp" ${BENCH_ARGS:-} > "$OUT/bench_tp$tp.log" 2>&1
@@ -45,7 +47,7 @@ if has bench; then
   done
 fi
 if has e2e; then
-  for tp in ${E2E_TPS:-2 4}; do
+  for tp in ${E2E_TPS:-2 4 8}; do
     [ "$ngpu" -ge "$tp" ] || continue
     t0=$(date +%s)
     timeout ${T_E2E:-400} torchrun --nproc-per-node "$tp" bench/e2e_layers.py ${E2E_ARGS:-} > "$OUT/e2e_tp$tp.log" 2>&1

@@ -201,8 +201,10 @@ class Communicator:
     def plan(self, tokens: int, hidden: int, itemsize: int, algo=None, ctas=None) -> LaunchPlan:
         """Launch settings for one call: the dispatcher (one place).
 
-        Measured on 4 x H200 (bench/results): one-shot (push (W-1) x S, one synchronisation) only wins
-        for the smallest inputs; two-shot (2(W-1)/W x S, two synchronisations) from 64 KiB on.
+        Measured on 4 x H200, hidden 8192 (bench/results/fused_allreduce_rmsnorm-h200-tp*.json):
+        one-shot (push (W-1) x S, one synchronisation) beat two-shot (2(W-1)/W x S, two
+        synchronisations) up to 2 MiB at TP2 (128 tokens: 14.7 vs 16.6 us) but only up to 256 KiB at
+        TP4 (16 tokens: 11.2 vs 12.8 us; 128 tokens: 27.6 vs 23.2 us).
         Time fell in proportion to the CTA count up to 64 CTAs at every size from 1024 tokens: one
         CTA moves only ~40-50 GB/s, so a standalone call takes one CTA per 16 KiB of x, up to every SM.
         Chunks (whole rows) are pipelined 4 per CTA from 8 MiB on.
@@ -213,7 +215,8 @@ class Communicator:
             return plan
         nbytes = tokens * hidden * itemsize
         if algo is None:
-            code = 1 if nbytes <= min(64 << 10, self._layout["one_shot_bytes"]) else 2
+            one_shot_max = (2 << 20) if self.world_size == 2 else (256 << 10)
+            code = 1 if nbytes <= min(one_shot_max, self._layout["one_shot_bytes"]) else 2
         else:
             if algo not in ALGOS:
                 raise ValueError(f"algo={algo!r}: use one of {tuple(ALGOS)} or None")

@@ -88,7 +88,7 @@ def _check(per_rank):
     assert not mixed, f"one-shot and two-shot differ bitwise in {mixed[:10]}"
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=needs_gpus(4))])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=needs_gpus(4)), pytest.param(8, marks=needs_gpus(8))])
 @needs_gpus(2)
 def test_all_ops_grid(world):
     _check(run_workers(_grid, world, ["p2p", "torch"], [torch.bfloat16, torch.float16], TOKENS, HIDDENS,
@@ -159,7 +159,7 @@ def _graphs_and_settings(rank, world):
     return failures, prints
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=needs_gpus(4))])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=needs_gpus(4)), pytest.param(8, marks=needs_gpus(8))])
 @needs_gpus(2)
 def test_cuda_graph_replay_and_settings(world):
     _check(run_workers(_graphs_and_settings, world, backend="nccl", timeout=300))

@@ -125,8 +125,9 @@ def _assert_clean(per_rank):
         assert not diff, f"rank {r} differs bitwise from rank 0 at calls {diff[:20]}"
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.skipif(torch.cuda.device_count() < 4,
-                                                                             reason="needs 4 GPUs"))])
+@pytest.mark.parametrize("world", [2] + [pytest.param(n, marks=pytest.mark.skipif(torch.cuda.device_count() < n,
+                                                                                  reason=f"needs {n} GPUs"))
+                                   for n in (4, 8)])
 def test_random_sequence_2000_calls(world):
     _assert_clean(run_workers(_random_sequence, world, 2000, 11 + world, backend="nccl", timeout=400))
 

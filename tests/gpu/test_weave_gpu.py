@@ -54,7 +54,7 @@ def _modes_vs_float64(rank, world):
     return comm.transport, errors
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, 8])
 def test_every_mode_matches_float64_reference(world):
     _need(world)
     for transport, errors in run_workers(_modes_vs_float64, world, backend="nccl", timeout=600):
@@ -94,7 +94,7 @@ def _graph_replay(rank, world):
     return errors
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, 8])
 def test_cuda_graph_replay_with_new_inputs(world):
     _need(world)
     for errors in run_workers(_graph_replay, world, backend="nccl", timeout=600):
@@ -161,7 +161,7 @@ def _hf_logits(rank, world, path):
                    (("transformers_tp", theirs), ("tokenweave_split", ours_split), ("tokenweave_fuse", ours_fused))}
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, 8])
 def test_hf_real_size_matches_transformers_tp(tmp_path, world):
     _need(world)
     pytest.importorskip("transformers")

@@ -144,13 +144,15 @@ def device_name(index: int | None = None) -> str:
 
 
 def git_sha() -> str:
-    """``git describe --always --dirty`` of the tokenweave source tree, or "unknown" outside a checkout."""
+    """``git describe --always --dirty`` of the source tree; else ``TOKENWEAVE_GIT_SHA`` (set it where the
+    tree travels without .git, as on the lent GPU machines); else "unknown"."""
+    fallback = os.environ.get("TOKENWEAVE_GIT_SHA", "unknown")
     try:
         res = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"],
                              cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
+        return fallback
+    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else fallback
 
 
 # ---------------------------------------------------------------------------------------------- processes
