@@ -66,19 +66,8 @@ struct SlotsSource {
   __device__ Vec load_z(int64_t row, int j) const {
     constexpr int L = Pack<T>::kLanes;
     const int64_t idx = row * nvr + j;
-    Vec v[W];
-#pragma unroll
-    for (int s = 0; s < W; ++s) v[s] = reinterpret_cast<const Vec*>(slots + s * slot_bytes)[idx];
     float acc[L];
-#pragma unroll
-    for (int i = 0; i < L; ++i) acc[i] = 0.f;
-#pragma unroll
-    for (int s = 0; s < W; ++s) {
-      float f[L];
-      Pack<T>::unpack(v[s], f);
-#pragma unroll
-      for (int i = 0; i < L; ++i) acc[i] += f[i];
-    }
+    sum_slots<T, W>(slots, slot_bytes, idx, acc);
     if (residual) {
       float r[L];
       Pack<T>::unpack(residual[idx], r);

@@ -53,6 +53,18 @@ def _expected(op, xs, rank, residual, weight):
     return z, (z if op == "all_reduce" else out)
 
 
+def _check_call(label, call, out, res, refs, bad, prints):
+    """Compare one call's outputs with float64 (residual too where the op writes it); keep its fingerprint."""
+    op, T, H, dtype, algo, ctas = call
+    z_ref, out_ref = refs
+    e = rel_err(out, out_ref)
+    if op in ("fused", "add_rmsnorm"):
+        e = max(e, rel_err(res, z_ref))
+    if e > REL_TOL[dtype]:
+        bad.append(f"{label}: {op} T={T} H={H} {dtype} algo={algo} ctas={ctas}: rel err {e:.3g}")
+    prints.append(fingerprint(out))
+
+
 def _random_sequence(rank, world, calls, seed):
     import tokenweave as tw
 
@@ -60,18 +72,13 @@ def _random_sequence(rank, world, calls, seed):
     rng = random.Random(seed)  # the same sequence on every rank
     bad, prints = [], []
     for i in range(calls):
-        op, T, H, dtype, algo, ctas = _random_call(rng)
+        call = _random_call(rng)
+        op, T, H, dtype, algo, ctas = call
         xs, residual, weight = rank_inputs(seed * 100003 + i, world, T, H, dtype, "cuda")
         res = residual.clone()
         out = torch.full_like(xs[rank], float("nan"))
         _call(tw, comm, op, _input(op, xs, rank), res, weight, out, algo, ctas)
-        z_ref, out_ref = _expected(op, xs, rank, residual, weight)
-        e = rel_err(out, out_ref)
-        if op in ("fused", "add_rmsnorm"):
-            e = max(e, rel_err(res, z_ref))
-        if e > REL_TOL[dtype]:
-            bad.append(f"call {i}: {op} T={T} H={H} {dtype} algo={algo} ctas={ctas}: rel err {e:.3g}")
-        prints.append(fingerprint(out))
+        _check_call(f"call {i}", call, out, res, _expected(op, xs, rank, residual, weight), bad, prints)
     comm.synchronize()
     comm.close()
     return bad, prints
@@ -106,13 +113,8 @@ def _graph_sequence(rank, world, replays, seed):
             refs.append(_expected(op, xs, rank, residual, weight))
         graph.replay()
         comm.synchronize()
-        for (op, T, H, dtype, algo, ctas), (x, res, out, _, w), (z_ref, out_ref) in zip(calls, bufs, refs):
-            e = rel_err(out, out_ref)
-            if op in ("fused", "add_rmsnorm"):
-                e = max(e, rel_err(res, z_ref))
-            if e > REL_TOL[dtype]:
-                bad.append(f"replay {it}: {op} T={T} H={H} {dtype} algo={algo} ctas={ctas}: rel err {e:.3g}")
-            prints.append(fingerprint(out))
+        for call, (x, res, out, _, w), ref in zip(calls, bufs, refs):
+            _check_call(f"replay {it}", call, out, res, ref, bad, prints)
     comm.close()
     return bad, prints
 

@@ -9,44 +9,38 @@
 namespace tokenweave {
 
 // Converts one 16-byte vector of T to and from fp32 lanes. Accumulation is always fp32.
-template <typename T> struct Pack;
+// 2-byte types go through their packed pair type; Half2<T> names it and its two conversions.
+template <typename T> struct Half2;
 
-template <> struct Pack<__nv_bfloat16> {
-  static constexpr int kLanes = 8;
-  __device__ static void unpack(const Vec& v, float* f) {
-    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float2 t = __bfloat1622float2(p[i]);
-      f[2 * i] = t.x;
-      f[2 * i + 1] = t.y;
-    }
-  }
-  __device__ static Vec pack(const float* f) {
-    Vec v;
-    __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) p[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    return v;
-  }
+template <> struct Half2<__nv_bfloat16> {
+  using Pair = __nv_bfloat162;
+  __device__ static float2 to_float2(Pair p) { return __bfloat1622float2(p); }
+  __device__ static Pair from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
 };
 
-template <> struct Pack<__half> {
+template <> struct Half2<__half> {
+  using Pair = __half2;
+  __device__ static float2 to_float2(Pair p) { return __half22float2(p); }
+  __device__ static Pair from_floats(float a, float b) { return __floats2half2_rn(a, b); }
+};
+
+template <typename T> struct Pack {
   static constexpr int kLanes = 8;
+  using H = Half2<T>;
   __device__ static void unpack(const Vec& v, float* f) {
-    const __half2* p = reinterpret_cast<const __half2*>(&v);
+    const typename H::Pair* p = reinterpret_cast<const typename H::Pair*>(&v);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      float2 t = __half22float2(p[i]);
+      const float2 t = H::to_float2(p[i]);
       f[2 * i] = t.x;
       f[2 * i + 1] = t.y;
     }
   }
   __device__ static Vec pack(const float* f) {
     Vec v;
-    __half2* p = reinterpret_cast<__half2*>(&v);
+    typename H::Pair* p = reinterpret_cast<typename H::Pair*>(&v);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) p[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+    for (int i = 0; i < 4; ++i) p[i] = H::from_floats(f[2 * i], f[2 * i + 1]);
     return v;
   }
 };

@@ -19,6 +19,25 @@ __device__ __forceinline__ uint64_t gather_off(const Layout& l, int half) {
   return l.data_off + uint64_t(half) * l.half_bytes + uint64_t(l.world) * l.slot_bytes;
 }
 
+// fp32 sum of vector `idx` over the W slots starting at `slots` (slot s at s * slot_bytes), in rank
+// order: the same bits on every rank. All W loads are issued before the first add.
+template <typename T, int W>
+__device__ __forceinline__ void sum_slots(const char* slots, uint64_t slot_bytes, uint64_t idx, float* acc) {
+  constexpr int L = Pack<T>::kLanes;
+  Vec v[W];
+#pragma unroll
+  for (int s = 0; s < W; ++s) v[s] = reinterpret_cast<const Vec*>(slots + s * slot_bytes)[idx];
+#pragma unroll
+  for (int i = 0; i < L; ++i) acc[i] = 0.f;
+#pragma unroll
+  for (int s = 0; s < W; ++s) {
+    float f[L];
+    Pack<T>::unpack(v[s], f);
+#pragma unroll
+    for (int i = 0; i < L; ++i) acc[i] += f[i];
+  }
+}
+
 // P2P: 16-byte loads and stores through the peer-mapped workspaces. Rank s stages rank q's piece into
 // rank q's slot s; rank q then sums its own W slots locally, in rank order (deterministic).
 template <typename T, int W>
@@ -28,19 +47,7 @@ struct P2P {
   }
 
   __device__ static void reduce(const CommDevice& c, int half, uint64_t slot_vec, float* acc) {
-    constexpr int L = Pack<T>::kLanes;
-    Vec v[W];
-#pragma unroll
-    for (int s = 0; s < W; ++s) v[s] = reinterpret_cast<const Vec*>(slot_ptr(c.ws[c.rank], c.layout, half, s))[slot_vec];
-#pragma unroll
-    for (int i = 0; i < L; ++i) acc[i] = 0.f;
-#pragma unroll
-    for (int s = 0; s < W; ++s) {
-      float f[L];
-      Pack<T>::unpack(v[s], f);
-#pragma unroll
-      for (int i = 0; i < L; ++i) acc[i] += f[i];
-    }
+    sum_slots<T, W>(slot_ptr(c.ws[c.rank], c.layout, half, 0), c.layout.slot_bytes, slot_vec, acc);
   }
 
   __device__ static void broadcast(const CommDevice& c, uint64_t byte_off, const Vec& v) {
