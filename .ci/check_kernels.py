@@ -54,13 +54,16 @@ def main() -> int:
                    check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(build), f"-j{os.cpu_count() or 2}"], check=True, stdout=subprocess.DEVNULL)
     objs = {p.name: p for p in build.rglob("*.cu.o")}
-    problems, counted = [], {"Multimem": 0, "P2P": 0}
+    problems, counted = [], {}
     for name, obj in sorted(objs.items()):
         for fn, sass in sass_by_function(cuobjdump, obj).items():
             if "allreduce_kernel" not in fn:
                 continue
             transport = "Multimem" if "Multimem" in fn else "P2P"
-            counted[transport] += 1
+            tracked = "Lb1E" in fn  # the kTracked template argument
+            counted[(transport, tracked)] = counted.get((transport, tracked), 0) + 1
+            if tracked and "LDG.E.STRONG.GPU" not in sass:
+                problems.append(f"{fn}: tracked kernel without the gpu-scope acquire of its ready counters")
             has_ld_reduce = "LDGMC" in sass
             has_mc_store = "STG.E.128.STRONG.SYS" in sass
             if transport == "Multimem" and not (has_ld_reduce and has_mc_store):
@@ -69,13 +72,14 @@ def main() -> int:
                 problems.append(f"{fn}: P2P kernel contains multimem instructions")
             if not re.search(r"LDG\.E\.128", sass):
                 problems.append(f"{fn}: no 16-byte loads")
-    print(f"check_kernels: {counted['Multimem']} multimem and {counted['P2P']} p2p all-reduce kernels disassembled "
-          f"from {len(objs)} objects")
+    print("check_kernels: all-reduce kernels disassembled from", len(objs), "objects:",
+          ", ".join(f"{n} {t.lower()}{' tracked' if k else ''}" for (t, k), n in sorted(counted.items())))
     for p in problems:
         print("  PROBLEM:", p)
-    expected = 3 * 7  # dtypes x world sizes 2..8
-    if counted["Multimem"] != expected or counted["P2P"] != expected:
-        print(f"  PROBLEM: expected {expected} kernels per transport")
+    # untracked: 3 dtypes x world sizes 2..8; tracked (track-and-trigger): bf16, fp16 x 2..8
+    expected = {("Multimem", False): 21, ("P2P", False): 21, ("Multimem", True): 14, ("P2P", True): 14}
+    if counted != expected:
+        print(f"  PROBLEM: expected {expected}")
         return 1
     return 1 if problems else 0
 

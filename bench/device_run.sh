@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests on 2 and 4 GPUs, benchmarks; everything lands under $OUT.
-# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [tests] [faults] [stress] [weave] [grid] [host] [bench] [e2e]
+# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
 # Never touches NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS.
 set -u
 OUT=${OUT:-/tmp/tokenweave-out}
 # The tree travels without .git: pass TOKENWEAVE_GIT_SHA=$(git rev-parse HEAD) in the command so results name it.
 export TOKENWEAVE_GIT_SHA=${TOKENWEAVE_GIT_SHA:-unknown}
 mkdir -p "$OUT"
-stages=${*:-build tests faults stress weave grid bench e2e}
+stages=${*:-build tests faults stress weave trigger grid bench gemm e2e}
 ngpu=$(nvidia-smi -L | wc -l)
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
 log "stages: $stages; GPUs: $ngpu; $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
@@ -30,6 +30,7 @@ has tests && pytest_run tests_gpu ${T_TESTS:-150} -m gpu tests/gpu/test_ops_gpu.
 has faults && pytest_run tests_faults ${T_FAULTS:-150} tests/gpu/test_faults_gpu.py -m gpu
 has stress && pytest_run tests_stress ${T_STRESS:-300} tests/gpu/test_stress_gpu.py -m gpu
 has weave && pytest_run tests_weave ${T_WEAVE:-200} tests/gpu/test_weave_gpu.py -m gpu
+has trigger && pytest_run tests_trigger ${T_TRIGGER:-300} tests/gpu/test_trigger_gpu.py -m gpu
 has hf && pytest_run tests_hf ${T_HF:-300} tests/gpu/test_weave_gpu.py -m gpu -k hf
 has grid && pytest_run tests_grid ${T_GRID:-400} tests/gpu -m gpu -k grid
 if has host; then
@@ -44,6 +45,15 @@ if has bench; then
     timeout 400 python -m tokenweave.bench --tp "$tp" ${BENCH_ARGS:-} > "$OUT/bench_tp$tp.log" 2>&1
     log "bench tp$tp: rc=$? in $(( $(date +%s) - t0 )) s"
     tail -40 "$OUT/bench_tp$tp.log"
+  done
+fi
+if has gemm; then
+  for tp in ${GEMM_TPS:-2 4 8}; do
+    [ "$ngpu" -ge "$tp" ] || continue
+    t0=$(date +%s)
+    timeout ${T_GEMM:-400} torchrun --nproc-per-node "$tp" bench/gemm_allreduce.py ${GEMM_ARGS:-} > "$OUT/gemm_tp$tp.log" 2>&1
+    log "gemm tp$tp: rc=$? in $(( $(date +%s) - t0 )) s"
+    tail -30 "$OUT/gemm_tp$tp.log"
   done
 fi
 if has e2e; then

@@ -83,9 +83,15 @@ void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& residual
   }
 }
 
-void allreduce_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
-                    at::Tensor& out, double eps, int64_t comm, int64_t algo, int64_t ctas, int64_t chunks_per_cta) {
-  constexpr const char* op = "tokenweave.allreduce";
+struct Tracking {
+  const at::Tensor* ready = nullptr;
+  at::Tensor* consumed = nullptr;
+  int64_t pieces_full = 0, pieces_last = 0;
+};
+
+void launch_collective(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                       const std::optional<at::Tensor>& weight, at::Tensor& out, double eps, int64_t comm, int64_t algo,
+                       int64_t ctas, int64_t chunks_per_cta, const Tracking& track) {
   check_inputs(x, residual, weight, out, op);
   const CommEntry e = lookup(comm, op);
   TORCH_CHECK_VALUE(x.device().index() == e.device, op, ": x is on ", x.device(), " but the communicator's workspace is on cuda:",
@@ -103,9 +109,64 @@ void allreduce_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residu
   a.op = (residual ? tw::kOpResidual : 0u) | (weight ? tw::kOpNorm : 0u);
   const char* err = tw::plan_allreduce(a, e.dev.layout, int(ctas), int(chunks_per_cta));
   TORCH_CHECK_VALUE(err == nullptr, op, ": ", err);
+  if (track.ready) {
+    for (const at::Tensor* t : {track.ready, static_cast<const at::Tensor*>(track.consumed)})
+      TORCH_CHECK_VALUE(t->is_cuda() && t->device() == x.device() && t->scalar_type() == at::kInt && t->is_contiguous() &&
+                            t->numel() >= a.n_chunks,
+                        op, ": tracker counters must be contiguous int32 CUDA tensors on x's device with >= ", a.n_chunks,
+                        " entries");
+    TORCH_CHECK_TYPE(a.dtype != int(tw::DType::kFloat32), op, ": track-and-trigger takes bfloat16 or float16");
+    TORCH_CHECK_VALUE(track.pieces_full >= 1 && track.pieces_last >= 1, op, ": pieces per chunk must be >= 1");
+    a.ready = reinterpret_cast<const uint32_t*>(track.ready->data_ptr());
+    a.consumed = reinterpret_cast<uint32_t*>(track.consumed->data_ptr());
+    a.pieces_full = uint32_t(track.pieces_full);
+    a.pieces_last = uint32_t(track.pieces_last);
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t st = tw::allreduce(e.dev, a, e.transport, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(st == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(st));
+}
+
+void allreduce_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+                    at::Tensor& out, double eps, int64_t comm, int64_t algo, int64_t ctas, int64_t chunks_per_cta) {
+  launch_collective("tokenweave.allreduce", x, residual, weight, out, eps, comm, algo, ctas, chunks_per_cta, Tracking{});
+}
+
+void allreduce_tracked_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                            const std::optional<at::Tensor>& weight, at::Tensor& out, double eps, int64_t comm,
+                            int64_t algo, int64_t ctas, int64_t chunks_per_cta, const at::Tensor& ready,
+                            at::Tensor& consumed, int64_t pieces_full, int64_t pieces_last) {
+  launch_collective("tokenweave.allreduce_tracked", x, residual, weight, out, eps, comm, algo, ctas, chunks_per_cta,
+                    Tracking{&ready, &consumed, pieces_full, pieces_last});
+}
+
+void mark_ready_cuda(at::Tensor& ready, int64_t begin, int64_t end, int64_t pieces) {
+  constexpr const char* op = "tokenweave.mark_ready";
+  TORCH_CHECK_VALUE(ready.is_cuda() && ready.scalar_type() == at::kInt && ready.is_contiguous() && end <= ready.numel(),
+                    op, ": ready must be a contiguous int32 CUDA tensor covering chunks [begin, end)");
+  const c10::cuda::CUDAGuard guard(ready.device());
+  const cudaError_t st = tw::mark_ready(reinterpret_cast<uint32_t*>(ready.data_ptr()), int(begin), int(end),
+                                        uint32_t(pieces), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(st == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(st), " (chunks must lie in [0, ",
+              tw::kMaxChunks, "))");
+}
+
+py::dict plan(int64_t comm, int64_t tokens, int64_t hidden, int64_t dtype, int64_t algo, int64_t ctas,
+              int64_t chunks_per_cta) {
+  constexpr const char* op = "tokenweave.plan";
+  const CommEntry e = lookup(comm, op);
+  tw::CallArgs a{};
+  a.tokens = tokens;
+  a.hidden = int(hidden);
+  a.dtype = int(dtype);
+  a.algo = int(algo);
+  const char* err = tw::plan_allreduce(a, e.dev.layout, int(ctas), int(chunks_per_cta));
+  TORCH_CHECK_VALUE(err == nullptr, op, ": ", err);
+  py::dict d;
+  d["ctas"] = a.ctas;
+  d["chunk_rows"] = a.chunk_rows;
+  d["n_chunks"] = a.n_chunks;
+  return d;
 }
 
 void add_rmsnorm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
@@ -189,11 +250,17 @@ TORCH_LIBRARY(tokenweave, m) {
   m.def("allreduce(Tensor x, Tensor(a!)? residual, Tensor? weight, Tensor(b!) out, float eps, int comm, int algo, "
         "int ctas, int chunks_per_cta) -> ()");
   m.def("add_rmsnorm(Tensor x, Tensor(a!)? residual, Tensor weight, Tensor(b!) out, float eps) -> ()");
+  m.def("allreduce_tracked(Tensor x, Tensor(a!)? residual, Tensor? weight, Tensor(b!) out, float eps, int comm, "
+        "int algo, int ctas, int chunks_per_cta, Tensor ready, Tensor(c!) consumed, int pieces_full, "
+        "int pieces_last) -> ()");
+  m.def("mark_ready(Tensor(a!) ready, int begin, int end, int pieces) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tokenweave, CUDA, m) {
   m.impl("allreduce", &allreduce_cuda);
   m.impl("add_rmsnorm", &add_rmsnorm_cuda);
+  m.impl("allreduce_tracked", &allreduce_tracked_cuda);
+  m.impl("mark_ready", &mark_ready_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -202,6 +269,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("comm_destroy", &comm_destroy);
   m.def("layout", &layout);
   m.def("peer_probe", &peer_probe);
+  m.def("plan", &plan);
   m.attr("BLOCK_THREADS") = tw::kBlockThreads;
   m.attr("MAX_WORLD") = tw::kMaxWorld;
   m.attr("MAX_CHUNKS") = tw::kMaxChunks;

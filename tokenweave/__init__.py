@@ -12,9 +12,11 @@ from tokenweave.comm import Communicator, plan_transport
 from tokenweave.errors import (CollectiveMismatchError, CollectiveTimeoutError, CommunicatorClosedError,
                                TokenweaveError)
 from tokenweave.ops import add_rmsnorm, all_reduce, fused_allreduce_rmsnorm
+from tokenweave.trigger import Tracker, matmul_allreduce, matmul_allreduce_rmsnorm
 
 __version__ = "0.1.0"
 __all__ = [
     "Communicator", "plan_transport", "fused_allreduce_rmsnorm", "all_reduce", "add_rmsnorm", "HAS_EXTENSION",
+    "Tracker", "matmul_allreduce", "matmul_allreduce_rmsnorm",
     "TokenweaveError", "CollectiveTimeoutError", "CollectiveMismatchError", "CommunicatorClosedError",
 ]

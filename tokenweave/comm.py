@@ -22,7 +22,7 @@ from tokenweave.errors import (CollectiveMismatchError, CollectiveTimeoutError, 
 
 _TRANSPORT_CODE = {"p2p": 0, "multimem": 1}
 ALGOS = {"one_shot": 1, "two_shot": 2}
-_ERR_TIMEOUT, _ERR_MISMATCH = 1, 2
+_ERR_TIMEOUT, _ERR_MISMATCH, _ERR_PRODUCER_TIMEOUT = 1, 2, 3
 _OP_RESIDUAL, _OP_NORM = 1, 2
 _DTYPE_NAMES = {0: "float32", 1: "float16", 2: "bfloat16"}
 _ALGO_NAMES = {1: "one_shot", 2: "two_shot"}
@@ -284,6 +284,11 @@ class Communicator:
                 "making a different number of tokenweave calls. This Communicator is now broken; outputs of the "
                 "failed call were set to NaN. Create a new Communicator to continue.",
                 op=name, rank=rank, peer=peer, seq=epoch)
+        if code == _ERR_PRODUCER_TIMEOUT:
+            return CollectiveTimeoutError(
+                f"tokenweave.{name}: rank {rank} timed out after {self.timeout_ms} ms waiting for its own producer "
+                f"(the GEMM feeding track-and-trigger) to finish chunk {chunk} (call #{epoch}). This Communicator "
+                "is now broken; create a new one.", op=name, rank=rank, peer=peer, seq=epoch)
         if code == _ERR_MISMATCH:
             try:
                 mine, theirs = self._header(epoch, rank), self._header(epoch, peer)

@@ -23,6 +23,15 @@ if HAS_EXTENSION:
     def _add_rmsnorm_fake(x, residual, weight, out, eps):
         return None
 
+    @torch.library.register_fake("tokenweave::allreduce_tracked")
+    def _allreduce_tracked_fake(x, residual, weight, out, eps, comm, algo, ctas, chunks_per_cta, ready, consumed,
+                                pieces_full, pieces_last):
+        return None
+
+    @torch.library.register_fake("tokenweave::mark_ready")
+    def _mark_ready_fake(ready, begin, end, pieces):
+        return None
+
 
 def _check_tensor(op, name, t, like, device):
     if not isinstance(t, torch.Tensor):
@@ -133,6 +142,8 @@ class _Ops:
     def __init__(self):
         self.allreduce = torch.ops.tokenweave.allreduce.default
         self.add_rmsnorm = torch.ops.tokenweave.add_rmsnorm.default
+        self.allreduce_tracked = torch.ops.tokenweave.allreduce_tracked.default
+        self.mark_ready = torch.ops.tokenweave.mark_ready.default
 
 
 _OPS = None

@@ -87,7 +87,12 @@ __device__ __forceinline__ void finish_call(const CommDevice& c, uint32_t epoch)
   }
 }
 
-template <typename T, int W, template <typename, int> class TransportT>
+// kTracked (track-and-trigger): x is still being produced when the kernel starts; chunk c is staged
+// only once wait_ready saw its producer pieces land. With kTracked false the code is exactly the untracked
+// kernel (the tracked wait compiles away). The tracked order keeps the untracked pipeline: the reduce and
+// epilogue of earlier chunks run after the wait for the next chunk (reordering them first would shorten
+// the tail after the last GEMM by one pipeline step; not done while it cannot be measured).
+template <typename T, int W, template <typename, int> class TransportT, bool kTracked = false>
 __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommDevice c, const CallArgs a) {
   using Tr = TransportT<T, W>;
   constexpr int L = Pack<T>::kLanes;
@@ -104,6 +109,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
   auto chunk_at = [&](int i) { return int(blockIdx.x) + i * int(gridDim.x); };
   auto row_begin = [&](int ch) { return int64_t(ch) * a.chunk_rows; };
   auto row_end = [&](int ch) { return min(int64_t(ch + 1) * a.chunk_rows, a.tokens); };
+  auto producer_done = [&](int ch) {  // tracked only: wait until the producer finished chunk ch
+    return wait_ready(c, a.ready, a.consumed, ch, ch == a.n_chunks - 1 ? a.pieces_last : a.pieces_full, id);
+  };
 
   bool ok = !aborted(c);
   if (ok && blockIdx.x == 0 && threadIdx.x < W) {
@@ -128,6 +136,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
     for (int step = 0; step <= n_mine; ++step) {
       if (step < n_mine) {
         const int ch = chunk_at(step);
+        if constexpr (kTracked) {
+          if (!(ok = producer_done(ch))) break;
+        }
         stream_vecs(
             row_begin(ch) * nvr, row_end(ch) * nvr, [&](int64_t i) { return x[i]; },
             [&](int64_t i, const Vec& v) { Tr::broadcast(c, my_slot_off + uint64_t(i) * 16, v); });
@@ -146,6 +157,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
     for (int step = 0; step <= n_mine + 1; ++step) {
       if (step < n_mine) {  // A: scatter chunk `step`
         const int ch = chunk_at(step);
+        if constexpr (kTracked) {
+          if (!(ok = producer_done(ch))) break;
+        }
         const int64_t v0 = row_begin(ch) * nvr, nv = (row_end(ch) - row_begin(ch)) * nvr;
         const int64_t piece = (nv + W - 1) / W;
 #pragma unroll
@@ -197,30 +211,40 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
   finish_call(c, id.epoch);
 }
 
-// Launches allreduce_kernel for transport TransportT: dtype and world size are dispatched here, once.
-template <template <typename, int> class TransportT>
-cudaError_t launch_allreduce(const CommDevice& c, const CallArgs& a, cudaStream_t stream) {
+// World size: the one switch from the runtime value to the template parameter.
+template <typename T, template <typename, int> class TransportT, bool kTracked>
+cudaError_t launch_world(const CommDevice& c, const CallArgs& a, cudaStream_t stream) {
   auto go = [&](auto kernel) {
     kernel<<<a.ctas, kBlockThreads, 0, stream>>>(c, a);
     return cudaGetLastError();
   };
-#define TW_WORLD_CASES(T)                                   \
-  switch (c.world) {                                        \
-    case 2: return go(allreduce_kernel<T, 2, TransportT>); \
-    case 3: return go(allreduce_kernel<T, 3, TransportT>); \
-    case 4: return go(allreduce_kernel<T, 4, TransportT>); \
-    case 5: return go(allreduce_kernel<T, 5, TransportT>); \
-    case 6: return go(allreduce_kernel<T, 6, TransportT>); \
-    case 7: return go(allreduce_kernel<T, 7, TransportT>); \
-    case 8: return go(allreduce_kernel<T, 8, TransportT>); \
-    default: return cudaErrorInvalidValue;                  \
+  switch (c.world) {
+    case 2: return go(allreduce_kernel<T, 2, TransportT, kTracked>);
+    case 3: return go(allreduce_kernel<T, 3, TransportT, kTracked>);
+    case 4: return go(allreduce_kernel<T, 4, TransportT, kTracked>);
+    case 5: return go(allreduce_kernel<T, 5, TransportT, kTracked>);
+    case 6: return go(allreduce_kernel<T, 6, TransportT, kTracked>);
+    case 7: return go(allreduce_kernel<T, 7, TransportT, kTracked>);
+    case 8: return go(allreduce_kernel<T, 8, TransportT, kTracked>);
+    default: return cudaErrorInvalidValue;
   }
+}
+
+// Launches allreduce_kernel for transport TransportT; the dtype is dispatched here, once.
+// Tracked calls (a.ready set) are built for the 2-byte types that GEMMs produce.
+template <template <typename, int> class TransportT>
+cudaError_t launch_allreduce(const CommDevice& c, const CallArgs& a, cudaStream_t stream) {
+  const bool tracked = a.ready != nullptr;
   switch (DType(a.dtype)) {
-    case DType::kBFloat16: TW_WORLD_CASES(__nv_bfloat16)
-    case DType::kFloat16: TW_WORLD_CASES(__half)
-    case DType::kFloat32: TW_WORLD_CASES(float)
+    case DType::kBFloat16:
+      return tracked ? launch_world<__nv_bfloat16, TransportT, true>(c, a, stream)
+                     : launch_world<__nv_bfloat16, TransportT, false>(c, a, stream);
+    case DType::kFloat16:
+      return tracked ? launch_world<__half, TransportT, true>(c, a, stream)
+                     : launch_world<__half, TransportT, false>(c, a, stream);
+    case DType::kFloat32:
+      return tracked ? cudaErrorInvalidValue : launch_world<float, TransportT, false>(c, a, stream);
   }
-#undef TW_WORLD_CASES
   return cudaErrorInvalidValue;
 }
 

@@ -73,6 +73,19 @@ cudaError_t add_rmsnorm(const void* x, void* residual, const void* weight, void*
   return cudaGetLastError();
 }
 
+// Track-and-trigger, producer side: runs after the GEMM that wrote chunks [begin, end) on the same
+// stream, so the GEMM's stores happen before this release; wait_ready acquires it.
+__global__ void mark_ready_kernel(uint32_t* ready, int begin, int end, uint32_t pieces) {
+  const int ch = begin + int(blockIdx.x * blockDim.x + threadIdx.x);
+  if (ch < end) asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(ready + ch), "r"(pieces) : "memory");
+}
+
+cudaError_t mark_ready(uint32_t* ready, int begin, int end, uint32_t pieces, cudaStream_t stream) {
+  if (begin < 0 || end > kMaxChunks || begin >= end) return cudaErrorInvalidValue;
+  mark_ready_kernel<<<(end - begin + 255) / 256, 256, 0, stream>>>(ready, begin, end, pieces);
+  return cudaGetLastError();
+}
+
 __global__ void peer_probe_kernel(const CommDevice c, uint64_t magic, uint64_t* result) {
   const int q = threadIdx.x;
   if (q >= c.world) return;

@@ -27,6 +27,13 @@ struct CallArgs {
   int group;       // threads per row in the epilogue
   uint32_t op;     // OpBits
   uint32_t sig;    // call signature, identical on every rank making the same call
+  // Track-and-trigger (ready == nullptr: x is complete at launch). ready[c] counts the producer pieces
+  // finished for chunk c over all calls, consumed[c] what earlier calls waited for: chunk c of this call
+  // may be read once ready[c] - consumed[c] >= its pieces. Both only grow: CUDA-graph replays need no reset.
+  const uint32_t* ready;
+  uint32_t* consumed;
+  uint32_t pieces_full;  // producer pieces of a full chunk
+  uint32_t pieces_last;  // ... of the last chunk
 };
 
 inline int lanes_of(DType d) { return d == DType::kFloat32 ? 4 : 8; }

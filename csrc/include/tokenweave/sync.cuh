@@ -27,6 +27,12 @@ __device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
   return v;
 }
 
+__device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 __device__ __forceinline__ uint64_t globaltimer_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -89,6 +95,37 @@ __device__ inline bool wait_flag(const CommDevice& c, const uint64_t* flag, cons
       }
     }
   }
+}
+
+// Track-and-trigger, consumer side. The producer (a GEMM on another stream of this GPU, then a mark
+// kernel) adds `pieces` to ready[chunk] with red.release.gpu once the chunk's rows are written; this
+// acquire at gpu scope then makes them visible to the CTA. Bounded like every wait; gives up at once
+// after any error on this rank. consumed[chunk] is this rank's own (one CTA owns a chunk per call).
+__device__ inline bool wait_ready(const CommDevice& c, const uint32_t* ready, uint32_t* consumed, int chunk,
+                                  uint32_t pieces, const CallId& id) {
+  bool ok = true;
+  if (threadIdx.x == 0) {
+    const uint32_t want = consumed[chunk] + pieces;
+    const uint64_t start = globaltimer_ns();
+    for (uint32_t spin = 0;; ++spin) {
+      if (int32_t(ld_acquire_gpu(ready + chunk) - want) >= 0) {  // wrap-safe: counters only grow
+        consumed[chunk] = want;
+        break;
+      }
+      if ((spin & 63) == 63) {
+        if (aborted(c)) {
+          ok = false;
+          break;
+        }
+        if (globaltimer_ns() - start > c.timeout_ns) {
+          record_error(c, kErrProducerTimeout, c.rank, id.epoch, chunk, id.sig, id.op, 0);
+          ok = false;
+          break;
+        }
+      }
+    }
+  }
+  return __syncthreads_and(ok) != 0;
 }
 
 // Flag of (phase, src, chunk) for the call's parity inside the workspace at `base`.

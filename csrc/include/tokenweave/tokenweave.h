@@ -9,12 +9,17 @@
 namespace tokenweave {
 
 // All-reduce of x over the communicator, then (per OpBits) residual add and RMSNorm, in one kernel.
-// `a` must come from plan_allreduce. Transport::kMultimem requires c.mc != nullptr.
+// `a` must come from plan_allreduce. Transport::kMultimem requires c.mc != nullptr. With a.ready set
+// (track-and-trigger, bf16/fp16 only) chunk c is read only once its producer marked it.
 cudaError_t allreduce(const CommDevice& c, const CallArgs& a, Transport t, cudaStream_t stream);
 
 // out = RMSNorm(x + residual) * weight; residual <- x + residual. No communication.
 cudaError_t add_rmsnorm(const void* x, void* residual, const void* weight, void* out, int64_t tokens, int hidden,
                         float eps, DType dtype, cudaStream_t stream);
+
+// Track-and-trigger producer side: ready[c] += pieces for c in [begin, end), with release at gpu scope,
+// after whatever the stream ran before (the GEMM that wrote those chunks).
+cudaError_t mark_ready(uint32_t* ready, int begin, int end, uint32_t pieces, cudaStream_t stream);
 
 // Peer-access check: writes `magic + (rank << 8) + q` into rank q's probe slot `rank` for every q, and
 // reads back what every rank q holds in its slot `rank` into result[q] (remote read after remote write).

@@ -86,7 +86,7 @@ __host__ __device__ inline Layout make_layout(uint64_t capacity_bytes, int world
   return l;
 }
 
-enum ErrorCode : int64_t { kErrNone = 0, kErrTimeout = 1, kErrMismatch = 2 };
+enum ErrorCode : int64_t { kErrNone = 0, kErrTimeout = 1, kErrMismatch = 2, kErrProducerTimeout = 3 };
 
 // Lives in pinned host memory, mapped into the device address space (UVA), so Python reads it
 // without a device synchronisation and it survives a kernel that gave up.

@@ -1,0 +1,133 @@
+"""Row-parallel GEMM followed by its all-reduce + residual + RMSNorm: track-and-trigger vs the rest.
+
+    torchrun --nproc-per-node 4 bench/gemm_allreduce.py [--quick]
+    python bench/gemm_allreduce.py --tp 2                     # spawns the ranks itself
+
+Llama-3-70B row-parallel shapes (o_proj: K = 8192/TP; down_proj: K = 28672/TP; N = 8192), bf16,
+M from 512 to 16384. Variants, same run: ``gemm_only`` (cuBLAS, communication removed),
+``sequential`` (cuBLAS + NCCL all_reduce + torch.compile'd add+RMSNorm), ``sequential_fused``
+(cuBLAS + tokenweave's fused kernel), ``async_tp`` (torch symm_mem fused_matmul_reduce_scatter +
+all_gather_into_tensor + the same norm), ``tokenweave`` (track-and-trigger). CUDA graphs, median of
+replays (the bench harness). Rows carry M, K, N; ``hidden_fraction`` = how much of the communication
+the overlap hid: (sequential_fused - tokenweave) / (sequential_fused - gemm_only).
+Writes ``bench/results/gemm_allreduce-<card>-tp<N>.{json,png}``. Needs GPUs.
+Status: written with the track-and-trigger code; not yet run (no device time left in that session).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+try:
+    import tokenweave as tw
+except ImportError:  # run from a source checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import tokenweave as tw
+
+import torch
+import torch.distributed as dist
+
+from tokenweave.bench import harness
+from tokenweave.bench.fused import add_rmsnorm_reference
+
+BENCH = "gemm_allreduce"
+EPS = 1e-5
+DTYPE = torch.bfloat16
+HIDDEN, INTERMEDIATE = 8192, 28672
+M_VALUES = (512, 1024, 2048, 4096, 8192, 16384)
+QUICK_M = (1024, 4096, 8192)
+VARIANTS = ("gemm_only", "sequential", "sequential_fused", "async_tp", "tokenweave")
+
+
+def worker(args) -> None:
+    tp, rank = dist.get_world_size(), dist.get_rank()
+    device = torch.device("cuda", torch.cuda.current_device())
+    m_values = args.m or (QUICK_M if args.quick else M_VALUES)
+    comm = tw.Communicator(max_tokens=max(m_values), hidden=HIDDEN, dtype=DTYPE)
+    tracker = tw.Tracker(device)
+    norm = torch.compile(add_rmsnorm_reference, fullgraph=True)
+    group_name = dist.group.WORLD.group_name
+    rows = []
+    for layer, k_total in (("o_proj", HIDDEN), ("down_proj", INTERMEDIATE)):
+        K = k_total // tp
+        w = (torch.randn(HIDDEN, K, device=device) / K ** 0.5).to(DTYPE)
+        nw = (1 + 0.1 * torch.randn(HIDDEN, device=device)).to(DTYPE)
+        for M in m_values:
+            x = torch.randn(M, K, device=device).to(DTYPE)
+            residual = torch.randn(M, HIDDEN, device=device).to(DTYPE)
+            res = residual.clone()
+            y = torch.empty(M, HIDDEN, device=device, dtype=DTYPE)
+            out = torch.empty_like(y)
+            gathered = torch.empty_like(y)
+
+            def gemm_only():
+                torch.matmul(x, w.t(), out=y)
+
+            def sequential():
+                torch.matmul(x, w.t(), out=y)
+                dist.all_reduce(y)
+                out.copy_(norm(y, res, nw, EPS))
+
+            def sequential_fused():
+                torch.matmul(x, w.t(), out=y)
+                tw.fused_allreduce_rmsnorm(comm, y, res, nw, EPS, out=out)
+
+            def async_tp():
+                from torch.distributed import _symmetric_memory  # noqa: F401  (registers the op)
+                shard = torch.ops.symm_mem.fused_matmul_reduce_scatter(x, w.t(), "sum", 0, group_name)
+                dist.all_gather_into_tensor(gathered, shard)
+                out.copy_(norm(gathered, res, nw, EPS))
+
+            def tokenweave():
+                tw.matmul_allreduce_rmsnorm(x, w, res, nw, comm, EPS, mode="trigger", tracker=tracker, out=out,
+                                            partial=y)
+
+            fns = dict(gemm_only=gemm_only, sequential=sequential, sequential_fused=sequential_fused,
+                       async_tp=async_tp, tokenweave=tokenweave)
+            timings, size_rows = {}, {}
+            for name in args.variants or VARIANTS:
+                row = {"M": M, "K": K, "N": HIDDEN, "layer": layer, "dtype": "bfloat16", "variant": name, "us": None}
+                try:
+                    harness.align_ranks(device=device)
+                    row["us"] = harness.time_cuda_graph(fns[name], calls=args.calls, replays=args.replays,
+                                                        before_replay=lambda: res.copy_(residual))
+                    timings[name] = row["us"]
+                except Exception as e:  # a variant this torch cannot capture (async_tp) is recorded, not fatal
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                rows.append(row)
+                size_rows[name] = row
+            if {"gemm_only", "sequential_fused", "tokenweave"} <= timings.keys():
+                comm_cost = timings["sequential_fused"] - timings["gemm_only"]
+                size_rows["tokenweave"]["hidden_fraction"] = (
+                    (timings["sequential_fused"] - timings["tokenweave"]) / comm_cost if comm_cost > 0 else None)
+            if rank == 0:
+                print(f"{layer} M={M} K={K}: " + " | ".join(f"{k} {v:.1f}" for k, v in timings.items()), flush=True)
+    comm.close()
+    if rank == 0:
+        harness.print_table(rows, x_key="M", panel_keys=("K", "N"))
+        extra = {"device_name": torch.cuda.get_device_name(), "transport": comm.transport,
+                 "timing": f"CUDA graph of {args.calls} calls, median of {args.replays} replays, us per call"}
+        json_path, png = harness.write_results(BENCH, tp, rows, args.out_dir, extra, x_key="M", panel_keys=("K", "N"))
+        print(f"wrote {json_path}" + (f" and {png}" if png else ""))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tp", type=int, default=None, help="ranks to spawn when not under torchrun")
+    parser.add_argument("--m", type=int, nargs="+", default=None, help=f"M values (default {M_VALUES})")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
+    parser.add_argument("--quick", action="store_true", help=f"M in {QUICK_M}")
+    parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--replays", type=int, default=5)
+    parser.add_argument("--out-dir", default="bench/results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{BENCH}: needs CUDA GPUs")
+    world = int(os.environ["WORLD_SIZE"]) if harness.launched_by_torchrun() else (args.tp or torch.cuda.device_count())
+    harness.spawn(worker, world, "nccl", args)
+
+
+if __name__ == "__main__":
+    main()
