@@ -38,33 +38,19 @@ if has host; then
   timeout 120 python bench/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" | tail -6
   log "host overhead: done"
 fi
-if has bench; then
-  for tp in ${BENCH_TPS:-2 4 8}; do
+per_tp() {  # name, TP sizes, seconds, command... ending in --tp (each script spawns its own ranks)
+  local name=$1 tps=$2 limit=$3; shift 3
+  for tp in $tps; do
     [ "$ngpu" -ge "$tp" ] || continue
-    t0=$(date +%s)
-    timeout 400 python -m tokenweave.bench --tp "$tp" ${BENCH_ARGS:-} > "$OUT/bench_tp$tp.log" 2>&1
-    log "bench tp$tp: rc=$? in $(( $(date +%s) - t0 )) s"
-    tail -40 "$OUT/bench_tp$tp.log"
+    local t0=$(date +%s)
+    timeout "$limit" "$@" "$tp" > "$OUT/${name}_tp$tp.log" 2>&1
+    log "$name tp$tp: rc=$? in $(( $(date +%s) - t0 )) s"
+    tail -40 "$OUT/${name}_tp$tp.log"
   done
-fi
-if has gemm; then
-  for tp in ${GEMM_TPS:-2 4 8}; do
-    [ "$ngpu" -ge "$tp" ] || continue
-    t0=$(date +%s)
-    timeout ${T_GEMM:-400} torchrun --nproc-per-node "$tp" bench/gemm_allreduce.py ${GEMM_ARGS:-} > "$OUT/gemm_tp$tp.log" 2>&1
-    log "gemm tp$tp: rc=$? in $(( $(date +%s) - t0 )) s"
-    tail -30 "$OUT/gemm_tp$tp.log"
-  done
-fi
-if has e2e; then
-  for tp in ${E2E_TPS:-2 4 8}; do
-    [ "$ngpu" -ge "$tp" ] || continue
-    t0=$(date +%s)
-    timeout ${T_E2E:-400} torchrun --nproc-per-node "$tp" bench/e2e_layers.py ${E2E_ARGS:-} > "$OUT/e2e_tp$tp.log" 2>&1
-    log "e2e tp$tp: rc=$? in $(( $(date +%s) - t0 )) s"
-    tail -30 "$OUT/e2e_tp$tp.log"
-  done
-fi
+}
+has bench && per_tp bench "${BENCH_TPS:-2 4 8}" "${T_BENCH:-400}" python -m tokenweave.bench ${BENCH_ARGS:-} --tp
+has gemm && per_tp gemm "${GEMM_TPS:-2 4 8}" "${T_GEMM:-400}" python bench/gemm_allreduce.py ${GEMM_ARGS:-} --tp
+has e2e && per_tp e2e "${E2E_TPS:-2 4 8}" "${T_E2E:-400}" python bench/e2e_layers.py ${E2E_ARGS:-} --tp
 tar czf "$OUT/results.tar.gz" bench/results 2>/dev/null
 (cd "$OUT" && tar czf logs.tar.gz --remove-files ./*.log 2>/dev/null)  # the device tool returns at most 8 files
 cat "$OUT/summary.txt"
