@@ -6,6 +6,7 @@ first. The handle has ``buffer_ptrs`` and ``multicast_ptr`` (0 when multicast is
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -27,11 +28,13 @@ def allocate(nbytes: int, device: torch.device, group: dist.ProcessGroup) -> Sym
     group_name = group.group_name
     enable = getattr(symm, "enable_symm_mem_for_group", None)
     if enable is not None:
-        try:
-            if not symm.is_symm_mem_enabled_for_group(group_name):
+        with warnings.catch_warnings():  # deprecated (a no-op) from torch 2.11 on; still needed before
+            warnings.simplefilter("ignore", FutureWarning)
+            try:
+                if not symm.is_symm_mem_enabled_for_group(group_name):
+                    enable(group_name)
+            except (AttributeError, TypeError):
                 enable(group_name)
-        except (AttributeError, TypeError):
-            enable(group_name)
     tensor = symm.empty(nbytes, dtype=torch.uint8, device=device)
     handle = symm.rendezvous(tensor, group_name)
     peer_ptrs = [int(p) for p in handle.buffer_ptrs]
