@@ -35,6 +35,15 @@ def _reference(xs, ws, residual, norm_w, rank):
     return z, z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS) * norm_w.double()
 
 
+def _check(label, out, res, inputs, rank, bad, prints):
+    """float64 check of the output and the updated residual; keep the output's fingerprint."""
+    z, ref = _reference(*inputs, rank)
+    e = max(rel_err(out, ref), rel_err(res, z))
+    if e > 2e-2:
+        bad.append(f"{label}: rel err {e:.3g}")
+    prints.append(fingerprint(out))
+
+
 def _eager(rank, world):
     import tokenweave as tw
 
@@ -51,11 +60,7 @@ def _eager(rank, world):
         out = tw.matmul_allreduce_rmsnorm(xs[rank], ws[rank], res, norm_w, comm, EPS, mode="trigger",
                                           tracker=tracker, partial=partial)
         comm.synchronize()
-        z, ref = _reference(xs, ws, residual, norm_w, rank)
-        e = max(rel_err(out, ref), rel_err(res, z))
-        if e > 2e-2:
-            bad.append(f"M={M}: rel err {e:.3g}")
-        prints.append(fingerprint(out))
+        _check(f"M={M}", out, res, (xs, ws, residual, norm_w), rank, bad, prints)
     comm.close()
     return bad, prints
 
@@ -92,11 +97,7 @@ def _graph(rank, world, replays):
         graph.replay()
         if it % 50 == 0 or it == replays - 1:  # the float64 check is the slow part: sample it
             comm.synchronize()
-            z, ref = _reference(xs, ws, residual, norm_w, rank)
-            e = max(rel_err(out, ref), rel_err(res, z))
-            if e > 2e-2:
-                bad.append(f"replay {it}: rel err {e:.3g}")
-            prints.append(fingerprint(out))
+            _check(f"replay {it}", out, res, (xs, ws, residual, norm_w), rank, bad, prints)
     comm.synchronize()
     comm.close()
     return bad, prints
