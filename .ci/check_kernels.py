@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+FEEDS = ("resident", "tracked", "copy_engine")  # enum class Feed in csrc/include/tokenweave/types.h
 
 
 def find_tool(name: str) -> str | None:
@@ -60,10 +61,12 @@ def main() -> int:
             if "allreduce_kernel" not in fn:
                 continue
             transport = "Multimem" if "Multimem" in fn else "P2P"
-            tracked = "Lb1E" in fn  # the kTracked template argument
-            counted[(transport, tracked)] = counted.get((transport, tracked), 0) + 1
-            if tracked and "LDG.E.STRONG.GPU" not in sass:
+            feed = FEEDS[int(re.search(r"FeedE(\d)E", fn).group(1))]  # the kFeed template argument
+            counted[(transport, feed)] = counted.get((transport, feed), 0) + 1
+            if feed == "tracked" and "LDG.E.STRONG.GPU" not in sass:
                 problems.append(f"{fn}: tracked kernel without the gpu-scope acquire of its ready counters")
+            if feed == "copy_engine" and "ST.E.STRONG.SYS" not in sass and "STG.E.STRONG.SYS" not in sass:
+                problems.append(f"{fn}: copy-engine kernel without the system-scope release of its handshake word")
             has_ld_reduce = "LDGMC" in sass
             has_mc_store = "STG.E.128.STRONG.SYS" in sass
             if transport == "Multimem" and not (has_ld_reduce and has_mc_store):
@@ -73,11 +76,13 @@ def main() -> int:
             if not re.search(r"LDG\.E\.128", sass):
                 problems.append(f"{fn}: no 16-byte loads")
     print("check_kernels: all-reduce kernels disassembled from", len(objs), "objects:",
-          ", ".join(f"{n} {t.lower()}{' tracked' if k else ''}" for (t, k), n in sorted(counted.items())))
+          ", ".join(f"{n} {t.lower()} {k}" for (t, k), n in sorted(counted.items())))
     for p in problems:
         print("  PROBLEM:", p)
-    # untracked: 3 dtypes x world sizes 2..8; tracked (track-and-trigger): bf16, fp16 x 2..8
-    expected = {("Multimem", False): 21, ("P2P", False): 21, ("Multimem", True): 14, ("P2P", True): 14}
+    # resident: 3 dtypes x world sizes 2..8; tracked (track-and-trigger): bf16, fp16 x 2..8; the copy-engine
+    # feed writes peers' unicast slots, so it exists for p2p only
+    expected = {("Multimem", "resident"): 21, ("P2P", "resident"): 21, ("Multimem", "tracked"): 14,
+                ("P2P", "tracked"): 14, ("P2P", "copy_engine"): 14}
     if counted != expected:
         print(f"  PROBLEM: expected {expected}")
         return 1

@@ -84,16 +84,24 @@ void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& residual
 }
 
 struct Tracking {
-  const at::Tensor* ready = nullptr;
+  const at::Tensor* ready = nullptr;  // Feed::kTracked
   at::Tensor* consumed = nullptr;
   int64_t pieces_full = 0, pieces_last = 0;
+  at::Tensor* go = nullptr;  // Feed::kCopyEngine
 };
 
-void launch_collective(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
-                       const std::optional<at::Tensor>& weight, at::Tensor& out, double eps, int64_t comm, int64_t algo,
-                       int64_t ctas, int64_t chunks_per_cta, const Tracking& track) {
-  check_inputs(x, residual, weight, out, op);
-  const CommEntry e = lookup(comm, op);
+void check_counters(std::initializer_list<const at::Tensor*> ts, const at::Tensor& x, int64_t n, const char* op) {
+  for (const at::Tensor* t : ts)
+    TORCH_CHECK_VALUE(t->is_cuda() && t->device() == x.device() && t->scalar_type() == at::kInt && t->is_contiguous() &&
+                          t->numel() >= n,
+                      op, ": tracker counters must be contiguous int32 CUDA tensors on x's device with >= ", n,
+                      " entries (make them with tokenweave.Tracker)");
+}
+
+// The call as the kernel will see it: checks, then plan_allreduce.
+tw::CallArgs plan_call(const char* op, const CommEntry& e, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                       const std::optional<at::Tensor>& weight, const at::Tensor& out, double eps, int64_t algo,
+                       int64_t ctas, int64_t chunks_per_cta, tw::Feed feed) {
   TORCH_CHECK_VALUE(x.device().index() == e.device, op, ": x is on ", x.device(), " but the communicator's workspace is on cuda:",
                     e.device, "; call torch.cuda.set_device before creating the Communicator, or move x");
   tw::CallArgs a{};
@@ -107,20 +115,34 @@ void launch_collective(const char* op, const at::Tensor& x, const std::optional<
   a.algo = int(algo);
   a.dtype = int(dtype_of(x, op));
   a.op = (residual ? tw::kOpResidual : 0u) | (weight ? tw::kOpNorm : 0u);
+  a.feed = int(feed);
+  TORCH_CHECK_TYPE(feed == tw::Feed::kResident || a.dtype != int(tw::DType::kFloat32), op,
+                   ": track-and-trigger takes bfloat16 or float16");
+  TORCH_CHECK_VALUE(feed != tw::Feed::kCopyEngine || e.transport == tw::Transport::kP2P, op,
+                    ": the copy-engine feed needs the p2p transport; use the SM consumer");
   const char* err = tw::plan_allreduce(a, e.dev.layout, int(ctas), int(chunks_per_cta));
   TORCH_CHECK_VALUE(err == nullptr, op, ": ", err);
+  return a;
+}
+
+void launch_collective(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                       const std::optional<at::Tensor>& weight, at::Tensor& out, double eps, int64_t comm, int64_t algo,
+                       int64_t ctas, int64_t chunks_per_cta, const Tracking& track) {
+  check_inputs(x, residual, weight, out, op);
+  const CommEntry e = lookup(comm, op);
+  const tw::Feed feed = track.ready ? tw::Feed::kTracked : track.go ? tw::Feed::kCopyEngine : tw::Feed::kResident;
+  tw::CallArgs a = plan_call(op, e, x, residual, weight, out, eps, algo, ctas, chunks_per_cta, feed);
   if (track.ready) {
-    for (const at::Tensor* t : {track.ready, static_cast<const at::Tensor*>(track.consumed)})
-      TORCH_CHECK_VALUE(t->is_cuda() && t->device() == x.device() && t->scalar_type() == at::kInt && t->is_contiguous() &&
-                            t->numel() >= a.n_chunks,
-                        op, ": tracker counters must be contiguous int32 CUDA tensors on x's device with >= ", a.n_chunks,
-                        " entries");
-    TORCH_CHECK_TYPE(a.dtype != int(tw::DType::kFloat32), op, ": track-and-trigger takes bfloat16 or float16");
+    check_counters({track.ready, track.consumed}, x, a.n_chunks, op);
     TORCH_CHECK_VALUE(track.pieces_full >= 1 && track.pieces_last >= 1, op, ": pieces per chunk must be >= 1");
     a.ready = reinterpret_cast<const uint32_t*>(track.ready->data_ptr());
     a.consumed = reinterpret_cast<uint32_t*>(track.consumed->data_ptr());
     a.pieces_full = uint32_t(track.pieces_full);
     a.pieces_last = uint32_t(track.pieces_last);
+  }
+  if (track.go) {
+    check_counters({track.go}, x, 1, op);
+    a.go = reinterpret_cast<uint32_t*>(track.go->data_ptr());
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t st = tw::allreduce(e.dev, a, e.transport, at::cuda::getCurrentCUDAStream());
@@ -138,6 +160,38 @@ void allreduce_tracked_cuda(const at::Tensor& x, const std::optional<at::Tensor>
                             at::Tensor& consumed, int64_t pieces_full, int64_t pieces_last) {
   launch_collective("tokenweave.allreduce_tracked", x, residual, weight, out, eps, comm, algo, ctas, chunks_per_cta,
                     Tracking{&ready, &consumed, pieces_full, pieces_last});
+}
+
+void allreduce_staged_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                           const std::optional<at::Tensor>& weight, at::Tensor& out, double eps, int64_t comm,
+                           int64_t ctas, int64_t chunks_per_cta, at::Tensor& go) {
+  Tracking t;
+  t.go = &go;
+  launch_collective("tokenweave.allreduce_staged", x, residual, weight, out, eps, comm, int64_t(tw::Algo::kTwoShot),
+                    ctas, chunks_per_cta, t);
+}
+
+void copy_engine_stage_cuda(const at::Tensor& x, int64_t comm, int64_t ctas, int64_t chunks_per_cta,
+                            at::Tensor& group_ready, int64_t group_chunks, int64_t pieces_full, int64_t pieces_last,
+                            at::Tensor& go, const at::Tensor& ones) {
+  constexpr const char* op = "tokenweave.copy_engine_stage";
+  check_inputs(x, std::nullopt, std::nullopt, x, op);
+  const CommEntry e = lookup(comm, op);
+  // Planned exactly like the consumer's call (the plan does not depend on residual/weight).
+  const tw::CallArgs a = plan_call(op, e, x, std::nullopt, std::nullopt, x, 0.0, int64_t(tw::Algo::kTwoShot), ctas,
+                                   chunks_per_cta, tw::Feed::kCopyEngine);
+  TORCH_CHECK_VALUE(group_chunks >= 1, op, ": group_chunks must be >= 1");
+  check_counters({&group_ready}, x, (a.n_chunks + group_chunks - 1) / group_chunks, op);
+  check_counters({&go}, x, 1, op);
+  check_counters({&ones}, x, tw::kMaxChunks, op);
+  TORCH_CHECK_VALUE(pieces_full >= 1 && pieces_last >= 1, op, ": pieces per group must be >= 1");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t st = tw::copy_engine_stage(
+      e.dev, a, reinterpret_cast<const uint32_t*>(group_ready.data_ptr()), int(group_chunks), uint32_t(pieces_full),
+      uint32_t(pieces_last), reinterpret_cast<uint32_t*>(go.data_ptr()),
+      reinterpret_cast<const uint32_t*>(ones.data_ptr()), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(st == cudaSuccess, op, ": enqueue failed: ", cudaGetErrorString(st),
+              st == cudaErrorNotSupported ? " (this driver lacks stream memory operations: use the SM consumer)" : "");
 }
 
 void mark_ready_cuda(at::Tensor& ready, int64_t begin, int64_t end, int64_t pieces) {
@@ -221,6 +275,7 @@ py::dict layout(int64_t capacity_bytes, int64_t world) {
   d["flags_off"] = l.flags_off;
   d["headers_off"] = l.headers_off;
   d["probe_off"] = l.probe_off;
+  d["staged_off"] = l.staged_off;
   d["data_off"] = l.data_off;
   d["slot_bytes"] = l.slot_bytes;
   d["gather_bytes"] = l.gather_bytes;
@@ -254,6 +309,10 @@ TORCH_LIBRARY(tokenweave, m) {
         "int algo, int ctas, int chunks_per_cta, Tensor ready, Tensor(c!) consumed, int pieces_full, "
         "int pieces_last) -> ()");
   m.def("mark_ready(Tensor(a!) ready, int begin, int end, int pieces) -> ()");
+  m.def("allreduce_staged(Tensor x, Tensor(a!)? residual, Tensor? weight, Tensor(b!) out, float eps, int comm, "
+        "int ctas, int chunks_per_cta, Tensor(c!) go) -> ()");
+  m.def("copy_engine_stage(Tensor x, int comm, int ctas, int chunks_per_cta, Tensor(a!) group_ready, "
+        "int group_chunks, int pieces_full, int pieces_last, Tensor(b!) go, Tensor ones) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tokenweave, CUDA, m) {
@@ -261,6 +320,8 @@ TORCH_LIBRARY_IMPL(tokenweave, CUDA, m) {
   m.impl("add_rmsnorm", &add_rmsnorm_cuda);
   m.impl("allreduce_tracked", &allreduce_tracked_cuda);
   m.impl("mark_ready", &mark_ready_cuda);
+  m.impl("allreduce_staged", &allreduce_staged_cuda);
+  m.impl("copy_engine_stage", &copy_engine_stage_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -17,6 +17,13 @@ from tokenweave.trigger import Tracker, matmul_allreduce, matmul_allreduce_rmsno
 __version__ = "0.1.0"
 __all__ = [
     "Communicator", "plan_transport", "fused_allreduce_rmsnorm", "all_reduce", "add_rmsnorm", "HAS_EXTENSION",
-    "Tracker", "matmul_allreduce", "matmul_allreduce_rmsnorm",
+    "Tracker", "matmul_allreduce", "matmul_allreduce_rmsnorm", "matmul_mark_ready",
     "TokenweaveError", "CollectiveTimeoutError", "CollectiveMismatchError", "CommunicatorClosedError",
 ]
+
+
+def __getattr__(name):  # the Triton producer imports triton: only when asked for
+    if name == "matmul_mark_ready":
+        from tokenweave.producer_triton import matmul_mark_ready
+        return matmul_mark_ready
+    raise AttributeError(f"module 'tokenweave' has no attribute {name!r}")

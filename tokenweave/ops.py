@@ -14,7 +14,7 @@ from tokenweave.comm import Communicator
 _SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
 
 if HAS_EXTENSION:
-    # Fake (meta) implementations: both ops only mutate their arguments, so there is nothing to compute.
+    # Fake (meta) implementations: the ops only mutate their arguments, so there is nothing to compute.
     @torch.library.register_fake("tokenweave::allreduce")
     def _allreduce_fake(x, residual, weight, out, eps, comm, algo, ctas, chunks_per_cta):
         return None
@@ -30,6 +30,15 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("tokenweave::mark_ready")
     def _mark_ready_fake(ready, begin, end, pieces):
+        return None
+
+    @torch.library.register_fake("tokenweave::allreduce_staged")
+    def _allreduce_staged_fake(x, residual, weight, out, eps, comm, ctas, chunks_per_cta, go):
+        return None
+
+    @torch.library.register_fake("tokenweave::copy_engine_stage")
+    def _copy_engine_stage_fake(x, comm, ctas, chunks_per_cta, group_ready, group_chunks, pieces_full, pieces_last,
+                                go, ones):
         return None
 
 
@@ -144,6 +153,8 @@ class _Ops:
         self.add_rmsnorm = torch.ops.tokenweave.add_rmsnorm.default
         self.allreduce_tracked = torch.ops.tokenweave.allreduce_tracked.default
         self.mark_ready = torch.ops.tokenweave.mark_ready.default
+        self.allreduce_staged = torch.ops.tokenweave.allreduce_staged.default
+        self.copy_engine_stage = torch.ops.tokenweave.copy_engine_stage.default
 
 
 _OPS = None

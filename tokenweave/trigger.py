@@ -1,24 +1,34 @@
 """T3-style track-and-trigger: overlap a row-parallel GEMM with its all-reduce (+ residual + RMSNorm).
 
-The producer computes ``y = x @ w.T`` in row groups on the compute stream; after each group a tiny
-kernel adds to the per-chunk ``ready`` counters of a :class:`Tracker` (release at gpu scope). The
-consumer, launched first on a high-priority stream, is the core's fused all-reduce kernel in its
-tracked form: each CTA waits (acquire, bounded by the Communicator's timeout) until its chunk's
-producer group landed, then stages it; the core's per-chunk flags already make every rank agree that
-the chunk is ready everywhere before it is reduced. Counters only grow (the consumer keeps its own
-``consumed`` count), so CUDA-graph replays need no reset.
+The consumer is the core's fused two-shot kernel on a few CTAs of a high-priority stream; the producer
+computes ``y = x @ w.T`` on the compute stream and reports progress in per-chunk counters of a
+:class:`Tracker`. Two producers and two consumers, any pairing:
 
-Forward progress: the consumer spins on at most half the SMs (each of its CTAs fills an SM: 512
-threads x 128 registers), so the producer's GEMMs always have SMs, and the producer never waits for
-the consumer.
+producer ``cublas``  one cuBLAS GEMM per row group, then a tiny kernel that adds to the group's counters
+                     (red.release.gpu; any stream-ordered producer we do not own can be marked this way).
+producer ``triton``  one persistent Triton GEMM whose epilogue stores a tile, syncs the CTA and adds the
+                     tile's rows to its chunk's counter with one release atomic (producer_triton.py).
+consumer ``sm``      the fused kernel in its tracked form: each CTA acquires its chunk's counter (bounded by
+                     the Communicator's timeout), then scatters, reduces, all-gathers and normalises it.
+consumer ``copy_engine``  the scatter runs on the copy engines, gated by cuStreamWaitValue32 on per-group
+                     counters (copy_engine.cu); the kernel starts each chunk at the reduce.
 
-Status: the tracked kernels are compiled and SASS-checked in CI and the Python glue is tested on CPU;
-the GPU path has not run yet (tests/gpu/test_trigger_gpu.py, bench/gemm_allreduce.py). ``mode="auto"``
-therefore stays sequential (cuBLAS + the fused kernel) until a measured crossover is recorded in
-``TRIGGER_MIN_TOKENS``.
+Counters of the SM consumer only grow (the kernel keeps its own ``consumed`` count), so CUDA-graph
+replays need no reset; the copy engine's waits compare with constants captured in the graph, so its
+group counters are re-armed to 0 by the copy stream after each wait.
+
+Forward progress: the consumer spins on at most half the SMs (each of its CTAs fills an SM: 512 threads
+x 128 registers) and the Triton producer's persistent grid is capped to the SMs left over, so the
+producer always runs; the producer never waits for the consumer. One more hazard: CUDA's lazy module
+loading may synchronise the context when a kernel is first launched; if that kernel is the producer and
+the consumer already spins, that is a deadlock (seen on the GPU: every rank timed out on chunk 0). The
+first call of each shape on a Tracker therefore runs the producer before launching the consumer (no
+overlap, same result), which loads every kernel the overlapped calls use; CUDA-graph capture launches
+nothing and needs no such call.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,13 +38,15 @@ from tokenweave.comm import ALGOS, Communicator
 from tokenweave.ops import _ops, fused_allreduce_rmsnorm, all_reduce
 
 MODES = ("auto", "sequential", "trigger")
+PRODUCERS = ("cublas", "triton")
+CONSUMERS = ("sm", "copy_engine")
 # Smallest M from which mode="auto" overlaps; None until a GPU measurement sets it (bench/gemm_allreduce.py).
 TRIGGER_MIN_TOKENS: int | None = None
 _DTYPE_CODE = {torch.bfloat16: 2, torch.float16: 1}
 
 
 class Tracker:
-    """Per-chunk readiness counters of one producer/consumer pair, in device memory.
+    """Progress counters, streams and warm-up state of one producer/consumer pair, on one GPU.
 
     Parameters
     ----------
@@ -43,14 +55,22 @@ class Tracker:
 
     Notes
     -----
-    One Tracker serves one sequence of calls at a time (calls on it are ordered by its stream).
+    One Tracker serves one sequence of calls at a time (calls on it are ordered by the compute stream).
+    Make one per layer position and reuse it; CUDA graphs need it to outlive the graph.
     """
 
     def __init__(self, device):
+        device = torch.device(device)
         max_chunks = int(_C.MAX_CHUNKS) if _C is not None else 4096
-        self.ready = torch.zeros(max_chunks, dtype=torch.int32, device=device)
-        self.consumed = torch.zeros_like(self.ready)
-        self.stream = torch.cuda.Stream(device=device, priority=-1) if torch.device(device).type == "cuda" else None
+        self.ready = torch.zeros(max_chunks, dtype=torch.int32, device=device)       # per chunk, only grows
+        self.consumed = torch.zeros_like(self.ready)                                 # the SM consumer's copy
+        self.group_ready = torch.zeros_like(self.ready)                              # copy engine: re-armed to 0
+        self.go = torch.zeros(1, dtype=torch.int32, device=device)                   # copy engine handshake
+        self.ones = torch.ones(max_chunks, dtype=torch.int32, device=device)         # the staged flags' value
+        on_gpu = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device=device, priority=-1) if on_gpu else None
+        self.copy_stream = torch.cuda.Stream(device=device, priority=-1) if on_gpu else None
+        self._warm: set = set()
 
 
 @dataclass(frozen=True)
@@ -96,40 +116,107 @@ def _choose_mode(op, comm, mode, tokens, dtype):
     return mode
 
 
-def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas, tracker, partial):
+def _choose_roles(op, comm, producer, consumer):
+    if producer not in PRODUCERS:
+        raise ValueError(f"tokenweave.{op}: producer={producer!r}; use one of {PRODUCERS}")
+    if consumer not in CONSUMERS:
+        raise ValueError(f"tokenweave.{op}: consumer={consumer!r}; use one of {CONSUMERS}")
+    if consumer == "copy_engine" and comm.transport != "p2p":
+        raise ValueError(f"tokenweave.{op}: consumer='copy_engine' needs the p2p transport (the copy engines write "
+                         f"peers' unicast buffers); transport is {comm.transport!r}: use consumer='sm'")
+    if producer == "triton":
+        from tokenweave import producer_triton
+        if not producer_triton.HAS_TRITON:
+            raise ValueError(f"tokenweave.{op}: producer='triton' needs the triton package; use producer='cublas'")
+
+
+def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas, tracker, partial, producer,
+             consumer):
     M, N = x.shape[0], w.shape[0]
     itemsize = x.element_size()
     if M * N * itemsize > comm.capacity_bytes:
         raise ValueError(f"tokenweave.{op}: mode='trigger' takes at most the workspace ({comm.capacity_bytes} bytes) "
                          "in one call; make the Communicator with a larger max_tokens or use mode='sequential'")
+    _choose_roles(op, comm, producer, consumer)
     comm.check()
     half_sms = max(1, comm._num_sms // 2)
     ctas = min(ctas or min(32, half_sms), half_sms)
     plan = comm.plan(M, N, itemsize, "two_shot", ctas)
     geo = _C.plan(comm._id, M, N, _DTYPE_CODE[x.dtype], ALGOS["two_shot"], plan.ctas, plan.chunks_per_cta)
+    ctas, chunk_rows, n_chunks = geo["ctas"], geo["chunk_rows"], geo["n_chunks"]
     y = partial if partial is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     if out is None:
         out = torch.empty_like(y)
+    groups = producer_groups(M, chunk_rows, n_chunks, ctas)
+    ce = consumer == "copy_engine"
+    counters = tracker.group_ready if ce else tracker.ready
+
+    def produce():  # returns the counter targets (pieces) of a full and of the last unit (chunk or group)
+        if producer == "triton":
+            from tokenweave.producer_triton import matmul_mark_ready
+            unit_rows, units = (ctas * chunk_rows, len(groups)) if ce else (chunk_rows, n_chunks)
+            return matmul_mark_ready(x, w, y, counters, unit_rows, units, max_programs=comm._num_sms - ctas)
+        for k, g in enumerate(groups):
+            torch.matmul(x[g.row_begin:g.row_end], w.t(), out=y[g.row_begin:g.row_end])
+            _ops().mark_ready(counters, *((k, k + 1) if ce else (g.chunk_begin, g.chunk_end)), 1)
+        return 1, 1
+
+    def consume(pieces):
+        with torch.cuda.stream(tracker.stream):
+            comm.order_stream()
+            if ce:
+                _ops().allreduce_staged(y, residual, norm_weight, out, float(eps), comm._id, ctas,
+                                        plan.chunks_per_cta, tracker.go)
+            else:
+                _ops().allreduce_tracked(y, residual, norm_weight, out, float(eps), comm._id, ALGOS["two_shot"],
+                                         ctas, plan.chunks_per_cta, tracker.ready, tracker.consumed, *pieces)
+
+    def stage(pieces):
+        tracker.copy_stream.wait_stream(compute)
+        with torch.cuda.stream(tracker.copy_stream):
+            _ops().copy_engine_stage(y, comm._id, ctas, plan.chunks_per_cta, tracker.group_ready, ctas, *pieces,
+                                     tracker.go, tracker.ones)
+
     compute = torch.cuda.current_stream(x.device)
-    tracker.stream.wait_stream(compute)  # x, w, residual and the buffers are ready
-    with torch.cuda.stream(tracker.stream):
-        comm.order_stream()
-        _ops().allreduce_tracked(y, residual, norm_weight, out, float(eps), comm._id, ALGOS["two_shot"], plan.ctas,
-                                 plan.chunks_per_cta, tracker.ready, tracker.consumed, 1, 1)
-    for g in producer_groups(M, geo["chunk_rows"], geo["n_chunks"], geo["ctas"]):
-        torch.matmul(x[g.row_begin:g.row_end], w.t(), out=y[g.row_begin:g.row_end])
-        _ops().mark_ready(tracker.ready, g.chunk_begin, g.chunk_end, 1)
+    tracker.stream.wait_stream(compute)  # x, w, residual and the buffers are ready; the last call is done
+    key = (M, x.shape[1], N, x.dtype, ctas, producer, consumer)
+    if (key in tracker._warm or torch.cuda.is_current_stream_capturing()
+            or os.environ.get("CUDA_MODULE_LOADING") == "EAGER"):
+        consume(_pieces(producer, M, N, chunk_rows, n_chunks, ctas, ce))  # the consumer first: it spins on few SMs
+        pieces = produce()
+    else:  # first call of this shape: load every kernel before anything spins (see the module docstring)
+        pieces = produce()
+        tracker.stream.wait_stream(compute)
+        consume(pieces)
+        tracker._warm.add(key)
+    if ce:  # enqueued last: its stream waits are unbounded, so only once the producer is fully enqueued
+        stage(pieces)
+        compute.wait_stream(tracker.copy_stream)
     compute.wait_stream(tracker.stream)
-    for t in (y, out, residual):  # used on the consumer stream: not reusable before it is done
+    for t in (y, out, residual):  # used on the side streams: not reusable before they are done
         if t is not None:
             t.record_stream(tracker.stream)
+            if ce:
+                t.record_stream(tracker.copy_stream)
     return out
+
+
+def _pieces(producer, M, N, chunk_rows, n_chunks, ctas, ce):
+    """Counter targets the producer will reach, known before it is launched (the consumer goes first)."""
+    if producer == "cublas":
+        return 1, 1
+    from tokenweave.producer_triton import BLOCK_N, ready_targets
+    if ce:
+        n_groups = -(-n_chunks // ctas)
+        return ready_targets(M, N, ctas * chunk_rows, n_groups, BLOCK_N)
+    return ready_targets(M, N, chunk_rows, n_chunks, BLOCK_N)
 
 
 def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None,
                              norm_weight: torch.Tensor, comm: Communicator, eps: float = 1e-6, *, mode: str = "auto",
                              ctas: int | None = None, tracker: Tracker | None = None, out: torch.Tensor | None = None,
-                             partial: torch.Tensor | None = None) -> torch.Tensor:
+                             partial: torch.Tensor | None = None, producer: str = "cublas",
+                             consumer: str = "sm") -> torch.Tensor:
     """Row-parallel linear + all-reduce + residual add + RMSNorm: ``RMSNorm(sum_r x_r @ w_r.T + residual)``.
 
     Parameters
@@ -154,6 +241,10 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
     out : Tensor [M, N], optional
     partial : Tensor [M, N], optional
         Buffer for this rank's GEMM output (trigger mode); allocated if not given.
+    producer : {"cublas", "triton"}
+        Trigger mode: cuBLAS per row group + a marking kernel, or one Triton GEMM that marks from its epilogue.
+    consumer : {"sm", "copy_engine"}
+        Trigger mode: the scatter on the consumer's CTAs, or on the copy engines (p2p only).
 
     Returns
     -------
@@ -164,14 +255,16 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
     if _choose_mode("matmul_allreduce_rmsnorm", comm, mode, x.shape[0], x.dtype) == "sequential":
         return fused_allreduce_rmsnorm(comm, x @ w.t(), residual, norm_weight, eps, out=out)
     return _trigger("matmul_allreduce_rmsnorm", comm, x, w, residual, norm_weight, eps, out, ctas,
-                    tracker or Tracker(x.device), partial)
+                    tracker or Tracker(x.device), partial, producer, consumer)
 
 
 def matmul_allreduce(x: torch.Tensor, w: torch.Tensor, comm: Communicator, *, mode: str = "auto",
                      ctas: int | None = None, tracker: Tracker | None = None, out: torch.Tensor | None = None,
-                     partial: torch.Tensor | None = None) -> torch.Tensor:
+                     partial: torch.Tensor | None = None, producer: str = "cublas",
+                     consumer: str = "sm") -> torch.Tensor:
     """Row-parallel linear + all-reduce: ``sum_r x_r @ w_r.T``. Parameters as in :func:`matmul_allreduce_rmsnorm`."""
     _check_matmul("matmul_allreduce", x, w)
     if _choose_mode("matmul_allreduce", comm, mode, x.shape[0], x.dtype) == "sequential":
         return all_reduce(comm, x @ w.t(), out=out)
-    return _trigger("matmul_allreduce", comm, x, w, None, None, 0.0, out, ctas, tracker or Tracker(x.device), partial)
+    return _trigger("matmul_allreduce", comm, x, w, None, None, 0.0, out, ctas, tracker or Tracker(x.device), partial,
+                    producer, consumer)

@@ -23,12 +23,16 @@
 #include "tokenweave/sync.cuh"
 #include "tokenweave/transport.cuh"
 
+#include <type_traits>
+
 namespace tokenweave {
 
 constexpr int kPhaseA = 0;
 constexpr int kPhaseB = 1;
 // Independent 16-byte vectors each thread keeps in flight in the streaming phases.
 constexpr int kUnroll = 4;
+// The copy-engine feed's handshake uses the phase-A flag of this chunk (plan_allreduce keeps n_chunks below it).
+constexpr int kHandshakeChunk = kMaxChunks - 1;
 
 // For i in [begin, end) spread over the CTA: v = load(i) for kUnroll indices, then store(i, v) for them,
 // so the loads are in flight together (the compiler cannot reorder them across possibly-aliasing stores).
@@ -87,12 +91,14 @@ __device__ __forceinline__ void finish_call(const CommDevice& c, uint32_t epoch)
   }
 }
 
-// kTracked (track-and-trigger): x is still being produced when the kernel starts; chunk c is staged
-// only once wait_ready saw its producer pieces land. With kTracked false the code is exactly the untracked
-// kernel (the tracked wait compiles away). The tracked order keeps the untracked pipeline: the reduce and
-// epilogue of earlier chunks run after the wait for the next chunk (reordering them first would shorten
-// the tail after the last GEMM by one pipeline step; not done while it cannot be measured).
-template <typename T, int W, template <typename, int> class TransportT, bool kTracked = false>
+// kFeed (types.h): kResident is the plain kernel; the other feeds only add code under `if constexpr`, so
+// the resident kernel is instruction-for-instruction what it would be without them (CI diffs the SASS).
+// kTracked: chunk c is staged only once wait_ready saw its producer pieces land. It keeps the resident
+// pipeline order: the reduce and epilogue of earlier chunks run after the wait for the next chunk
+// (reordering would shorten the tail after the last GEMM by one pipeline step).
+// kCopyEngine: phase A is done by the copy engines (copy_engine_stage); the kernel handshakes once so
+// the copies cannot overwrite a slot a peer still reads, then starts each chunk at the reduce.
+template <typename T, int W, template <typename, int> class TransportT, Feed kFeed = Feed::kResident>
 __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommDevice c, const CallArgs a) {
   using Tr = TransportT<T, W>;
   constexpr int L = Pack<T>::kLanes;
@@ -129,6 +135,17 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
     reinterpret_cast<CallHeader*>(c.ws[threadIdx.x] + l.headers_off)[(id.epoch & 1) * kMaxWorld + c.rank] = h;
   }
 
+  if constexpr (kFeed == Feed::kCopyEngine) {
+    if (blockIdx.x == 0) {  // every rank has entered this call, so none still reads a staging slot
+      if (ok) {
+        signal_all<Tr, W>(c, id, kPhaseA, kHandshakeChunk);
+        ok = wait_all<W>(c, id, kPhaseA, kHandshakeChunk);
+      }
+      // Released even after a failure: the copy stream must never wait forever.
+      if (threadIdx.x == 0) st_release_sys_u32(a.go, 1u);
+    }
+  }
+
   if (ok && a.algo == int(Algo::kOneShot)) {
     char* my_slots = slot_ptr(c.ws[c.rank], l, half, 0);
     const uint64_t my_slot_off = l.data_off + uint64_t(half) * l.half_bytes + uint64_t(c.rank) * l.slot_bytes;
@@ -136,7 +153,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
     for (int step = 0; step <= n_mine; ++step) {
       if (step < n_mine) {
         const int ch = chunk_at(step);
-        if constexpr (kTracked) {
+        if constexpr (kFeed == Feed::kTracked) {
           if (!(ok = producer_done(ch))) break;
         }
         stream_vecs(
@@ -154,10 +171,13 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
     const GatherSource src{reinterpret_cast<const Vec*>(c.ws[c.rank] + gather_off(l, half)), nvr};
     const uint64_t g_off = gather_off(l, half);
     const int64_t piece_full = (int64_t(a.chunk_rows) * nvr + W - 1) / W;  // slot stride per chunk
+    // The copy engines cannot know the epoch's parity (it lives on the GPU): they always stage into half 0.
+    // Safe: the handshake above means every peer finished its previous call, reads of half 0 included.
+    const int stage_half = kFeed == Feed::kCopyEngine ? 0 : half;
     for (int step = 0; step <= n_mine + 1; ++step) {
-      if (step < n_mine) {  // A: scatter chunk `step`
+      if (kFeed != Feed::kCopyEngine && step < n_mine) {  // A: scatter chunk `step`
         const int ch = chunk_at(step);
-        if constexpr (kTracked) {
+        if constexpr (kFeed == Feed::kTracked) {
           if (!(ok = producer_done(ch))) break;
         }
         const int64_t v0 = row_begin(ch) * nvr, nv = (row_end(ch) - row_begin(ch)) * nvr;
@@ -174,7 +194,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
       }
       if (step >= 1 && step - 1 < n_mine) {  // B: reduce my piece of chunk step-1, add residual, all-gather
         const int ch = chunk_at(step - 1);
-        if (!(ok = wait_all<W>(c, id, kPhaseA, ch))) break;
+        if constexpr (kFeed == Feed::kCopyEngine) {
+          if (!(ok = wait_staged<W>(c, id, ch))) break;
+        } else {
+          if (!(ok = wait_all<W>(c, id, kPhaseA, ch))) break;
+        }
         const int64_t v0 = row_begin(ch) * nvr, nv = (row_end(ch) - row_begin(ch)) * nvr;
         const int64_t piece = (nv + W - 1) / W;
         const int64_t p0 = min(int64_t(c.rank) * piece, nv), p1 = min(p0 + piece, nv);
@@ -184,7 +208,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
             p0, p1,
             [&](int64_t i) {
               float acc[L];
-              Tr::reduce(c, half, slot0 + i, acc);
+              Tr::reduce(c, stage_half, slot0 + i, acc);
               if (add_res) {
                 float r[L];
                 Pack<T>::unpack(residual[v0 + i], r);
@@ -212,38 +236,49 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
 }
 
 // World size: the one switch from the runtime value to the template parameter.
-template <typename T, template <typename, int> class TransportT, bool kTracked>
+template <typename T, template <typename, int> class TransportT, Feed kFeed>
 cudaError_t launch_world(const CommDevice& c, const CallArgs& a, cudaStream_t stream) {
   auto go = [&](auto kernel) {
     kernel<<<a.ctas, kBlockThreads, 0, stream>>>(c, a);
     return cudaGetLastError();
   };
   switch (c.world) {
-    case 2: return go(allreduce_kernel<T, 2, TransportT, kTracked>);
-    case 3: return go(allreduce_kernel<T, 3, TransportT, kTracked>);
-    case 4: return go(allreduce_kernel<T, 4, TransportT, kTracked>);
-    case 5: return go(allreduce_kernel<T, 5, TransportT, kTracked>);
-    case 6: return go(allreduce_kernel<T, 6, TransportT, kTracked>);
-    case 7: return go(allreduce_kernel<T, 7, TransportT, kTracked>);
-    case 8: return go(allreduce_kernel<T, 8, TransportT, kTracked>);
+    case 2: return go(allreduce_kernel<T, 2, TransportT, kFeed>);
+    case 3: return go(allreduce_kernel<T, 3, TransportT, kFeed>);
+    case 4: return go(allreduce_kernel<T, 4, TransportT, kFeed>);
+    case 5: return go(allreduce_kernel<T, 5, TransportT, kFeed>);
+    case 6: return go(allreduce_kernel<T, 6, TransportT, kFeed>);
+    case 7: return go(allreduce_kernel<T, 7, TransportT, kFeed>);
+    case 8: return go(allreduce_kernel<T, 8, TransportT, kFeed>);
     default: return cudaErrorInvalidValue;
   }
 }
 
 // Launches allreduce_kernel for transport TransportT; the dtype is dispatched here, once.
 // Tracked calls (a.ready set) are built for the 2-byte types that GEMMs produce.
+template <typename T, template <typename, int> class TransportT>
+cudaError_t launch_feed(const CommDevice& c, const CallArgs& a, cudaStream_t stream) {
+  switch (Feed(a.feed)) {
+    case Feed::kResident: return launch_world<T, TransportT, Feed::kResident>(c, a, stream);
+    case Feed::kTracked: return launch_world<T, TransportT, Feed::kTracked>(c, a, stream);
+    case Feed::kCopyEngine:
+      // The copy engines write peers' unicast slots: a p2p-only feed (multimem stages locally).
+      if constexpr (std::is_same_v<TransportT<T, 2>, P2P<T, 2>>) return launch_world<T, TransportT, Feed::kCopyEngine>(c, a, stream);
+      return cudaErrorInvalidValue;
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Launches allreduce_kernel for transport TransportT; the dtype is dispatched here, once.
+// The producer-fed kernels are built for the 2-byte types that GEMMs produce.
 template <template <typename, int> class TransportT>
 cudaError_t launch_allreduce(const CommDevice& c, const CallArgs& a, cudaStream_t stream) {
-  const bool tracked = a.ready != nullptr;
   switch (DType(a.dtype)) {
-    case DType::kBFloat16:
-      return tracked ? launch_world<__nv_bfloat16, TransportT, true>(c, a, stream)
-                     : launch_world<__nv_bfloat16, TransportT, false>(c, a, stream);
-    case DType::kFloat16:
-      return tracked ? launch_world<__half, TransportT, true>(c, a, stream)
-                     : launch_world<__half, TransportT, false>(c, a, stream);
+    case DType::kBFloat16: return launch_feed<__nv_bfloat16, TransportT>(c, a, stream);
+    case DType::kFloat16: return launch_feed<__half, TransportT>(c, a, stream);
     case DType::kFloat32:
-      return tracked ? cudaErrorInvalidValue : launch_world<float, TransportT, false>(c, a, stream);
+      return a.feed == int(Feed::kResident) ? launch_world<float, TransportT, Feed::kResident>(c, a, stream)
+                                            : cudaErrorInvalidValue;
   }
   return cudaErrorInvalidValue;
 }

@@ -34,6 +34,8 @@ const char* plan_allreduce(CallArgs& a, const Layout& l, int ctas, int chunks_pe
     const uint64_t piece_last = (last_rows * nvr + l.world - 1) / l.world;
     if ((uint64_t(a.n_chunks - 1) * piece_full + piece_last) * 16 > l.slot_bytes) return "internal: two-shot slots overflow";
   }
+  if (a.feed == int(Feed::kCopyEngine) && (a.algo != int(Algo::kTwoShot) || a.n_chunks >= kMaxChunks))
+    return "the copy-engine feed takes two-shot and at most 4095 chunks";  // chunk 4095's flag is the handshake
   a.sig = call_signature(a);
   return nullptr;
 }

@@ -72,3 +72,16 @@ def test_sequential_path_matches_float64(dtype):
     tol = REL_TOL[dtype] if dtype == torch.float32 else 2e-2
     for errs in run_workers(_sequential, 2, dtype):
         assert max(errs) < tol, errs
+
+
+def test_roles_are_checked_before_anything_runs():
+    from types import SimpleNamespace
+
+    p2p, torch_t = SimpleNamespace(transport="p2p"), SimpleNamespace(transport="torch")
+    trigger._choose_roles("op", p2p, "cublas", "copy_engine")  # fine
+    with pytest.raises(ValueError, match="copy_engine' needs the p2p transport"):
+        trigger._choose_roles("op", torch_t, "cublas", "copy_engine")
+    with pytest.raises(ValueError, match="producer="):
+        trigger._choose_roles("op", p2p, "cutlass", "sm")
+    with pytest.raises(ValueError, match="consumer="):
+        trigger._choose_roles("op", p2p, "cublas", "dma")

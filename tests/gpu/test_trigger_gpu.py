@@ -1,4 +1,4 @@
-"""Track-and-trigger on 2 and 4 GPUs (not yet run: written with the code, for the next device run).
+"""Track-and-trigger on 2 and 4 GPUs, every producer (cuBLAS, Triton) with every consumer (SM, copy engine).
 
 Against float64: ragged M (not a multiple of the chunk or of TP), the GEMM output buffer poisoned with
 NaN (a premature read shows), random per-rank delays before the GEMM, 1000+ CUDA-graph replays with
@@ -44,28 +44,33 @@ def _check(label, out, res, inputs, rank, bad, prints):
     prints.append(fingerprint(out))
 
 
-def _eager(rank, world):
+ROLES = [("cublas", "sm"), ("triton", "sm"), ("cublas", "copy_engine"), ("triton", "copy_engine")]
+
+
+def _eager(rank, world, producer, consumer):
     import tokenweave as tw
 
     comm = tw.Communicator(max_tokens=8192, hidden=8192, transport="p2p", timeout_ms=20000)
     tracker = tw.Tracker(torch.device("cuda", rank))
     rng = random.Random(7)
     bad, prints = [], []
-    for i, M in enumerate([1, 7, 129, 1000, 4097, 8192]):
+    # Each shape twice: its first call runs the producer before the consumer (kernel loading), the
+    # second overlaps them.
+    for i, M in enumerate([1, 7, 129, 1000, 4097, 8192, 1000, 8192]):
         K, N = 1024 // world * 2, 8192
         xs, ws, residual, norm_w = _inputs(100 + i, world, M, K, N)
         partial = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
         res = residual.clone()
         torch.cuda._sleep(rng.randrange(0, 2_000_000) * (rank + 1))  # skew the ranks' producers
         out = tw.matmul_allreduce_rmsnorm(xs[rank], ws[rank], res, norm_w, comm, EPS, mode="trigger",
-                                          tracker=tracker, partial=partial)
+                                          tracker=tracker, partial=partial, producer=producer, consumer=consumer)
         comm.synchronize()
-        _check(f"M={M}", out, res, (xs, ws, residual, norm_w), rank, bad, prints)
+        _check(f"{producer}/{consumer} M={M} call {i}", out, res, (xs, ws, residual, norm_w), rank, bad, prints)
     comm.close()
     return bad, prints
 
 
-def _graph(rank, world, replays):
+def _graph(rank, world, replays, producer, consumer):
     import tokenweave as tw
 
     comm = tw.Communicator(max_tokens=2048, hidden=8192, transport="p2p", timeout_ms=20000)
@@ -78,7 +83,7 @@ def _graph(rank, world, replays):
     out = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
     partial = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
     run = lambda: tw.matmul_allreduce_rmsnorm(x, w, res, nw, comm, EPS, mode="trigger", tracker=tracker,  # noqa: E731
-                                              out=out, partial=partial)
+                                              out=out, partial=partial, producer=producer, consumer=consumer)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -111,11 +116,13 @@ def _assert_clean(per_rank):
 
 
 @needs_gpus(2)
+@pytest.mark.parametrize("producer,consumer", ROLES)
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=needs_gpus(4)), pytest.param(8, marks=needs_gpus(8))])
-def test_trigger_matches_float64_with_skewed_producers(world):
-    _assert_clean(run_workers(_eager, world, backend="nccl", timeout=300))
+def test_trigger_matches_float64_with_skewed_producers(world, producer, consumer):
+    _assert_clean(run_workers(_eager, world, producer, consumer, backend="nccl", timeout=300))
 
 
 @needs_gpus(2)
-def test_trigger_cuda_graph_1000_replays():
-    _assert_clean(run_workers(_graph, 2, 1000, backend="nccl", timeout=400))
+@pytest.mark.parametrize("producer,consumer", ROLES)
+def test_trigger_cuda_graph_1000_replays(producer, consumer):
+    _assert_clean(run_workers(_graph, 2, 1000, producer, consumer, backend="nccl", timeout=400))

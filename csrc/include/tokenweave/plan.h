@@ -34,13 +34,17 @@ struct CallArgs {
   uint32_t* consumed;
   uint32_t pieces_full;  // producer pieces of a full chunk
   uint32_t pieces_last;  // ... of the last chunk
+  // Copy-engine feed (Feed::kCopyEngine): set to 1 by CTA 0 once every rank has entered this call, i.e.
+  // finished its previous one; the copy stream waits for it before its first copy (tokenweave.h).
+  uint32_t* go;
+  int feed;  // Feed
 };
 
 inline int lanes_of(DType d) { return d == DType::kFloat32 ? 4 : 8; }
 
 // FNV-1a over the fields every rank must agree on.
 inline uint32_t call_signature(const CallArgs& a) {
-  const int64_t fields[] = {a.op, a.algo, a.dtype, a.tokens, a.hidden, a.ctas, a.chunk_rows};
+  const int64_t fields[] = {a.op, a.algo, a.dtype, a.tokens, a.hidden, a.ctas, a.chunk_rows, a.feed};
   uint32_t h = 2166136261u;
   for (int64_t f : fields)
     for (int b = 0; b < 8; ++b) h = (h ^ uint32_t((f >> (8 * b)) & 0xff)) * 16777619u;

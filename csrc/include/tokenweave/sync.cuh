@@ -27,6 +27,18 @@ __device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
   return v;
 }
 
+__device__ __forceinline__ uint32_t ld_acquire_sys_u32(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Read by a stream memory operation (cuStreamWaitValue32) rather than by a thread: .sys because the
+// front end that polls it is outside the SMs.
+__device__ __forceinline__ void st_release_sys_u32(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
 __device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
   uint32_t v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -158,6 +170,38 @@ __device__ __forceinline__ bool wait_all(const CommDevice& c, const CallId& id, 
   if (threadIdx.x < W) {
     ok = wait_flag(c, flag_ptr(c.ws[c.rank], c.layout, id.epoch & 1, phase, threadIdx.x, chunk), id,
                    threadIdx.x, chunk);
+  }
+  return __syncthreads_and(ok) != 0;
+}
+
+// Copy-engine feed, consumer side: thread q waits until source q's copy engine raised our staged flag
+// of `chunk` (a 4-byte copy that the copy stream orders after the chunk's data copies: stream order
+// completes the data before the flag is written), then lowers it again for the next call. Lowering is
+// safe before the data is read: a source writes the flag again only in its next call, which starts
+// after its handshake with us, i.e. after this call ended here.
+template <int W>
+__device__ __forceinline__ bool wait_staged(const CommDevice& c, const CallId& id, int chunk) {
+  bool ok = true;
+  if (threadIdx.x < W) {
+    uint32_t* flag = reinterpret_cast<uint32_t*>(c.ws[c.rank] + c.layout.staged_off) + threadIdx.x * kMaxChunks + chunk;
+    const uint64_t start = globaltimer_ns();
+    for (uint32_t spin = 0;; ++spin) {
+      if (ld_acquire_sys_u32(flag) == 1u) {
+        *flag = 0u;
+        break;
+      }
+      if ((spin & 63) == 63) {
+        if (aborted(c)) {
+          ok = false;
+          break;
+        }
+        if (globaltimer_ns() - start > c.timeout_ns) {
+          record_error(c, kErrTimeout, threadIdx.x, id.epoch, chunk, id.sig, id.op, 0);
+          ok = false;
+          break;
+        }
+      }
+    }
   }
   return __syncthreads_and(ok) != 0;
 }

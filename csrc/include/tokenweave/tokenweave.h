@@ -21,6 +21,15 @@ cudaError_t add_rmsnorm(const void* x, void* residual, const void* weight, void*
 // after whatever the stream ran before (the GEMM that wrote those chunks).
 cudaError_t mark_ready(uint32_t* ready, int begin, int end, uint32_t pieces, cudaStream_t stream);
 
+// Copy-engine feed (p2p, two-shot, a.feed == Feed::kCopyEngine, `a` planned like the consumer's call):
+// enqueues on `stream` the gated scatter of x (see copy_engine.cu). Producer group g covers chunks
+// [g * group_chunks, ...) and is complete when group_ready[g] >= pieces_full (pieces_last for the last
+// group); counters restart at 0. `go` is the consumer's handshake word; `ones` holds >= kMaxChunks ones.
+// cudaErrorNotSupported where the driver lacks stream memory operations.
+cudaError_t copy_engine_stage(const CommDevice& c, const CallArgs& a, const uint32_t* group_ready, int group_chunks,
+                              uint32_t pieces_full, uint32_t pieces_last, uint32_t* go, const uint32_t* ones,
+                              cudaStream_t stream);
+
 // Peer-access check: writes `magic + (rank << 8) + q` into rank q's probe slot `rank` for every q, and
 // reads back what every rank q holds in its slot `rank` into result[q] (remote read after remote write).
 cudaError_t peer_probe(const CommDevice& c, uint64_t magic, uint64_t* result, cudaStream_t stream);

@@ -23,6 +23,12 @@ constexpr int kMaxVecsPerThread = 8;
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum class Transport : int { kP2P = 0, kMultimem = 1 };
 enum class Algo : int { kAuto = 0, kOneShot = 1, kTwoShot = 2 };
+// Where the kernel's input comes from:
+//   kResident    x is complete when the kernel starts
+//   kTracked     x is being written by a producer on another stream; chunk c is read once ready[c] says so
+//   kCopyEngine  (two-shot, p2p) the copy engines already scattered each chunk's pieces into the peers'
+//                staging slots and raised a staged flag per (source, chunk); the kernel starts at the reduce
+enum class Feed : int { kResident = 0, kTracked = 1, kCopyEngine = 2 };
 
 using Vec = uint4;  // one 16-byte access
 static_assert(sizeof(Vec) == 16, "all data movement is in 16-byte vectors");
@@ -31,6 +37,7 @@ static_assert(sizeof(Vec) == 16, "all data movement is in 16-byte vectors");
 //   flags    [2 parity][2 phase][kMaxWorld src][kMaxChunks] uint64   written by src, read here
 //   headers  [2 parity][kMaxWorld src] CallHeader                    what src called (diagnostics)
 //   probe    [kMaxWorld src] uint64                                  peer-access check at creation
+//   staged   [kMaxWorld src][kMaxChunks] uint32                      copy-engine feed: 1 = src's piece landed
 //   data     [2 halves] { slots [world][slot_bytes], gather [gather_bytes] }
 // Calls alternate halves and flag parities by epoch, so call e may overwrite what call e-2 used:
 // a rank that finished call e-1 saw every peer start e-1, hence finish e-2 (kernels on one stream).
@@ -38,6 +45,7 @@ struct Layout {
   uint64_t flags_off;
   uint64_t headers_off;
   uint64_t probe_off;
+  uint64_t staged_off;
   uint64_t data_off;
   uint64_t slot_bytes;    // one source's slot: a 1/world piece of every chunk (two-shot) or all of x (one-shot)
   uint64_t gather_bytes;  // the reduced result, row-major, read by the norm epilogue
@@ -66,6 +74,7 @@ static_assert(sizeof(CallHeader) == 64, "CallHeader is read back by Python as 64
 constexpr uint64_t kFlagsBytes = 2ull * 2 * kMaxWorld * kMaxChunks * sizeof(uint64_t);
 constexpr uint64_t kHeadersBytes = 2ull * kMaxWorld * sizeof(CallHeader);
 constexpr uint64_t kProbeBytes = kMaxWorld * sizeof(uint64_t);
+constexpr uint64_t kStagedBytes = uint64_t(kMaxWorld) * kMaxChunks * sizeof(uint32_t);
 
 __host__ __device__ inline uint64_t round_up(uint64_t x, uint64_t m) { return (x + m - 1) / m * m; }
 
@@ -78,7 +87,8 @@ __host__ __device__ inline Layout make_layout(uint64_t capacity_bytes, int world
   l.flags_off = 0;
   l.headers_off = l.flags_off + kFlagsBytes;
   l.probe_off = l.headers_off + kHeadersBytes;
-  l.data_off = round_up(l.probe_off + kProbeBytes, 4096);
+  l.staged_off = l.probe_off + kProbeBytes;
+  l.data_off = round_up(l.staged_off + kStagedBytes, 4096);
   l.slot_bytes = round_up(l.capacity_bytes / world + 16 + uint64_t(kMaxChunks) * 16, 256);
   l.gather_bytes = round_up(l.capacity_bytes, 256);
   l.half_bytes = round_up(world * l.slot_bytes + l.gather_bytes, 4096);
