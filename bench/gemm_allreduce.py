@@ -40,8 +40,11 @@ M_VALUES = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_M = (1024, 4096, 8192)
 # tokenweave_<producer>_<consumer>: the track-and-trigger pairings (tokenweave.trigger); "tokenweave" is
 # the best of them at each shape, so the per-shape choice is visible in the rows.
+# A _ctasN suffix sets the consumer's CTAs (default 32): fewer leave more SMs to the GEMM.
 ROLES = (("cublas", "sm"), ("triton", "sm"), ("cublas", "copy_engine"), ("triton", "copy_engine"))
-TRIGGERS = tuple(f"tokenweave_{p}_{c}" for p, c in ROLES)
+CONSUMER_CTAS = (8, 16)
+TRIGGERS = tuple(f"tokenweave_{p}_{c}" for p, c in ROLES) + tuple(
+    f"tokenweave_{p}_sm_ctas{n}" for n in CONSUMER_CTAS for p in ("cublas", "triton"))
 VARIANTS = ("gemm_only", "sequential", "sequential_fused", "async_tp") + TRIGGERS
 
 
@@ -84,12 +87,15 @@ def worker(args) -> None:
                 dist.all_gather_into_tensor(gathered, shard)
                 out.copy_(norm(gathered, res, nw, EPS))
 
-            def trigger(producer, consumer):
+            def trigger(producer, consumer, ctas=None):
                 return lambda: tw.matmul_allreduce_rmsnorm(x, w, res, nw, comm, EPS, mode="trigger", tracker=tracker,
-                                                           out=out, partial=y, producer=producer, consumer=consumer)
+                                                           out=out, partial=y, producer=producer, consumer=consumer,
+                                                           ctas=ctas)
 
             fns = dict(gemm_only=gemm_only, sequential=sequential, sequential_fused=sequential_fused,
-                       async_tp=async_tp, **{f"tokenweave_{p}_{c}": trigger(p, c) for p, c in ROLES})
+                       async_tp=async_tp, **{f"tokenweave_{p}_{c}": trigger(p, c) for p, c in ROLES},
+                       **{f"tokenweave_{p}_sm_ctas{n}": trigger(p, "sm", n) for n in CONSUMER_CTAS
+                          for p in ("cublas", "triton")})
             timings, size_rows = {}, {}
             for name in args.variants or VARIANTS:
                 row = {"M": M, "K": K, "N": HIDDEN, "layer": layer, "dtype": "bfloat16", "variant": name, "us": None}

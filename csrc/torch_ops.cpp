@@ -14,6 +14,8 @@
 
 namespace tw = tokenweave;
 
+#define TW_CHECK_VALUE(cond, ...) TORCH_CHECK(cond, "ValueError: ", __VA_ARGS__)
+
 namespace {
 
 struct CommEntry {
@@ -47,39 +49,42 @@ tw::DType dtype_of(const at::Tensor& t, const char* op) {
   }
 }
 
-// TORCH_CHECK_TYPE / TORCH_CHECK_VALUE surface in Python as TypeError / ValueError, like the
-// torch transport's checks; every message names the op and says what to change.
+// Every message names the op and says what to change. TORCH_CHECK_TYPE surfaces in Python as TypeError.
+// Value problems do not use TORCH_CHECK_VALUE: on torch 2.11 (the GPU image) a c10::ValueError thrown from
+// this extension crashed the process (SIGSEGV, every case; bench/debug/validation_cases.py) while
+// c10::TypeError crossed fine. They raise a RuntimeError starting "ValueError: ", which tokenweave/ops.py
+// turns into the ValueError the torch transport raises for the same mistake.
 void check_rows(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+  TW_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
                     "; move it with .to('", x.device(), "')");
   TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but x has ",
                    x.scalar_type(), "; convert it with .to(", x.scalar_type(), ")");
-  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(), ", x has ", x.sizes());
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous; call .contiguous() on it");
-  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+  TW_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(), ", x has ", x.sizes());
+  TW_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous; call .contiguous() on it");
+  TW_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
                     " must be 16-byte aligned (it is a view at an odd offset); pass a fresh tensor or .clone() it");
 }
 
 void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
                   const at::Tensor& out, const char* op) {
-  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) >= 1, op, ": x must be non-empty 2-D [tokens, hidden], got ", x.sizes());
-  TORCH_CHECK_VALUE(x.size(1) % 8 == 0, op, ": hidden size (last dim of x) is ", x.size(1),
+  TW_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
+  TW_CHECK_VALUE(x.dim() == 2 && x.size(0) >= 1, op, ": x must be non-empty 2-D [tokens, hidden], got ", x.sizes());
+  TW_CHECK_VALUE(x.size(1) % 8 == 0, op, ": hidden size (last dim of x) is ", x.size(1),
                     "; it must be a multiple of 8 (16-byte vectors): pad the hidden dimension");
   dtype_of(x, op);
   check_rows(x, x, op, "x");
   check_rows(out, x, op, "out");
   if (residual) {
     check_rows(*residual, x, op, "residual");
-    TORCH_CHECK_VALUE(residual->data_ptr() != out.data_ptr(), op, ": out must not be the residual tensor (both are written)");
+    TW_CHECK_VALUE(residual->data_ptr() != out.data_ptr(), op, ": out must not be the residual tensor (both are written)");
   }
   if (weight) {
     TORCH_CHECK_TYPE(weight->scalar_type() == x.scalar_type(), op, ": weight has dtype ", weight->scalar_type(),
                      " but x has ", x.scalar_type(), "; convert it with .to(", x.scalar_type(), ")");
-    TORCH_CHECK_VALUE(weight->device() == x.device(), op, ": weight is on ", weight->device(), " but x is on ", x.device());
-    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == x.size(1) && weight->is_contiguous(), op,
+    TW_CHECK_VALUE(weight->device() == x.device(), op, ": weight is on ", weight->device(), " but x is on ", x.device());
+    TW_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == x.size(1) && weight->is_contiguous(), op,
                       ": weight must be contiguous of shape [hidden] = [", x.size(1), "], got ", weight->sizes());
-    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(weight->data_ptr()) % 16 == 0, op, ": weight must be 16-byte aligned");
+    TW_CHECK_VALUE(reinterpret_cast<uintptr_t>(weight->data_ptr()) % 16 == 0, op, ": weight must be 16-byte aligned");
   }
 }
 
@@ -92,7 +97,7 @@ struct Tracking {
 
 void check_counters(std::initializer_list<const at::Tensor*> ts, const at::Tensor& x, int64_t n, const char* op) {
   for (const at::Tensor* t : ts)
-    TORCH_CHECK_VALUE(t->is_cuda() && t->device() == x.device() && t->scalar_type() == at::kInt && t->is_contiguous() &&
+    TW_CHECK_VALUE(t->is_cuda() && t->device() == x.device() && t->scalar_type() == at::kInt && t->is_contiguous() &&
                           t->numel() >= n,
                       op, ": tracker counters must be contiguous int32 CUDA tensors on x's device with >= ", n,
                       " entries (make them with tokenweave.Tracker)");
@@ -102,7 +107,7 @@ void check_counters(std::initializer_list<const at::Tensor*> ts, const at::Tenso
 tw::CallArgs plan_call(const char* op, const CommEntry& e, const at::Tensor& x, const std::optional<at::Tensor>& residual,
                        const std::optional<at::Tensor>& weight, const at::Tensor& out, double eps, int64_t algo,
                        int64_t ctas, int64_t chunks_per_cta, tw::Feed feed) {
-  TORCH_CHECK_VALUE(x.device().index() == e.device, op, ": x is on ", x.device(), " but the communicator's workspace is on cuda:",
+  TW_CHECK_VALUE(x.device().index() == e.device, op, ": x is on ", x.device(), " but the communicator's workspace is on cuda:",
                     e.device, "; call torch.cuda.set_device before creating the Communicator, or move x");
   tw::CallArgs a{};
   a.x = x.data_ptr();
@@ -118,10 +123,10 @@ tw::CallArgs plan_call(const char* op, const CommEntry& e, const at::Tensor& x, 
   a.feed = int(feed);
   TORCH_CHECK_TYPE(feed == tw::Feed::kResident || a.dtype != int(tw::DType::kFloat32), op,
                    ": track-and-trigger takes bfloat16 or float16");
-  TORCH_CHECK_VALUE(feed != tw::Feed::kCopyEngine || e.transport == tw::Transport::kP2P, op,
+  TW_CHECK_VALUE(feed != tw::Feed::kCopyEngine || e.transport == tw::Transport::kP2P, op,
                     ": the copy-engine feed needs the p2p transport; use the SM consumer");
   const char* err = tw::plan_allreduce(a, e.dev.layout, int(ctas), int(chunks_per_cta));
-  TORCH_CHECK_VALUE(err == nullptr, op, ": ", err);
+  TW_CHECK_VALUE(err == nullptr, op, ": ", err);
   return a;
 }
 
@@ -134,7 +139,7 @@ void launch_collective(const char* op, const at::Tensor& x, const std::optional<
   tw::CallArgs a = plan_call(op, e, x, residual, weight, out, eps, algo, ctas, chunks_per_cta, feed);
   if (track.ready) {
     check_counters({track.ready, track.consumed}, x, a.n_chunks, op);
-    TORCH_CHECK_VALUE(track.pieces_full >= 1 && track.pieces_last >= 1, op, ": pieces per chunk must be >= 1");
+    TW_CHECK_VALUE(track.pieces_full >= 1 && track.pieces_last >= 1, op, ": pieces per chunk must be >= 1");
     a.ready = reinterpret_cast<const uint32_t*>(track.ready->data_ptr());
     a.consumed = reinterpret_cast<uint32_t*>(track.consumed->data_ptr());
     a.pieces_full = uint32_t(track.pieces_full);
@@ -180,11 +185,11 @@ void copy_engine_stage_cuda(const at::Tensor& x, int64_t comm, int64_t ctas, int
   // Planned exactly like the consumer's call (the plan does not depend on residual/weight).
   const tw::CallArgs a = plan_call(op, e, x, std::nullopt, std::nullopt, x, 0.0, int64_t(tw::Algo::kTwoShot), ctas,
                                    chunks_per_cta, tw::Feed::kCopyEngine);
-  TORCH_CHECK_VALUE(group_chunks >= 1, op, ": group_chunks must be >= 1");
+  TW_CHECK_VALUE(group_chunks >= 1, op, ": group_chunks must be >= 1");
   check_counters({&group_ready}, x, (a.n_chunks + group_chunks - 1) / group_chunks, op);
   check_counters({&go}, x, 1, op);
   check_counters({&ones}, x, tw::kMaxChunks, op);
-  TORCH_CHECK_VALUE(pieces_full >= 1 && pieces_last >= 1, op, ": pieces per group must be >= 1");
+  TW_CHECK_VALUE(pieces_full >= 1 && pieces_last >= 1, op, ": pieces per group must be >= 1");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t st = tw::copy_engine_stage(
       e.dev, a, reinterpret_cast<const uint32_t*>(group_ready.data_ptr()), int(group_chunks), uint32_t(pieces_full),
@@ -196,7 +201,7 @@ void copy_engine_stage_cuda(const at::Tensor& x, int64_t comm, int64_t ctas, int
 
 void mark_ready_cuda(at::Tensor& ready, int64_t begin, int64_t end, int64_t pieces) {
   constexpr const char* op = "tokenweave.mark_ready";
-  TORCH_CHECK_VALUE(ready.is_cuda() && ready.scalar_type() == at::kInt && ready.is_contiguous() && end <= ready.numel(),
+  TW_CHECK_VALUE(ready.is_cuda() && ready.scalar_type() == at::kInt && ready.is_contiguous() && end <= ready.numel(),
                     op, ": ready must be a contiguous int32 CUDA tensor covering chunks [begin, end)");
   const c10::cuda::CUDAGuard guard(ready.device());
   const cudaError_t st = tw::mark_ready(reinterpret_cast<uint32_t*>(ready.data_ptr()), int(begin), int(end),
@@ -215,7 +220,7 @@ py::dict plan(int64_t comm, int64_t tokens, int64_t hidden, int64_t dtype, int64
   a.dtype = int(dtype);
   a.algo = int(algo);
   const char* err = tw::plan_allreduce(a, e.dev.layout, int(ctas), int(chunks_per_cta));
-  TORCH_CHECK_VALUE(err == nullptr, op, ": ", err);
+  TW_CHECK_VALUE(err == nullptr, op, ": ", err);
   py::dict d;
   d["ctas"] = a.ctas;
   d["chunk_rows"] = a.chunk_rows;

@@ -190,11 +190,12 @@ def test_add_rmsnorm_validation_gpu():
 
     x = torch.randn(4, 64, dtype=torch.bfloat16, device="cuda")
     res, w = torch.randn_like(x), torch.ones(64, dtype=torch.bfloat16, device="cuda")
+    wide = torch.randn(64, 16, dtype=torch.bfloat16, device="cuda")  # .t() is [16, 64], not contiguous
     before = (x.clone(), res.clone())
     cases = [
         (TypeError, "convert it", lambda: tw.add_rmsnorm(x, res, w.float())),
         (ValueError, "multiple of 8", lambda: tw.add_rmsnorm(x[:, :60].contiguous(), None, w[:60].contiguous())),
-        (ValueError, "contiguous", lambda: tw.add_rmsnorm(x.t(), None, torch.ones(4, dtype=torch.bfloat16, device="cuda"))),
+        (ValueError, "contiguous", lambda: tw.add_rmsnorm(wide.t(), None, w)),
         (ValueError, "must not be the residual", lambda: tw.add_rmsnorm(x, res, w, out=res)),
         (ValueError, "shape [hidden]", lambda: tw.add_rmsnorm(x, res, w[:32])),
         (ValueError, "residual has shape", lambda: tw.add_rmsnorm(x, res[:2], w)),

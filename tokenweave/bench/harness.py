@@ -144,9 +144,11 @@ def device_name(index: int | None = None) -> str:
 
 
 def git_sha() -> str:
-    """``git describe --always --dirty`` of the source tree; else ``TOKENWEAVE_GIT_SHA`` (set it where the
-    tree travels without .git, as on the lent GPU machines); else "unknown"."""
+    """``TOKENWEAVE_GIT_SHA`` when set (the lent GPU machines get a copy of the tree whose .git, if any, is a
+    stale snapshot: the device script sets it); else ``git describe --always --dirty``; else "unknown"."""
     fallback = os.environ.get("TOKENWEAVE_GIT_SHA", "unknown")
+    if fallback != "unknown":
+        return fallback
     try:
         res = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"],
                              cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
