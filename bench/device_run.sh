@@ -28,6 +28,8 @@ if has build; then
 fi
 if has debug; then  # which validation case crashes, and where (gdb when the image has it)
   timeout 200 python bench/debug/validation_cases.py > "$OUT/debug.log" 2>&1
+  { /opt/gcc/bin/gcc --version | head -1; ldd $(python -c "import tokenweave._C as c; print(c.__file__)") | grep -i stdc; \
+    timeout 300 python bench/debug/check_formatting.py; } >> "$OUT/debug.log" 2>&1
   command -v gdb >/dev/null && timeout 120 gdb -q -batch -ex run -ex bt --args python -m pytest -q -p no:cacheprovider \
     tests/gpu/test_ops_gpu.py -k validation >> "$OUT/debug.log" 2>&1
   log "debug: done"; cat "$OUT/debug.log" | head -30

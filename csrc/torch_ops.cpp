@@ -14,9 +14,19 @@
 
 namespace tw = tokenweave;
 
-#define TW_CHECK_VALUE(cond, ...) TORCH_CHECK(cond, "ValueError: ", __VA_ARGS__)
-
 namespace {
+
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string shape(at::IntArrayRef s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+std::string dev(const at::Device& d) { return d.str(); }
+
+const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
 
 struct CommEntry {
   tw::CommDevice dev;
@@ -31,7 +41,7 @@ int64_t g_next_id = 1;
 CommEntry lookup(int64_t id, const char* op) {
   std::lock_guard<std::mutex> lock(g_mu);
   auto it = g_comms.find(id);
-  TORCH_CHECK(it != g_comms.end(), op, ": communicator ", id, " is closed or was never created");
+  TORCH_CHECK(it != g_comms.end(), op, ": communicator ", num(id), " is closed or was never created");
   return it->second;
 }
 
@@ -45,46 +55,47 @@ tw::DType dtype_of(const at::Tensor& t, const char* op) {
     case at::kBFloat16: return tw::DType::kBFloat16;
     case at::kHalf: return tw::DType::kFloat16;
     case at::kFloat: return tw::DType::kFloat32;
-    default: TORCH_CHECK_TYPE(false, op, ": dtype ", t.scalar_type(), " is not supported; use bfloat16, float16 or float32");
+    default: TORCH_CHECK_TYPE(false, op, ": dtype ", dtype_name(t.scalar_type()), " is not supported; use bfloat16, float16 or float32");
   }
 }
 
-// Every message names the op and says what to change. TORCH_CHECK_TYPE surfaces in Python as TypeError.
-// Value problems do not use TORCH_CHECK_VALUE: on torch 2.11 (the GPU image) a c10::ValueError thrown from
-// this extension crashed the process (SIGSEGV, every case; bench/debug/validation_cases.py) while
-// c10::TypeError crossed fine. They raise a RuntimeError starting "ValueError: ", which tokenweave/ops.py
-// turns into the ValueError the torch transport raises for the same mistake.
+// TORCH_CHECK_TYPE / TORCH_CHECK_VALUE surface in Python as TypeError / ValueError, like the torch
+// transport's checks; every message names the op and says what to change.
+// Messages hold only text: numbers, shapes and devices go through num()/shape()/dev() below, never
+// through an ostream of this extension. On the GPU image (torch 2.11, extension built by /opt/gcc) every
+// check whose message streamed an integer or a shape killed the process with SIGSEGV, whatever its
+// exception type, while text-only messages raised normally (bench/debug/validation_cases.py).
 void check_rows(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TW_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
-                    "; move it with .to('", x.device(), "')");
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but x has ",
-                   x.scalar_type(), "; convert it with .to(", x.scalar_type(), ")");
-  TW_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(), ", x has ", x.sizes());
-  TW_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous; call .contiguous() on it");
-  TW_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", dev(t.device()), " but x is on ", dev(x.device()),
+                    "; move it with .to('", dev(x.device()), "')");
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", dtype_name(t.scalar_type()), " but x has ",
+                   dtype_name(x.scalar_type()), "; convert it with .to(", dtype_name(x.scalar_type()), ")");
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " has shape ", shape(t.sizes()), ", x has ", shape(x.sizes()));
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous; call .contiguous() on it");
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
                     " must be 16-byte aligned (it is a view at an odd offset); pass a fresh tensor or .clone() it");
 }
 
 void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
                   const at::Tensor& out, const char* op) {
-  TW_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
-  TW_CHECK_VALUE(x.dim() == 2 && x.size(0) >= 1, op, ": x must be non-empty 2-D [tokens, hidden], got ", x.sizes());
-  TW_CHECK_VALUE(x.size(1) % 8 == 0, op, ": hidden size (last dim of x) is ", x.size(1),
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", dev(x.device()));
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) >= 1, op, ": x must be non-empty 2-D [tokens, hidden], got ", shape(x.sizes()));
+  TORCH_CHECK_VALUE(x.size(1) % 8 == 0, op, ": hidden size (last dim of x) is ", num(x.size(1)),
                     "; it must be a multiple of 8 (16-byte vectors): pad the hidden dimension");
   dtype_of(x, op);
   check_rows(x, x, op, "x");
   check_rows(out, x, op, "out");
   if (residual) {
     check_rows(*residual, x, op, "residual");
-    TW_CHECK_VALUE(residual->data_ptr() != out.data_ptr(), op, ": out must not be the residual tensor (both are written)");
+    TORCH_CHECK_VALUE(residual->data_ptr() != out.data_ptr(), op, ": out must not be the residual tensor (both are written)");
   }
   if (weight) {
-    TORCH_CHECK_TYPE(weight->scalar_type() == x.scalar_type(), op, ": weight has dtype ", weight->scalar_type(),
-                     " but x has ", x.scalar_type(), "; convert it with .to(", x.scalar_type(), ")");
-    TW_CHECK_VALUE(weight->device() == x.device(), op, ": weight is on ", weight->device(), " but x is on ", x.device());
-    TW_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == x.size(1) && weight->is_contiguous(), op,
-                      ": weight must be contiguous of shape [hidden] = [", x.size(1), "], got ", weight->sizes());
-    TW_CHECK_VALUE(reinterpret_cast<uintptr_t>(weight->data_ptr()) % 16 == 0, op, ": weight must be 16-byte aligned");
+    TORCH_CHECK_TYPE(weight->scalar_type() == x.scalar_type(), op, ": weight has dtype ", dtype_name(weight->scalar_type()),
+                     " but x has ", dtype_name(x.scalar_type()), "; convert it with .to(", dtype_name(x.scalar_type()), ")");
+    TORCH_CHECK_VALUE(weight->device() == x.device(), op, ": weight is on ", dev(weight->device()), " but x is on ", dev(x.device()));
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == x.size(1) && weight->is_contiguous(), op,
+                      ": weight must be contiguous of shape [hidden] = [", num(x.size(1)), "], got ", shape(weight->sizes()));
+    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(weight->data_ptr()) % 16 == 0, op, ": weight must be 16-byte aligned");
   }
 }
 
@@ -97,9 +108,9 @@ struct Tracking {
 
 void check_counters(std::initializer_list<const at::Tensor*> ts, const at::Tensor& x, int64_t n, const char* op) {
   for (const at::Tensor* t : ts)
-    TW_CHECK_VALUE(t->is_cuda() && t->device() == x.device() && t->scalar_type() == at::kInt && t->is_contiguous() &&
+    TORCH_CHECK_VALUE(t->is_cuda() && t->device() == x.device() && t->scalar_type() == at::kInt && t->is_contiguous() &&
                           t->numel() >= n,
-                      op, ": tracker counters must be contiguous int32 CUDA tensors on x's device with >= ", n,
+                      op, ": tracker counters must be contiguous int32 CUDA tensors on x's device with >= ", num(n),
                       " entries (make them with tokenweave.Tracker)");
 }
 
@@ -107,8 +118,8 @@ void check_counters(std::initializer_list<const at::Tensor*> ts, const at::Tenso
 tw::CallArgs plan_call(const char* op, const CommEntry& e, const at::Tensor& x, const std::optional<at::Tensor>& residual,
                        const std::optional<at::Tensor>& weight, const at::Tensor& out, double eps, int64_t algo,
                        int64_t ctas, int64_t chunks_per_cta, tw::Feed feed) {
-  TW_CHECK_VALUE(x.device().index() == e.device, op, ": x is on ", x.device(), " but the communicator's workspace is on cuda:",
-                    e.device, "; call torch.cuda.set_device before creating the Communicator, or move x");
+  TORCH_CHECK_VALUE(x.device().index() == e.device, op, ": x is on ", dev(x.device()), " but the communicator's workspace is on cuda:",
+                    num(e.device), "; call torch.cuda.set_device before creating the Communicator, or move x");
   tw::CallArgs a{};
   a.x = x.data_ptr();
   a.out = out.data_ptr();
@@ -123,10 +134,10 @@ tw::CallArgs plan_call(const char* op, const CommEntry& e, const at::Tensor& x, 
   a.feed = int(feed);
   TORCH_CHECK_TYPE(feed == tw::Feed::kResident || a.dtype != int(tw::DType::kFloat32), op,
                    ": track-and-trigger takes bfloat16 or float16");
-  TW_CHECK_VALUE(feed != tw::Feed::kCopyEngine || e.transport == tw::Transport::kP2P, op,
+  TORCH_CHECK_VALUE(feed != tw::Feed::kCopyEngine || e.transport == tw::Transport::kP2P, op,
                     ": the copy-engine feed needs the p2p transport; use the SM consumer");
   const char* err = tw::plan_allreduce(a, e.dev.layout, int(ctas), int(chunks_per_cta));
-  TW_CHECK_VALUE(err == nullptr, op, ": ", err);
+  TORCH_CHECK_VALUE(err == nullptr, op, ": ", err);
   return a;
 }
 
@@ -139,7 +150,7 @@ void launch_collective(const char* op, const at::Tensor& x, const std::optional<
   tw::CallArgs a = plan_call(op, e, x, residual, weight, out, eps, algo, ctas, chunks_per_cta, feed);
   if (track.ready) {
     check_counters({track.ready, track.consumed}, x, a.n_chunks, op);
-    TW_CHECK_VALUE(track.pieces_full >= 1 && track.pieces_last >= 1, op, ": pieces per chunk must be >= 1");
+    TORCH_CHECK_VALUE(track.pieces_full >= 1 && track.pieces_last >= 1, op, ": pieces per chunk must be >= 1");
     a.ready = reinterpret_cast<const uint32_t*>(track.ready->data_ptr());
     a.consumed = reinterpret_cast<uint32_t*>(track.consumed->data_ptr());
     a.pieces_full = uint32_t(track.pieces_full);
@@ -185,11 +196,11 @@ void copy_engine_stage_cuda(const at::Tensor& x, int64_t comm, int64_t ctas, int
   // Planned exactly like the consumer's call (the plan does not depend on residual/weight).
   const tw::CallArgs a = plan_call(op, e, x, std::nullopt, std::nullopt, x, 0.0, int64_t(tw::Algo::kTwoShot), ctas,
                                    chunks_per_cta, tw::Feed::kCopyEngine);
-  TW_CHECK_VALUE(group_chunks >= 1, op, ": group_chunks must be >= 1");
+  TORCH_CHECK_VALUE(group_chunks >= 1, op, ": group_chunks must be >= 1");
   check_counters({&group_ready}, x, (a.n_chunks + group_chunks - 1) / group_chunks, op);
   check_counters({&go}, x, 1, op);
   check_counters({&ones}, x, tw::kMaxChunks, op);
-  TW_CHECK_VALUE(pieces_full >= 1 && pieces_last >= 1, op, ": pieces per group must be >= 1");
+  TORCH_CHECK_VALUE(pieces_full >= 1 && pieces_last >= 1, op, ": pieces per group must be >= 1");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t st = tw::copy_engine_stage(
       e.dev, a, reinterpret_cast<const uint32_t*>(group_ready.data_ptr()), int(group_chunks), uint32_t(pieces_full),
@@ -201,13 +212,13 @@ void copy_engine_stage_cuda(const at::Tensor& x, int64_t comm, int64_t ctas, int
 
 void mark_ready_cuda(at::Tensor& ready, int64_t begin, int64_t end, int64_t pieces) {
   constexpr const char* op = "tokenweave.mark_ready";
-  TW_CHECK_VALUE(ready.is_cuda() && ready.scalar_type() == at::kInt && ready.is_contiguous() && end <= ready.numel(),
+  TORCH_CHECK_VALUE(ready.is_cuda() && ready.scalar_type() == at::kInt && ready.is_contiguous() && end <= ready.numel(),
                     op, ": ready must be a contiguous int32 CUDA tensor covering chunks [begin, end)");
   const c10::cuda::CUDAGuard guard(ready.device());
   const cudaError_t st = tw::mark_ready(reinterpret_cast<uint32_t*>(ready.data_ptr()), int(begin), int(end),
                                         uint32_t(pieces), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(st == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(st), " (chunks must lie in [0, ",
-              tw::kMaxChunks, "))");
+              num(tw::kMaxChunks), "))");
 }
 
 py::dict plan(int64_t comm, int64_t tokens, int64_t hidden, int64_t dtype, int64_t algo, int64_t ctas,
@@ -220,7 +231,7 @@ py::dict plan(int64_t comm, int64_t tokens, int64_t hidden, int64_t dtype, int64
   a.dtype = int(dtype);
   a.algo = int(algo);
   const char* err = tw::plan_allreduce(a, e.dev.layout, int(ctas), int(chunks_per_cta));
-  TW_CHECK_VALUE(err == nullptr, op, ": ", err);
+  TORCH_CHECK_VALUE(err == nullptr, op, ": ", err);
   py::dict d;
   d["ctas"] = a.ctas;
   d["chunk_rows"] = a.chunk_rows;
@@ -243,9 +254,9 @@ void add_rmsnorm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& resi
 int64_t comm_create(int64_t device, int64_t rank, int64_t world, const std::vector<int64_t>& ws_ptrs, int64_t mc_ptr,
                     int64_t state_ptr, int64_t err_ptr, int64_t capacity_bytes, int64_t timeout_ns, int64_t transport) {
   constexpr const char* op = "tokenweave.Communicator";
-  TORCH_CHECK(world >= 2 && world <= tw::kMaxWorld, op, ": world size ", world, " is outside 2..", tw::kMaxWorld);
+  TORCH_CHECK(world >= 2 && world <= tw::kMaxWorld, op, ": world size ", num(world), " is outside 2..", num(tw::kMaxWorld));
   TORCH_CHECK(int64_t(ws_ptrs.size()) == world, op, ": need one workspace pointer per rank");
-  TORCH_CHECK(rank >= 0 && rank < world, op, ": bad rank ", rank);
+  TORCH_CHECK(rank >= 0 && rank < world, op, ": bad rank ", num(rank));
   if (transport == int64_t(tw::Transport::kMultimem)) {
     // Second line of defence behind Python's selection: never run multimem where multicast is off.
     TORCH_CHECK(mc_ptr != 0, op, ": multimem needs a multicast address");

@@ -145,37 +145,17 @@ def _collective(op, comm: Communicator, x, residual, weight, eps, out, algo, cta
     return out
 
 
-_VALUE_ERROR = "ValueError: "
-
-
-def _value_errors(overload):
-    """The op, raising ValueError where its C++ checks raised RuntimeError("ValueError: ...").
-
-    The C++ side cannot throw c10::ValueError (it crashed torch 2.11; see csrc/torch_ops.cpp); the
-    try costs nothing on the hot path when no exception is raised.
-    """
-    def call(*args):
-        try:
-            return overload(*args)
-        except RuntimeError as e:
-            msg = str(e)
-            if msg.startswith(_VALUE_ERROR):
-                raise ValueError(msg[len(_VALUE_ERROR):].split("\nException raised from")[0]) from None
-            raise
-    return call
-
-
 class _Ops:
     """The extension's op overloads, resolved once (calling an OpOverload skips overload resolution)."""
 
     def __init__(self):
         ops = torch.ops.tokenweave
-        self.allreduce = _value_errors(ops.allreduce.default)
-        self.add_rmsnorm = _value_errors(ops.add_rmsnorm.default)
-        self.allreduce_tracked = _value_errors(ops.allreduce_tracked.default)
-        self.mark_ready = _value_errors(ops.mark_ready.default)
-        self.allreduce_staged = _value_errors(ops.allreduce_staged.default)
-        self.copy_engine_stage = _value_errors(ops.copy_engine_stage.default)
+        self.allreduce = ops.allreduce.default
+        self.add_rmsnorm = ops.add_rmsnorm.default
+        self.allreduce_tracked = ops.allreduce_tracked.default
+        self.mark_ready = ops.mark_ready.default
+        self.allreduce_staged = ops.allreduce_staged.default
+        self.copy_engine_stage = ops.copy_engine_stage.default
 
 
 _OPS = None

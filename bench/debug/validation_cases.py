@@ -14,7 +14,7 @@ CASES = {
     "direct op hidden%8 residual": "torch.ops.tokenweave.add_rmsnorm.default(x[:, :60].contiguous(), res[:, :60].contiguous(), "
                                    "w[:60].contiguous(), torch.empty(4, 60, dtype=torch.bfloat16, device='cuda'), 1e-6)",
     "shape": "tw.add_rmsnorm(x, res, w[:32])",
-    "transposed": "tw.add_rmsnorm(x.t(), None, torch.ones(4, dtype=torch.bfloat16, device='cuda'))",
+    "transposed": "tw.add_rmsnorm(torch.randn(64, 16, dtype=torch.bfloat16, device='cuda').t(), None, w)",
 }
 for name, call in CASES.items():
     p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", PRE + f"\ntry:\n    {call}\n    print('no error')\n"
