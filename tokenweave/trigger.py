@@ -40,8 +40,11 @@ from tokenweave.ops import _ops, fused_allreduce_rmsnorm, all_reduce
 MODES = ("auto", "sequential", "trigger")
 PRODUCERS = ("cublas", "triton")
 CONSUMERS = ("sm", "copy_engine")
-# Smallest M from which mode="auto" overlaps; None until a GPU measurement sets it (bench/gemm_allreduce.py).
-TRIGGER_MIN_TOKENS: int | None = None
+# Where the overlap measured faster than cuBLAS + the fused kernel, (world, K, N) -> (smallest M, producer,
+# consumer): bench/results/gemm_allreduce-h200-tp{2,4}.json (4 x H200, bf16, commit 1bb5405). Only TP4 o_proj
+# (K = 8192 / 4) from M = 16384 won (2108 vs 2204 us, 1.05x); every other shape lost 0-43% because the consumer
+# and the GEMM share the SMs (README, "Track-and-trigger"), so mode="auto" stays sequential there.
+TRIGGER_WINS: dict[tuple[int, int, int], tuple[int, str, str]] = {(4, 2048, 8192): (16384, "triton", "sm")}
 _DTYPE_CODE = {torch.bfloat16: 2, torch.float16: 1}
 
 
@@ -103,17 +106,33 @@ def _check_matmul(op, x, w):
         raise TypeError(f"tokenweave.{op}: x has dtype {x.dtype} but w has {w.dtype}")
 
 
-def _choose_mode(op, comm, mode, tokens, dtype):
+def _choose_mode(op, comm, mode, x, w):
+    """("sequential" | "trigger", producer, consumer); the roles only for "auto" (from TRIGGER_WINS)."""
     if mode not in MODES:
         raise ValueError(f"tokenweave.{op}: mode={mode!r}; use one of {MODES}")
-    can_trigger = comm.transport in ("p2p", "multimem") and dtype in _DTYPE_CODE
+    can_trigger = comm.transport in ("p2p", "multimem") and x.dtype in _DTYPE_CODE and x.is_cuda
     if mode == "trigger" and not can_trigger:
         raise ValueError(f"tokenweave.{op}: mode='trigger' needs the p2p or multimem transport and bfloat16/float16 "
-                         f"(transport is {comm.transport!r}, dtype {dtype}); use mode='sequential'")
-    if mode == "auto":
-        mode = "trigger" if can_trigger and TRIGGER_MIN_TOKENS is not None and tokens >= TRIGGER_MIN_TOKENS \
-            else "sequential"
-    return mode
+                         f"CUDA tensors (transport is {comm.transport!r}, dtype {x.dtype}); use mode='sequential'")
+    if mode != "auto":
+        return mode, None, None
+    roles = _auto_roles(comm.world_size, *x.shape, w.shape[0]) if can_trigger else None
+    return ("trigger", *roles) if roles else ("sequential", None, None)
+
+
+def _auto_roles(world: int, M: int, K: int, N: int) -> tuple[str, str] | None:
+    """(producer, consumer) where the overlap measured faster at this shape, else None (TRIGGER_WINS).
+
+    Measured with the norm (matmul_allreduce_rmsnorm); the plain all-reduce runs the same kernel, minus the epilogue.
+    """
+    win = TRIGGER_WINS.get((world, K, N))
+    if win is None or M < win[0]:
+        return None
+    if win[1] == "triton":
+        from tokenweave import producer_triton
+        if not producer_triton.HAS_TRITON:
+            return None
+    return win[1], win[2]
 
 
 def _choose_roles(op, comm, producer, consumer):
@@ -215,8 +234,8 @@ def _pieces(producer, M, N, chunk_rows, n_chunks, ctas, ce):
 def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None,
                              norm_weight: torch.Tensor, comm: Communicator, eps: float = 1e-6, *, mode: str = "auto",
                              ctas: int | None = None, tracker: Tracker | None = None, out: torch.Tensor | None = None,
-                             partial: torch.Tensor | None = None, producer: str = "cublas",
-                             consumer: str = "sm") -> torch.Tensor:
+                             partial: torch.Tensor | None = None, producer: str | None = None,
+                             consumer: str | None = None) -> torch.Tensor:
     """Row-parallel linear + all-reduce + residual add + RMSNorm: ``RMSNorm(sum_r x_r @ w_r.T + residual)``.
 
     Parameters
@@ -232,7 +251,8 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
     eps : float
     mode : {"auto", "sequential", "trigger"}
         ``sequential``: cuBLAS, then :func:`tokenweave.fused_allreduce_rmsnorm`. ``trigger``: track-and-trigger
-        overlap (p2p/multimem, bf16/fp16). ``auto``: sequential until a measured crossover is set.
+        overlap (p2p/multimem, bf16/fp16). ``auto``: trigger only where it measured faster (``TRIGGER_WINS``,
+        with the measured producer and consumer), sequential everywhere else.
     ctas : int, optional
         CTAs of the communication kernel in trigger mode (at most half the SMs; default 32).
     tracker : Tracker, optional
@@ -241,10 +261,11 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
     out : Tensor [M, N], optional
     partial : Tensor [M, N], optional
         Buffer for this rank's GEMM output (trigger mode); allocated if not given.
-    producer : {"cublas", "triton"}
-        Trigger mode: cuBLAS per row group + a marking kernel, or one Triton GEMM that marks from its epilogue.
-    consumer : {"sm", "copy_engine"}
-        Trigger mode: the scatter on the consumer's CTAs, or on the copy engines (p2p only).
+    producer : {"cublas", "triton"}, optional
+        Trigger mode: cuBLAS per row group + a marking kernel (default), or one Triton GEMM that marks from its
+        epilogue.
+    consumer : {"sm", "copy_engine"}, optional
+        Trigger mode: the scatter on the consumer's CTAs (default), or on the copy engines (p2p only).
 
     Returns
     -------
@@ -252,19 +273,22 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
         ``out``, bitwise identical on every rank.
     """
     _check_matmul("matmul_allreduce_rmsnorm", x, w)
-    if _choose_mode("matmul_allreduce_rmsnorm", comm, mode, x.shape[0], x.dtype) == "sequential":
+    mode, auto_producer, auto_consumer = _choose_mode("matmul_allreduce_rmsnorm", comm, mode, x, w)
+    if mode == "sequential":
         return fused_allreduce_rmsnorm(comm, x @ w.t(), residual, norm_weight, eps, out=out)
     return _trigger("matmul_allreduce_rmsnorm", comm, x, w, residual, norm_weight, eps, out, ctas,
-                    tracker or Tracker(x.device), partial, producer, consumer)
+                    tracker or Tracker(x.device), partial, producer or auto_producer or "cublas",
+                    consumer or auto_consumer or "sm")
 
 
 def matmul_allreduce(x: torch.Tensor, w: torch.Tensor, comm: Communicator, *, mode: str = "auto",
                      ctas: int | None = None, tracker: Tracker | None = None, out: torch.Tensor | None = None,
-                     partial: torch.Tensor | None = None, producer: str = "cublas",
-                     consumer: str = "sm") -> torch.Tensor:
+                     partial: torch.Tensor | None = None, producer: str | None = None,
+                     consumer: str | None = None) -> torch.Tensor:
     """Row-parallel linear + all-reduce: ``sum_r x_r @ w_r.T``. Parameters as in :func:`matmul_allreduce_rmsnorm`."""
     _check_matmul("matmul_allreduce", x, w)
-    if _choose_mode("matmul_allreduce", comm, mode, x.shape[0], x.dtype) == "sequential":
+    mode, auto_producer, auto_consumer = _choose_mode("matmul_allreduce", comm, mode, x, w)
+    if mode == "sequential":
         return all_reduce(comm, x @ w.t(), out=out)
     return _trigger("matmul_allreduce", comm, x, w, None, None, 0.0, out, ctas, tracker or Tracker(x.device), partial,
-                    producer, consumer)
+                    producer or auto_producer or "cublas", consumer or auto_consumer or "sm")

@@ -25,10 +25,11 @@ def _comm_for_mode(rank, world):
     comm = tw.Communicator(max_tokens=64, hidden=64)
     x = torch.randn(8, 16)
     w = torch.randn(64, 16)
-    results = {"auto": trigger._choose_mode("op", comm, "auto", 100000, torch.bfloat16)}
+    big = torch.empty(100000, 16, dtype=torch.bfloat16)
+    results = {"auto": trigger._choose_mode("op", comm, "auto", big, w.to(torch.bfloat16))[0]}
     for mode, dtype in [("trigger", torch.bfloat16), ("bogus", torch.bfloat16)]:
         try:
-            trigger._choose_mode("op", comm, mode, 8, dtype)
+            trigger._choose_mode("op", comm, mode, x.to(dtype), w.to(dtype))
             results[mode] = None
         except ValueError as e:
             results[mode] = str(e)
@@ -43,7 +44,7 @@ def _comm_for_mode(rank, world):
 
 def test_mode_choice_and_input_checks():
     r = run_workers(_comm_for_mode, 2)[0]
-    assert r["auto"] == "sequential"  # no measured crossover yet
+    assert r["auto"] == "sequential"  # the torch transport cannot overlap
     assert "needs the p2p or multimem transport" in r["trigger"] and "mode=" in r["bogus"]
     assert "w is [N, K]" in r["shape"]
 
@@ -85,3 +86,15 @@ def test_roles_are_checked_before_anything_runs():
         trigger._choose_roles("op", p2p, "cutlass", "sm")
     with pytest.raises(ValueError, match="consumer="):
         trigger._choose_roles("op", p2p, "cublas", "dma")
+
+
+def test_auto_overlaps_only_where_measured_faster():
+    from tokenweave import producer_triton
+
+    world, K, N = next(iter(trigger.TRIGGER_WINS))
+    min_m, producer, consumer = trigger.TRIGGER_WINS[(world, K, N)]
+    usable = producer != "triton" or producer_triton.HAS_TRITON
+    assert trigger._auto_roles(world, min_m, K, N) == ((producer, consumer) if usable else None)
+    assert trigger._auto_roles(world, min_m - 1, K, N) is None  # below the measured crossover
+    assert trigger._auto_roles(world, min_m, K + 8, N) is None  # an unmeasured shape stays sequential
+    assert trigger._auto_roles(world + 1, min_m, K, N) is None
