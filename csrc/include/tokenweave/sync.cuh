@@ -109,6 +109,24 @@ __device__ inline bool wait_flag(const CommDevice& c, const uint64_t* flag, cons
   }
 }
 
+// Polls done() until it holds (true). Bounded: false at once when another CTA of this rank has failed,
+// or after c.timeout_ns, having called on_timeout() to record why. Reading the timer and the abort word
+// costs more than a poll: they are read every 64 polls.
+template <class Done, class OnTimeout>
+__device__ __forceinline__ bool spin_bounded(const CommDevice& c, const Done& done, const OnTimeout& on_timeout) {
+  const uint64_t start = globaltimer_ns();
+  for (uint32_t spin = 0;; ++spin) {
+    if (done()) return true;
+    if ((spin & 63) == 63) {
+      if (aborted(c)) return false;
+      if (globaltimer_ns() - start > c.timeout_ns) {
+        on_timeout();
+        return false;
+      }
+    }
+  }
+}
+
 // Track-and-trigger, consumer side. The producer (a GEMM on another stream of this GPU, then a mark
 // kernel) adds `pieces` to ready[chunk] with red.release.gpu once the chunk's rows are written; this
 // acquire at gpu scope then makes them visible to the CTA. Bounded like every wait; gives up at once
@@ -118,24 +136,10 @@ __device__ inline bool wait_ready(const CommDevice& c, const uint32_t* ready, ui
   bool ok = true;
   if (threadIdx.x == 0) {
     const uint32_t want = consumed[chunk] + pieces;
-    const uint64_t start = globaltimer_ns();
-    for (uint32_t spin = 0;; ++spin) {
-      if (int32_t(ld_acquire_gpu(ready + chunk) - want) >= 0) {  // wrap-safe: counters only grow
-        consumed[chunk] = want;
-        break;
-      }
-      if ((spin & 63) == 63) {
-        if (aborted(c)) {
-          ok = false;
-          break;
-        }
-        if (globaltimer_ns() - start > c.timeout_ns) {
-          record_error(c, kErrProducerTimeout, c.rank, id.epoch, chunk, id.sig, id.op, 0);
-          ok = false;
-          break;
-        }
-      }
-    }
+    ok = spin_bounded(
+        c, [&] { return int32_t(ld_acquire_gpu(ready + chunk) - want) >= 0; },  // wrap-safe: counters only grow
+        [&] { record_error(c, kErrProducerTimeout, c.rank, id.epoch, chunk, id.sig, id.op, 0); });
+    if (ok) consumed[chunk] = want;
   }
   return __syncthreads_and(ok) != 0;
 }
@@ -184,24 +188,10 @@ __device__ __forceinline__ bool wait_staged(const CommDevice& c, const CallId& i
   bool ok = true;
   if (threadIdx.x < W) {
     uint32_t* flag = reinterpret_cast<uint32_t*>(c.ws[c.rank] + c.layout.staged_off) + threadIdx.x * kMaxChunks + chunk;
-    const uint64_t start = globaltimer_ns();
-    for (uint32_t spin = 0;; ++spin) {
-      if (ld_acquire_sys_u32(flag) == 1u) {
-        *flag = 0u;
-        break;
-      }
-      if ((spin & 63) == 63) {
-        if (aborted(c)) {
-          ok = false;
-          break;
-        }
-        if (globaltimer_ns() - start > c.timeout_ns) {
-          record_error(c, kErrTimeout, threadIdx.x, id.epoch, chunk, id.sig, id.op, 0);
-          ok = false;
-          break;
-        }
-      }
-    }
+    ok = spin_bounded(
+        c, [&] { return ld_acquire_sys_u32(flag) == 1u; },
+        [&] { record_error(c, kErrTimeout, threadIdx.x, id.epoch, chunk, id.sig, id.op, 0); });
+    if (ok) *flag = 0u;
   }
   return __syncthreads_and(ok) != 0;
 }
