@@ -109,6 +109,7 @@ class Communicator:
         self._closed = False
         self._error = None
         self._plans = {}
+        self._tracker = None  # track-and-trigger state for callers that pass no Tracker (tokenweave.trigger)
         self._last_stream = None
         self._last_raw_stream = None
         self.device = self._device()
@@ -201,10 +202,11 @@ class Communicator:
     def plan(self, tokens: int, hidden: int, itemsize: int, algo=None, ctas=None) -> LaunchPlan:
         """Launch settings for one call: the dispatcher (one place).
 
-        Measured on 4 x H200, hidden 8192 (bench/results/fused_allreduce_rmsnorm-h200-tp*.json):
-        one-shot (push (W-1) x S, one synchronisation) beat two-shot (2(W-1)/W x S, two
-        synchronisations) up to 2 MiB at TP2 (128 tokens: 14.7 vs 16.6 us) but only up to 256 KiB at
-        TP4 (16 tokens: 11.2 vs 12.8 us; 128 tokens: 27.6 vs 23.2 us).
+        Measured on 4 x H200, hidden 4096 and 8192 (bench/results/fused_allreduce_rmsnorm-h200-tp*.json,
+        commit 90cfe5f, forced one_shot vs two_shot): one-shot (push (W-1) x S, one synchronisation) beat
+        two-shot (2(W-1)/W x S, two synchronisations) up to 8 MiB at TP2 (256 tokens x 8192: 21.2 vs 23.3 us;
+        1024 tokens: 78.4 vs 76.1) and up to 512 KiB at TP4 (32 tokens x 8192: 13.6 vs 14.2 us; 64 tokens:
+        18.1 vs 16.9). Larger worlds push more per byte: they keep the older, smaller 256 KiB (not measured).
         Time fell in proportion to the CTA count up to 64 CTAs at every size from 1024 tokens: one
         CTA moves only ~40-50 GB/s, so a standalone call takes one CTA per 16 KiB of x, up to every SM.
         Chunks (whole rows) are pipelined 4 per CTA from 8 MiB on.
@@ -215,7 +217,7 @@ class Communicator:
             return plan
         nbytes = tokens * hidden * itemsize
         if algo is None:
-            one_shot_max = (2 << 20) if self.world_size == 2 else (256 << 10)
+            one_shot_max = {2: 8 << 20, 3: 512 << 10, 4: 512 << 10}.get(self.world_size, 256 << 10)
             code = 1 if nbytes <= min(one_shot_max, self._layout["one_shot_bytes"]) else 2
         else:
             if algo not in ALGOS:
@@ -312,6 +314,7 @@ class Communicator:
             _C.comm_destroy(self._id)
             self._id = None
         self._buffer = None
+        self._tracker = None
         self._closed = True
 
     def __enter__(self):

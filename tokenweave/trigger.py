@@ -73,6 +73,7 @@ class Tracker:
         on_gpu = device.type == "cuda"
         self.stream = torch.cuda.Stream(device=device, priority=-1) if on_gpu else None
         self.copy_stream = torch.cuda.Stream(device=device, priority=-1) if on_gpu else None
+        self.broken = False  # a failed copy-engine enqueue may leave `go`/group counters armed
         self._warm: set = set()
 
 
@@ -97,6 +98,16 @@ def producer_groups(tokens: int, chunk_rows: int, n_chunks: int, ctas: int) -> l
     return groups
 
 
+def _tracker_of(comm: Communicator, device) -> Tracker:
+    """The Communicator's own Tracker, for callers that pass none. Kept: a fresh Tracker per call would run
+    every call producer-first (its first-call state is empty) and free counters a captured graph still uses.
+    One per Communicator suffices because the Communicator already orders its calls across streams."""
+    tracker = comm._tracker
+    if tracker is None:
+        tracker = comm._tracker = Tracker(device)
+    return tracker
+
+
 def _check_matmul(op, x, w):
     if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)) or x.dim() != 2 or w.dim() != 2:
         raise ValueError(f"tokenweave.{op}: x must be [M, K] and w [N, K] (a row-parallel nn.Linear weight)")
@@ -116,7 +127,8 @@ def _choose_mode(op, comm, mode, x, w):
                          f"CUDA tensors (transport is {comm.transport!r}, dtype {x.dtype}); use mode='sequential'")
     if mode != "auto":
         return mode, None, None
-    roles = _auto_roles(comm.world_size, *x.shape, w.shape[0]) if can_trigger else None
+    # TRIGGER_WINS was measured on the p2p transport; multimem would need its own measurement.
+    roles = _auto_roles(comm.world_size, *x.shape, w.shape[0]) if can_trigger and comm.transport == "p2p" else None
     return ("trigger", *roles) if roles else ("sequential", None, None)
 
 
@@ -191,16 +203,29 @@ def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas
                                          ctas, plan.chunks_per_cta, tracker.ready, tracker.consumed, *pieces)
 
     def stage(pieces):
-        tracker.copy_stream.wait_stream(compute)
+        # The copy stream starts from `inputs_ready`, recorded before the producer was enqueued: its per-group
+        # counter waits then gate each copy. (Waiting on the compute stream here would wait for the whole GEMM:
+        # the copy-engine numbers in bench/results were taken that way, before this was fixed.)
+        tracker.copy_stream.wait_event(inputs_ready)
         with torch.cuda.stream(tracker.copy_stream):
-            _ops().copy_engine_stage(y, comm._id, ctas, plan.chunks_per_cta, tracker.group_ready, ctas, *pieces,
-                                     tracker.go, tracker.ones)
+            try:
+                _ops().copy_engine_stage(y, comm._id, ctas, plan.chunks_per_cta, tracker.group_ready, ctas, *pieces,
+                                         tracker.go, tracker.ones)
+            except Exception:
+                tracker.broken = True  # `go` and the group counters may be left armed: never reuse them
+                raise
 
+    if tracker.broken:
+        raise ValueError(f"tokenweave.{op}: this Tracker's copy-engine enqueue failed earlier and its counters may "
+                         "be armed; make a new Tracker (and Communicator)")
     compute = torch.cuda.current_stream(x.device)
-    tracker.stream.wait_stream(compute)  # x, w, residual and the buffers are ready; the last call is done
+    inputs_ready = torch.cuda.Event()
+    inputs_ready.record(compute)  # x, w, residual and the buffers are ready; the last call is done
+    tracker.stream.wait_event(inputs_ready)
     key = (M, x.shape[1], N, x.dtype, ctas, producer, consumer)
-    if (key in tracker._warm or torch.cuda.is_current_stream_capturing()
-            or os.environ.get("CUDA_MODULE_LOADING") == "EAGER"):
+    # CUDA_MODULE_LOADING=EAGER loads every CUDA kernel up front, but not Triton's, which loads on first launch.
+    preloaded = os.environ.get("CUDA_MODULE_LOADING") == "EAGER" and producer != "triton"
+    if key in tracker._warm or torch.cuda.is_current_stream_capturing() or preloaded:
         consume(_pieces(producer, M, N, chunk_rows, n_chunks, ctas, ce))  # the consumer first: it spins on few SMs
         pieces = produce()
     else:  # first call of this shape: load every kernel before anything spins (see the module docstring)
@@ -256,8 +281,8 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
     ctas : int, optional
         CTAs of the communication kernel in trigger mode (at most half the SMs; default 32).
     tracker : Tracker, optional
-        Counters and stream of the overlap; one is made per call if not given (make one and reuse it
-        for CUDA graphs).
+        Counters and streams of the overlap; by default the Communicator's own (one per Communicator, kept
+        across calls, so its first-call state and buffers persist, CUDA graphs included).
     out : Tensor [M, N], optional
     partial : Tensor [M, N], optional
         Buffer for this rank's GEMM output (trigger mode); allocated if not given.
@@ -277,7 +302,7 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
     if mode == "sequential":
         return fused_allreduce_rmsnorm(comm, x @ w.t(), residual, norm_weight, eps, out=out)
     return _trigger("matmul_allreduce_rmsnorm", comm, x, w, residual, norm_weight, eps, out, ctas,
-                    tracker or Tracker(x.device), partial, producer or auto_producer or "cublas",
+                    tracker or _tracker_of(comm, x.device), partial, producer or auto_producer or "cublas",
                     consumer or auto_consumer or "sm")
 
 
@@ -290,5 +315,6 @@ def matmul_allreduce(x: torch.Tensor, w: torch.Tensor, comm: Communicator, *, mo
     mode, auto_producer, auto_consumer = _choose_mode("matmul_allreduce", comm, mode, x, w)
     if mode == "sequential":
         return all_reduce(comm, x @ w.t(), out=out)
-    return _trigger("matmul_allreduce", comm, x, w, None, None, 0.0, out, ctas, tracker or Tracker(x.device), partial,
+    return _trigger("matmul_allreduce", comm, x, w, None, None, 0.0, out, ctas, tracker or _tracker_of(comm, x.device),
+                    partial,
                     producer or auto_producer or "cublas", consumer or auto_consumer or "sm")

@@ -7,8 +7,10 @@
 //                                                   so the counter must restart at 0 for the next call/replay
 //   per rank q: 2-D copy of piece q of every chunk into rank q's staging slot (half 0, my source slot),
 //               then a 4-byte-per-chunk copy of ones into rank q's staged flags
-// Stream order completes each copy before the next begins, so a flag lands after its data; the
-// consumer kernel (Feed::kCopyEngine) acquires the flag, lowers it, and reduces.
+// Stream order completes each copy before the next begins; we rely on that completion covering the
+// remote writes, so that a peer that sees the flag sees the data (the GPU tests passed on it; CUDA
+// documents a barrier before the write only for cuStreamWriteValue32, the alternative if this ever fails).
+// The consumer kernel (Feed::kCopyEngine) acquires the flag, lowers it, and reduces.
 // Before the first copy the stream also waits for `go`, raised by the consumer once every rank entered
 // this call (nobody still reads staging half 0), and lowers it after the last group.
 #include <cuda.h>
@@ -46,7 +48,9 @@ const StreamMemOps& stream_mem_ops() {
   return ops;
 }
 
-cudaError_t from_driver(CUresult r) { return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorNotSupported; }
+cudaError_t from_driver(CUresult r) {
+  return r == CUDA_SUCCESS ? cudaSuccess : r == CUDA_ERROR_NOT_SUPPORTED ? cudaErrorNotSupported : cudaErrorUnknown;
+}
 
 }  // namespace
 

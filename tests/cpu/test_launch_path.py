@@ -44,8 +44,10 @@ def test_plan_dispatch():
     assert (mid.algo, mid.ctas) == (2, 128)                              # 2 MiB: two-shot, one CTA per 16 KiB
     assert (big.algo, big.ctas, big.chunks_per_cta) == (2, 132, 4)       # every SM, pipelined chunks
     assert c.plan(4096, 8192, 2, "two_shot", 8).ctas == 8
-    assert c.plan(16, 8192, 2).algo == 1                                 # 256 KiB at TP4: one-shot
-    assert fake_comm(capacity_bytes=64 << 20, world=2).plan(128, 8192, 2).algo == 1  # 2 MiB at TP2
+    assert c.plan(32, 8192, 2).algo == 1 and c.plan(64, 8192, 2).algo == 2  # 512 KiB / 1 MiB at TP4
+    tp2 = fake_comm(capacity_bytes=64 << 20, world=2)
+    assert tp2.plan(512, 8192, 2).algo == 1 and tp2.plan(1024, 8192, 2).algo == 2  # 8 / 16 MiB at TP2
+    assert fake_comm(capacity_bytes=64 << 20, world=8).plan(32, 8192, 2).algo == 2  # larger worlds: 256 KiB
     with pytest.raises(ValueError, match="one_shot"):
         c.plan(4096, 8192, 2, "one_shot")
     with pytest.raises(ValueError, match="SM count"):

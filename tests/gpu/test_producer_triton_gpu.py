@@ -1,4 +1,4 @@
-"""Triton track-and-trigger producer (tokenweave.producer_triton) on one GPU (not yet run: written with the code).
+"""Triton track-and-trigger producer (tokenweave.producer_triton) on one GPU.
 
 Per shape (M in {1, 7, 1000, 4097}, K in {1024, 3584}, N = 8192, bf16 and fp16): y against float64, every
 element of a NaN-poisoned y written, ready[] exactly the targets after one call and twice them after two,

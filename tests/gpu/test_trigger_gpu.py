@@ -108,6 +108,39 @@ def _graph(rank, world, replays, producer, consumer):
     return bad, prints
 
 
+def _interleaved(rank, world):
+    """Copy-engine calls (staging always in half 0) between one-shot and two-shot calls of either epoch
+    parity on the same Communicator, without a Tracker (the Communicator's own is used)."""
+    import tokenweave as tw
+    from reference import rank_inputs, reference
+
+    comm = tw.Communicator(max_tokens=4096, hidden=8192, transport="p2p", timeout_ms=20000)
+    bad, prints = [], []
+    for i in range(6):
+        M, K, N = 1000 + 97 * i, 512, 8192
+        xs, ws, residual, norm_w = _inputs(700 + i, world, M, K, N)
+        res = residual.clone()
+        out = tw.matmul_allreduce_rmsnorm(xs[rank], ws[rank], res, norm_w, comm, EPS, mode="trigger",
+                                          partial=torch.full((M, N), float("nan"), dtype=torch.bfloat16,
+                                                             device="cuda"), consumer="copy_engine")
+        comm.synchronize()
+        _check(f"copy_engine call {i}", out, res, (xs, ws, residual, norm_w), rank, bad, prints)
+        # A plain fused call in between: one-shot after even calls, two-shot after odd ones, so both epoch
+        # parities of the staging slots follow a copy-engine call.
+        algo, tokens = ("one_shot", 16 + i) if i % 2 == 0 else ("two_shot", 2048 + i)
+        fx, fres, fw = rank_inputs(900 + i, world, tokens, N, torch.bfloat16, "cuda")
+        res2 = fres.clone()
+        out2 = tw.fused_allreduce_rmsnorm(comm, fx[rank], res2, fw, EPS, algo=algo)
+        comm.synchronize()
+        z_ref, out_ref = reference(fx, fres, fw, EPS)
+        e = max(rel_err(out2, out_ref), rel_err(res2, z_ref))
+        if e > 2e-2:
+            bad.append(f"{algo} call after copy_engine call {i}: rel err {e:.3g}")
+        prints.append(fingerprint(out2))
+    comm.close()
+    return bad, prints
+
+
 def _assert_clean(per_rank):
     bad = [b for r in per_rank for b in r[0]]
     assert not bad, "\n".join(bad[:20])
@@ -126,3 +159,8 @@ def test_trigger_matches_float64_with_skewed_producers(world, producer, consumer
 @pytest.mark.parametrize("producer,consumer", ROLES)
 def test_trigger_cuda_graph_1000_replays(producer, consumer):
     _assert_clean(run_workers(_graph, 2, 1000, producer, consumer, backend="nccl", timeout=400))
+
+
+@needs_gpus(2)
+def test_copy_engine_interleaved_with_plain_calls():
+    _assert_clean(run_workers(_interleaved, 2, backend="nccl", timeout=300))
