@@ -50,6 +50,10 @@ def test_write_results_other_axes(tmp_path):
     json_path, _ = harness.write_results("gemm", 4, rows, tmp_path, device="h100", x_key="M", panel_keys=("K", "N"))
     assert json_path.name == "gemm-h100-tp4.json"
     assert "K=2048 N=8192" in harness.format_table(rows, x_key="M", panel_keys=("K", "N"))
+    png = json_path.with_suffix(".png")
+    png.unlink(missing_ok=True)
+    pytest.importorskip("matplotlib")
+    assert harness.replot(json_path) == png and png.stat().st_size > 0  # redrawn from the JSON alone
 
 
 def test_print_table_speedups_and_missing_cells(capsys):

@@ -327,6 +327,23 @@ def write_results(bench: str, tp: int, rows: list[dict], out_dir: str | os.PathL
     return json_path, png_path
 
 
+# 20 distinguishable colours (matplotlib's tab20, as hex so no colormap lookup is needed).
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+            "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d",
+            "#9edae5", "#393b79")
+_LEAD_VARIANTS = {"baseline": "#000000", "sequential": "#000000", "tokenweave": "#d62728"}
+
+
+def replot(json_path: str | os.PathLike) -> Path | None:
+    """Redraw the PNG next to a results JSON written by :func:`write_results` (same name, .png)."""
+    data = json.loads(Path(json_path).read_text())
+    rows = data["rows"]
+    x_key = "M" if rows and "M" in rows[0] else "tokens"
+    panel_keys = ("K", "N") if x_key == "M" else ("hidden",)
+    return plot_rows(rows, Path(json_path).with_suffix(".png"), title=f"{data['bench']} on {data['device']}, "
+                     f"TP{data['tp']}", x_key=x_key, panel_keys=panel_keys)
+
+
 def plot_rows(rows: Sequence[dict], path: str | os.PathLike, *, title: str = "", x_key: str = "tokens",
               panel_keys: Sequence[str] = ("hidden",)) -> Path | None:
     """Latency against ``x_key`` on log-log axes, a line per variant, a subplot per panel.
@@ -346,8 +363,10 @@ def plot_rows(rows: Sequence[dict], path: str | os.PathLike, *, title: str = "",
     for ax, (panel, prows) in zip(axes, panels.items()):
         for i, variant in enumerate(_variants(prows)):
             pts = sorted((r[x_key], r["us"]) for r in prows if r["variant"] == variant)
+            lead = variant in _LEAD_VARIANTS  # what the reader compares: drawn thicker, in black/red
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=variant,
-                    color=f"C{i % 10}", linestyle="-" if i < 10 else "--")
+                    color=_LEAD_VARIANTS.get(variant) or _PALETTE[i % len(_PALETTE)],
+                    linewidth=2.4 if lead else 1.2, linestyle="-" if lead or i < len(_PALETTE) else "--")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(x_key)
