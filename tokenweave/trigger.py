@@ -182,17 +182,21 @@ def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas
     ce = consumer == "copy_engine"
     counters = tracker.group_ready if ce else tracker.ready
 
-    def produce():  # returns the counter targets (pieces) of a full and of the last unit (chunk or group)
+    # A counter per chunk for the SM consumer, per producer group for the copy engines; its target per call
+    # is known before anything is launched (the consumer goes first).
+    unit_rows, units = (ctas * chunk_rows, len(groups)) if ce else (chunk_rows, n_chunks)
+    pieces = _targets(producer, M, N, unit_rows, units)
+
+    def produce():
         if producer == "triton":
             from tokenweave.producer_triton import matmul_mark_ready
-            unit_rows, units = (ctas * chunk_rows, len(groups)) if ce else (chunk_rows, n_chunks)
-            return matmul_mark_ready(x, w, y, counters, unit_rows, units, max_programs=comm._num_sms - ctas)
+            matmul_mark_ready(x, w, y, counters, unit_rows, units, max_programs=comm._num_sms - ctas)
+            return
         for k, g in enumerate(groups):
             torch.matmul(x[g.row_begin:g.row_end], w.t(), out=y[g.row_begin:g.row_end])
             _ops().mark_ready(counters, *((k, k + 1) if ce else (g.chunk_begin, g.chunk_end)), 1)
-        return 1, 1
 
-    def consume(pieces):
+    def consume():
         with torch.cuda.stream(tracker.stream):
             comm.order_stream()
             if ce:
@@ -202,7 +206,7 @@ def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas
                 _ops().allreduce_tracked(y, residual, norm_weight, out, float(eps), comm._id, ALGOS["two_shot"],
                                          ctas, plan.chunks_per_cta, tracker.ready, tracker.consumed, *pieces)
 
-    def stage(pieces):
+    def stage():
         # The copy stream starts from `inputs_ready`, recorded before the producer was enqueued: its per-group
         # counter waits then gate each copy. (Waiting on the compute stream here would wait for the whole GEMM:
         # the copy-engine numbers in bench/results were taken that way, before this was fixed.)
@@ -226,15 +230,15 @@ def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas
     # CUDA_MODULE_LOADING=EAGER loads every CUDA kernel up front, but not Triton's, which loads on first launch.
     preloaded = os.environ.get("CUDA_MODULE_LOADING") == "EAGER" and producer != "triton"
     if key in tracker._warm or torch.cuda.is_current_stream_capturing() or preloaded:
-        consume(_pieces(producer, M, N, chunk_rows, n_chunks, ctas, ce))  # the consumer first: it spins on few SMs
-        pieces = produce()
+        consume()  # the consumer first: it spins on few SMs
+        produce()
     else:  # first call of this shape: load every kernel before anything spins (see the module docstring)
-        pieces = produce()
+        produce()
         tracker.stream.wait_stream(compute)
-        consume(pieces)
+        consume()
         tracker._warm.add(key)
     if ce:  # enqueued last: its stream waits are unbounded, so only once the producer is fully enqueued
-        stage(pieces)
+        stage()
         compute.wait_stream(tracker.copy_stream)
     compute.wait_stream(tracker.stream)
     for t in (y, out, residual):  # used on the side streams: not reusable before they are done
@@ -245,15 +249,12 @@ def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas
     return out
 
 
-def _pieces(producer, M, N, chunk_rows, n_chunks, ctas, ce):
-    """Counter targets the producer will reach, known before it is launched (the consumer goes first)."""
+def _targets(producer, M, N, unit_rows, units):
+    """(full, last): what one call adds to each counter of `units` units of `unit_rows` rows."""
     if producer == "cublas":
-        return 1, 1
+        return 1, 1  # one mark_ready per unit
     from tokenweave.producer_triton import BLOCK_N, ready_targets
-    if ce:
-        n_groups = -(-n_chunks // ctas)
-        return ready_targets(M, N, ctas * chunk_rows, n_groups, BLOCK_N)
-    return ready_targets(M, N, chunk_rows, n_chunks, BLOCK_N)
+    return ready_targets(M, N, unit_rows, units, BLOCK_N)
 
 
 def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None,
