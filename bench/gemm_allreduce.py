@@ -8,7 +8,8 @@ M from 512 to 16384. Variants, same run: ``gemm_only`` (cuBLAS, communication re
 ``sequential`` (cuBLAS + NCCL all_reduce + torch.compile'd add+RMSNorm), ``sequential_fused``
 (cuBLAS + tokenweave's fused kernel), ``async_tp`` (torch symm_mem fused_matmul_reduce_scatter +
 all_gather_into_tensor + the same norm), ``tokenweave_<producer>_<consumer>`` (track-and-trigger with a
-cuBLAS or Triton producer and an SM or copy-engine consumer) and ``tokenweave`` (the best pairing). CUDA graphs, median of
+cuBLAS or Triton producer and an SM or copy-engine consumer; ``_ctasN``: N consumer CTAs instead of 32),
+``tokenweave`` (the best pairing) and ``tokenweave_auto`` (``mode="auto"``, the dispatched op). CUDA graphs, median of
 replays (the bench harness). Rows carry M, K, N; ``hidden_fraction`` = how much of the communication
 the overlap hid: (sequential_fused - tokenweave) / (sequential_fused - gemm_only).
 Writes ``bench/results/gemm_allreduce-<card>-tp<N>.{json,png}``. Needs GPUs.
@@ -44,8 +45,10 @@ QUICK_M = (1024, 4096, 8192)
 ROLES = (("cublas", "sm"), ("triton", "sm"), ("cublas", "copy_engine"), ("triton", "copy_engine"))
 CONSUMER_CTAS = (8, 16)
 TRIGGERS = tuple(f"tokenweave_{p}_{c}" for p, c in ROLES) + tuple(
-    f"tokenweave_{p}_sm_ctas{n}" for n in CONSUMER_CTAS for p in ("cublas", "triton"))
-VARIANTS = ("gemm_only", "sequential", "sequential_fused", "async_tp") + TRIGGERS
+    f"tokenweave_{p}_{c}_ctas{n}" for n in CONSUMER_CTAS for p, c in ROLES)
+# tokenweave_auto: the op as users call it (mode="auto": the overlap only where TRIGGER_WINS says it won,
+# else cuBLAS + the fused kernel), so the dispatcher itself is timed.
+VARIANTS = ("gemm_only", "sequential", "sequential_fused", "async_tp", "tokenweave_auto") + TRIGGERS
 
 
 def worker(args) -> None:
@@ -87,15 +90,19 @@ def worker(args) -> None:
                 dist.all_gather_into_tensor(gathered, shard)
                 out.copy_(norm(gathered, res, nw, EPS))
 
+            def auto():
+                tw.matmul_allreduce_rmsnorm(x, w, res, nw, comm, EPS, mode="auto", tracker=tracker, out=out,
+                                            partial=y)
+
             def trigger(producer, consumer, ctas=None):
                 return lambda: tw.matmul_allreduce_rmsnorm(x, w, res, nw, comm, EPS, mode="trigger", tracker=tracker,
                                                            out=out, partial=y, producer=producer, consumer=consumer,
                                                            ctas=ctas)
 
             fns = dict(gemm_only=gemm_only, sequential=sequential, sequential_fused=sequential_fused,
-                       async_tp=async_tp, **{f"tokenweave_{p}_{c}": trigger(p, c) for p, c in ROLES},
-                       **{f"tokenweave_{p}_sm_ctas{n}": trigger(p, "sm", n) for n in CONSUMER_CTAS
-                          for p in ("cublas", "triton")})
+                       async_tp=async_tp, tokenweave_auto=auto,
+                       **{f"tokenweave_{p}_{c}": trigger(p, c) for p, c in ROLES},
+                       **{f"tokenweave_{p}_{c}_ctas{n}": trigger(p, c, n) for n in CONSUMER_CTAS for p, c in ROLES})
             timings, size_rows = {}, {}
             for name in args.variants or VARIANTS:
                 row = {"M": M, "K": K, "N": HIDDEN, "layer": layer, "dtype": "bfloat16", "variant": name, "us": None}

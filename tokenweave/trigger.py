@@ -108,13 +108,18 @@ def _tracker_of(comm: Communicator, device) -> Tracker:
     return tracker
 
 
-def _check_matmul(op, x, w):
+def _check_matmul(op, x, w, partial=None):
     if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)) or x.dim() != 2 or w.dim() != 2:
         raise ValueError(f"tokenweave.{op}: x must be [M, K] and w [N, K] (a row-parallel nn.Linear weight)")
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"tokenweave.{op}: x has K={x.shape[1]} but w has K={w.shape[1]}; w is [N, K] (out, in)")
     if x.dtype != w.dtype:
         raise TypeError(f"tokenweave.{op}: x has dtype {x.dtype} but w has {w.dtype}")
+    if partial is not None and (tuple(partial.shape) != (x.shape[0], w.shape[0]) or partial.dtype != x.dtype
+                                or partial.device != x.device or not partial.is_contiguous()):
+        raise ValueError(f"tokenweave.{op}: partial must be a contiguous [M, N] = [{x.shape[0]}, {w.shape[0]}] "
+                         f"{x.dtype} tensor on {x.device}; got {tuple(partial.shape)} {partial.dtype} on "
+                         f"{partial.device}")
 
 
 def _choose_mode(op, comm, mode, x, w):
@@ -249,6 +254,11 @@ def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas
     return out
 
 
+def _matmul(x, w, partial):
+    """x @ w.T, into ``partial`` when given (the sequential path; no allocation in a hot loop)."""
+    return x @ w.t() if partial is None else torch.matmul(x, w.t(), out=partial)
+
+
 def _targets(producer, M, N, unit_rows, units):
     """(full, last): what one call adds to each counter of `units` units of `unit_rows` rows."""
     if producer == "cublas":
@@ -286,7 +296,7 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
         across calls, so its first-call state and buffers persist, CUDA graphs included).
     out : Tensor [M, N], optional
     partial : Tensor [M, N], optional
-        Buffer for this rank's GEMM output (trigger mode); allocated if not given.
+        Buffer for this rank's GEMM output; allocated if not given.
     producer : {"cublas", "triton"}, optional
         Trigger mode: cuBLAS per row group + a marking kernel (default), or one Triton GEMM that marks from its
         epilogue.
@@ -298,10 +308,10 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
     Tensor
         ``out``, bitwise identical on every rank.
     """
-    _check_matmul("matmul_allreduce_rmsnorm", x, w)
+    _check_matmul("matmul_allreduce_rmsnorm", x, w, partial)
     mode, auto_producer, auto_consumer = _choose_mode("matmul_allreduce_rmsnorm", comm, mode, x, w)
     if mode == "sequential":
-        return fused_allreduce_rmsnorm(comm, x @ w.t(), residual, norm_weight, eps, out=out)
+        return fused_allreduce_rmsnorm(comm, _matmul(x, w, partial), residual, norm_weight, eps, out=out)
     return _trigger("matmul_allreduce_rmsnorm", comm, x, w, residual, norm_weight, eps, out, ctas,
                     tracker or _tracker_of(comm, x.device), partial, producer or auto_producer or "cublas",
                     consumer or auto_consumer or "sm")
@@ -312,10 +322,10 @@ def matmul_allreduce(x: torch.Tensor, w: torch.Tensor, comm: Communicator, *, mo
                      partial: torch.Tensor | None = None, producer: str | None = None,
                      consumer: str | None = None) -> torch.Tensor:
     """Row-parallel linear + all-reduce: ``sum_r x_r @ w_r.T``. Parameters as in :func:`matmul_allreduce_rmsnorm`."""
-    _check_matmul("matmul_allreduce", x, w)
+    _check_matmul("matmul_allreduce", x, w, partial)
     mode, auto_producer, auto_consumer = _choose_mode("matmul_allreduce", comm, mode, x, w)
     if mode == "sequential":
-        return all_reduce(comm, x @ w.t(), out=out)
+        return all_reduce(comm, _matmul(x, w, partial), out=out)
     return _trigger("matmul_allreduce", comm, x, w, None, None, 0.0, out, ctas, tracker or _tracker_of(comm, x.device),
                     partial,
                     producer or auto_producer or "cublas", consumer or auto_consumer or "sm")

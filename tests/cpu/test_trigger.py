@@ -33,11 +33,12 @@ def _comm_for_mode(rank, world):
             results[mode] = None
         except ValueError as e:
             results[mode] = str(e)
-    try:
-        tw.matmul_allreduce(x, w[:, :8], comm)
-        results["shape"] = None
-    except ValueError as e:
-        results["shape"] = str(e)
+    for key, kwargs in [("shape", dict(x=x, w=w[:, :8])), ("partial", dict(x=x, w=w, partial=torch.empty(8, 63)))]:
+        try:
+            tw.matmul_allreduce(comm=comm, **kwargs)
+            results[key] = None
+        except ValueError as e:
+            results[key] = str(e)
     comm.close()
     return results
 
@@ -47,6 +48,7 @@ def test_mode_choice_and_input_checks():
     assert r["auto"] == "sequential"  # the torch transport cannot overlap
     assert "needs the p2p or multimem transport" in r["trigger"] and "mode=" in r["bogus"]
     assert "w is [N, K]" in r["shape"]
+    assert "partial must be a contiguous [M, N] = [8, 64]" in r["partial"]
 
 
 def _sequential(rank, world, dtype):
@@ -58,9 +60,12 @@ def _sequential(rank, world, dtype):
     norm_w = (1 + 0.3 * torch.randn(N, generator=g)).to(dtype)
     comm = tw.Communicator(max_tokens=M, hidden=N, dtype=dtype)
     res = residual.clone()
-    out = tw.matmul_allreduce_rmsnorm(xs[rank], ws[rank], res, norm_w, comm, 1e-5)
+    partial = torch.full((M, N), float("nan"), dtype=dtype)  # the GEMM must overwrite it
+    out = tw.matmul_allreduce_rmsnorm(xs[rank], ws[rank], res, norm_w, comm, 1e-5, partial=partial)
+    partial_used = partial.isfinite().all().item()
     summed = tw.matmul_allreduce(xs[rank], ws[rank], comm)
     comm.close()
+    assert partial_used, "the sequential path did not compute into partial"
     y = sum(x.double() @ w.double().t() for x, w in zip(xs, ws))
     z = y + residual.double()
     ref = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w.double()
