@@ -8,7 +8,8 @@ M from 512 to 16384. Variants, same run: ``gemm_only`` (cuBLAS, communication re
 ``sequential`` (cuBLAS + NCCL all_reduce + torch.compile'd add+RMSNorm), ``sequential_fused``
 (cuBLAS + tokenweave's fused kernel), ``async_tp`` (torch symm_mem fused_matmul_reduce_scatter +
 all_gather_into_tensor + the same norm), ``tokenweave_<producer>_<consumer>`` (track-and-trigger with a
-cuBLAS or Triton producer and an SM or copy-engine consumer; ``_ctasN``: N consumer CTAs instead of 32),
+cuBLAS or Triton producer and an SM, copy-engine or stream-gated consumer; ``_ctasN``: N consumer CTAs,
+``_gN``: N row groups of the stream consumer),
 ``tokenweave`` (the best pairing) and ``tokenweave_auto`` (``mode="auto"``, the dispatched op). CUDA graphs, median of
 replays (the bench harness). Rows carry M, K, N; ``hidden_fraction`` = how much of the communication
 the overlap hid: (sequential_fused - tokenweave) / (sequential_fused - gemm_only).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -39,13 +41,17 @@ DTYPE = torch.bfloat16
 HIDDEN, INTERMEDIATE = 8192, 28672
 M_VALUES = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_M = (1024, 4096, 8192)
-# tokenweave_<producer>_<consumer>: the track-and-trigger pairings (tokenweave.trigger); "tokenweave" is
-# the best of them at each shape, so the per-shape choice is visible in the rows.
-# A _ctasN suffix sets the consumer's CTAs (default 32): fewer leave more SMs to the GEMM.
-ROLES = (("cublas", "sm"), ("triton", "sm"), ("cublas", "copy_engine"), ("triton", "copy_engine"))
+# tokenweave_<producer>_<consumer>[_ctasN][_gN]: the track-and-trigger pairings (tokenweave.trigger);
+# "tokenweave" is the best of them at each shape, so the per-shape choice is visible in the rows.
+# _ctasN sets the consumer's CTAs (sm/copy_engine default 32: fewer leave more SMs to the GEMM; stream: per
+# group call, default the fused op's choice); _gN the stream consumer's row groups (default one per 8 MiB).
+ROLES = (("cublas", "sm"), ("triton", "sm"), ("cublas", "copy_engine"), ("triton", "copy_engine"),
+         ("cublas", "stream"), ("triton", "stream"))
 CONSUMER_CTAS = (8, 16)
-TRIGGERS = tuple(f"tokenweave_{p}_{c}" for p, c in ROLES) + tuple(
-    f"tokenweave_{p}_{c}_ctas{n}" for n in CONSUMER_CTAS for p, c in ROLES)
+TRIGGERS = (tuple(f"tokenweave_{p}_{c}" for p, c in ROLES)
+            + tuple(f"tokenweave_{p}_{c}_ctas{n}" for n in CONSUMER_CTAS for p, c in ROLES if c != "stream")
+            + tuple(f"tokenweave_cublas_stream_{s}" for s in ("ctas32", "ctas64", "g4", "g16")))
+TRIGGER_NAME = re.compile(r"tokenweave_(cublas|triton)_(sm|copy_engine|stream)(?:_ctas(\d+))?(?:_g(\d+))?")
 # tokenweave_auto: the op as users call it (mode="auto": the overlap only where TRIGGER_WINS says it won,
 # else cuBLAS + the fused kernel), so the dispatcher itself is timed.
 VARIANTS = ("gemm_only", "sequential", "sequential_fused", "async_tp", "tokenweave_auto") + TRIGGERS
@@ -94,15 +100,15 @@ def worker(args) -> None:
                 tw.matmul_allreduce_rmsnorm(x, w, res, nw, comm, EPS, mode="auto", tracker=tracker, out=out,
                                             partial=y)
 
-            def trigger(producer, consumer, ctas=None):
-                return lambda: tw.matmul_allreduce_rmsnorm(x, w, res, nw, comm, EPS, mode="trigger", tracker=tracker,
-                                                           out=out, partial=y, producer=producer, consumer=consumer,
-                                                           ctas=ctas)
+            def trigger(name):
+                producer, consumer, ctas, groups = TRIGGER_NAME.fullmatch(name).groups()
+                return lambda: tw.matmul_allreduce_rmsnorm(
+                    x, w, res, nw, comm, EPS, mode="trigger", tracker=tracker, out=out, partial=y, producer=producer,
+                    consumer=consumer, ctas=ctas and int(ctas), groups=groups and int(groups))
 
             fns = dict(gemm_only=gemm_only, sequential=sequential, sequential_fused=sequential_fused,
-                       async_tp=async_tp, tokenweave_auto=auto,
-                       **{f"tokenweave_{p}_{c}": trigger(p, c) for p, c in ROLES},
-                       **{f"tokenweave_{p}_{c}_ctas{n}": trigger(p, c, n) for n in CONSUMER_CTAS for p, c in ROLES})
+                       async_tp=async_tp, tokenweave_auto=auto)
+            fns.update({name: trigger(name) for name in TRIGGERS})
             timings, size_rows = {}, {}
             for name in args.variants or VARIANTS:
                 row = {"M": M, "K": K, "N": HIDDEN, "layer": layer, "dtype": "bfloat16", "variant": name, "us": None}

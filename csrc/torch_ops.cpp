@@ -221,6 +221,20 @@ void mark_ready_cuda(at::Tensor& ready, int64_t begin, int64_t end, int64_t piec
               num(tw::kMaxChunks), "))");
 }
 
+void gate_on_counter_cuda(at::Tensor& counters, int64_t index, int64_t target) {
+  constexpr const char* op = "tokenweave.gate_on_counter";
+  TORCH_CHECK_VALUE(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.is_contiguous() &&
+                        index >= 0 && index < counters.numel(),
+                    op, ": counters must be a contiguous int32 CUDA tensor and index in [0, ", num(counters.numel()),
+                    "); got index ", num(index));
+  TORCH_CHECK_VALUE(target >= 1 && target < (int64_t(1) << 32), op, ": target must be in [1, 2^32); got ", num(target));
+  const c10::cuda::CUDAGuard guard(counters.device());
+  const cudaError_t st = tw::gate_on_counter(reinterpret_cast<uint32_t*>(counters.data_ptr()) + index,
+                                             uint32_t(target), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(st == cudaSuccess, op, ": enqueue failed: ", cudaGetErrorString(st),
+              st == cudaErrorNotSupported ? " (this driver lacks stream memory operations: use the SM consumer)" : "");
+}
+
 py::dict plan(int64_t comm, int64_t tokens, int64_t hidden, int64_t dtype, int64_t algo, int64_t ctas,
               int64_t chunks_per_cta) {
   constexpr const char* op = "tokenweave.plan";
@@ -329,6 +343,7 @@ TORCH_LIBRARY(tokenweave, m) {
         "int ctas, int chunks_per_cta, Tensor(c!) go) -> ()");
   m.def("copy_engine_stage(Tensor x, int comm, int ctas, int chunks_per_cta, Tensor(a!) group_ready, "
         "int group_chunks, int pieces_full, int pieces_last, Tensor(b!) go, Tensor ones) -> ()");
+  m.def("gate_on_counter(Tensor(a!) counters, int index, int target) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tokenweave, CUDA, m) {
@@ -338,6 +353,7 @@ TORCH_LIBRARY_IMPL(tokenweave, CUDA, m) {
   m.impl("mark_ready", &mark_ready_cuda);
   m.impl("allreduce_staged", &allreduce_staged_cuda);
   m.impl("copy_engine_stage", &copy_engine_stage_cuda);
+  m.impl("gate_on_counter", &gate_on_counter_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

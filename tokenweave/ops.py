@@ -41,6 +41,10 @@ if HAS_EXTENSION:
                                 go, ones):
         return None
 
+    @torch.library.register_fake("tokenweave::gate_on_counter")
+    def _gate_on_counter_fake(counters, index, target):
+        return None
+
 
 def _check_tensor(op, name, t, like, device):
     if not isinstance(t, torch.Tensor):
@@ -156,6 +160,7 @@ class _Ops:
         self.mark_ready = ops.mark_ready.default
         self.allreduce_staged = ops.allreduce_staged.default
         self.copy_engine_stage = ops.copy_engine_stage.default
+        self.gate_on_counter = ops.gate_on_counter.default
 
 
 _OPS = None

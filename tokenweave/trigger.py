@@ -12,10 +12,15 @@ consumer ``sm``      the fused kernel in its tracked form: each CTA acquires its
                      the Communicator's timeout), then scatters, reduces, all-gathers and normalises it.
 consumer ``copy_engine``  the scatter runs on the copy engines, gated by cuStreamWaitValue32 on per-group
                      counters (copy_engine.cu); the kernel starts each chunk at the reduce.
+consumer ``stream``  no kernel waits at all: per row group, the consumer stream waits (cuStreamWaitValue32)
+                     until the group's counter is complete, then launches the ordinary fused kernel on those
+                     rows, which takes SMs only as the GEMM's CTAs retire (the high-priority stream's CTAs are
+                     scheduled first). The SM and copy-engine consumers spin on their CTAs for the whole GEMM,
+                     which costs the GEMM those SMs (README, "Track-and-trigger").
 
 Counters of the SM consumer only grow (the kernel keeps its own ``consumed`` count), so CUDA-graph
-replays need no reset; the copy engine's waits compare with constants captured in the graph, so its
-group counters are re-armed to 0 by the copy stream after each wait.
+replays need no reset; the stream waits (copy engine, stream) compare with constants captured in the graph,
+so their group counters are re-armed to 0 by the waiting stream after each wait.
 
 Forward progress: the consumer spins on at most half the SMs (each of its CTAs fills an SM: 512 threads
 x 128 registers) and the Triton producer's persistent grid is capped to the SMs left over, so the
@@ -35,11 +40,17 @@ import torch
 
 from tokenweave._ext import _C
 from tokenweave.comm import ALGOS, Communicator
-from tokenweave.ops import _ops, fused_allreduce_rmsnorm, all_reduce
+from tokenweave.ops import _collective, _ops, _validate, fused_allreduce_rmsnorm, all_reduce
 
 MODES = ("auto", "sequential", "trigger")
 PRODUCERS = ("cublas", "triton")
-CONSUMERS = ("sm", "copy_engine")
+CONSUMERS = ("sm", "copy_engine", "stream")
+# consumer="stream": one row group per this many bytes of the GEMM output, at most STREAM_MAX_GROUPS. Each
+# group is one collective (~10-15 us of barriers and tail at TP4, bench/results/fused_allreduce_rmsnorm-*),
+# so groups much smaller than 8 MiB would pay more in calls than they hide.
+STREAM_GROUP_BYTES = 8 << 20
+STREAM_MAX_GROUPS = 8
+_MAX_GROUPS = 64  # an explicit groups=: more collectives than this would cost more in barriers than they hide
 # Where the overlap measured faster than cuBLAS + the fused kernel, (world, K, N) -> (smallest M, producer,
 # consumer): bench/results/gemm_allreduce-h200-tp{2,4}.json (4 x H200, bf16, commit 1bb5405). Only TP4 o_proj
 # (K = 8192 / 4) from M = 16384 won (2108 vs 2204 us, 1.05x); every other shape lost 0-43% because the consumer
@@ -167,15 +178,23 @@ def _choose_roles(op, comm, producer, consumer):
 
 
 def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas, tracker, partial, producer,
-             consumer):
+             consumer, groups):
     M, N = x.shape[0], w.shape[0]
     itemsize = x.element_size()
     if M * N * itemsize > comm.capacity_bytes:
         raise ValueError(f"tokenweave.{op}: mode='trigger' takes at most the workspace ({comm.capacity_bytes} bytes) "
                          "in one call; make the Communicator with a larger max_tokens or use mode='sequential'")
     _choose_roles(op, comm, producer, consumer)
+    if tracker.broken:
+        raise ValueError(f"tokenweave.{op}: an enqueue on this Tracker failed earlier and its counters may be "
+                         "armed; make a new Tracker (and Communicator)")
+    if groups is not None and (consumer != "stream" or not 1 <= int(groups) <= _MAX_GROUPS):
+        raise ValueError(f"tokenweave.{op}: groups={groups!r} applies to consumer='stream' only, 1..{_MAX_GROUPS}")
     comm.check()
     half_sms = max(1, comm._num_sms // 2)
+    if consumer == "stream":
+        return _gated_launches(op, comm, x, w, residual, norm_weight, eps, out, ctas, tracker, partial, producer,
+                               groups, half_sms)
     ctas = min(ctas or min(32, half_sms), half_sms)
     plan = comm.plan(M, N, itemsize, "two_shot", ctas)
     geo = _C.plan(comm._id, M, N, _DTYPE_CODE[x.dtype], ALGOS["two_shot"], plan.ctas, plan.chunks_per_cta)
@@ -193,13 +212,9 @@ def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas
     pieces = _targets(producer, M, N, unit_rows, units)
 
     def produce():
-        if producer == "triton":
-            from tokenweave.producer_triton import matmul_mark_ready
-            matmul_mark_ready(x, w, y, counters, unit_rows, units, max_programs=comm._num_sms - ctas)
-            return
-        for k, g in enumerate(groups):
-            torch.matmul(x[g.row_begin:g.row_end], w.t(), out=y[g.row_begin:g.row_end])
-            _ops().mark_ready(counters, *((k, k + 1) if ce else (g.chunk_begin, g.chunk_end)), 1)
+        marks = [(g.row_begin, g.row_end, *((k, k + 1) if ce else (g.chunk_begin, g.chunk_end)))
+                 for k, g in enumerate(groups)]
+        _produce(producer, x, w, y, counters, unit_rows, units, marks, comm._num_sms - ctas)
 
     def consume():
         with torch.cuda.stream(tracker.stream):
@@ -224,9 +239,6 @@ def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas
                 tracker.broken = True  # `go` and the group counters may be left armed: never reuse them
                 raise
 
-    if tracker.broken:
-        raise ValueError(f"tokenweave.{op}: this Tracker's copy-engine enqueue failed earlier and its counters may "
-                         "be armed; make a new Tracker (and Communicator)")
     compute = torch.cuda.current_stream(x.device)
     inputs_ready = torch.cuda.Event()
     inputs_ready.record(compute)  # x, w, residual and the buffers are ready; the last call is done
@@ -254,6 +266,71 @@ def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas
     return out
 
 
+def _produce(producer, x, w, y, counters, unit_rows, units, marks, max_programs):
+    """y = x @ w.T on the current stream, adding to ``counters`` as rows complete.
+
+    cuBLAS: one GEMM per (row_begin, row_end, counter_begin, counter_end) of ``marks``, each followed by a
+    kernel adding 1 to its counters. Triton: one persistent GEMM on at most ``max_programs`` CTAs adding, per
+    tile, its rows inside each unit of ``unit_rows`` rows (``units`` of them) to that unit's counter."""
+    if producer == "triton":
+        from tokenweave.producer_triton import matmul_mark_ready
+        matmul_mark_ready(x, w, y, counters, unit_rows, units, max_programs=max_programs)
+        return
+    for r0, r1, c0, c1 in marks:
+        torch.matmul(x[r0:r1], w.t(), out=y[r0:r1])
+        _ops().mark_ready(counters, c0, c1, 1)
+
+
+def stream_groups(rows: int, row_bytes: int, groups: int | None = None) -> tuple[int, int]:
+    """(rows per group, groups) of consumer="stream": ``groups`` if given, else one per STREAM_GROUP_BYTES of
+    output, 1..STREAM_MAX_GROUPS; the last group holds the remainder."""
+    n = groups or min(STREAM_MAX_GROUPS, max(1, rows * row_bytes // STREAM_GROUP_BYTES))
+    group_rows = -(-rows // min(n, rows))
+    return group_rows, -(-rows // group_rows)
+
+
+def _gated_launches(op, comm, x, w, residual, norm_weight, eps, out, ctas, tracker, partial, producer, groups,
+                    half_sms):
+    """consumer="stream": per row group, a stream wait on the group's counter, then the fused kernel on its rows.
+
+    The producer is enqueued first: the waits can only be satisfied by it, so no kernel the waits depend on is
+    launched (and lazily loaded) behind them. Each group's kernel is an ordinary collective call, so its
+    timeouts, checks and numerics are the fused op's. ``ctas`` is each call's CTA count (default: the fused op's
+    choice); the Triton producer leaves that many SMs (default 32, at most half) free for them, since its
+    persistent CTAs would otherwise hold every SM until the GEMM ends."""
+    M, N = x.shape[0], w.shape[0]
+    y = partial if partial is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty_like(y)
+    # Everything the group calls check, checked before the producer bumps counters no wait would re-arm.
+    _validate(op, y, residual, norm_weight, out, comm.device)
+    if residual is not None and out.data_ptr() == residual.data_ptr():
+        raise ValueError(f"tokenweave.{op}: out must not be the residual tensor (both are written)")
+    group_rows, n = stream_groups(M, N * x.element_size(), groups)
+    targets = _targets(producer, M, N, group_rows, n)
+    counters = tracker.group_ready
+    compute = torch.cuda.current_stream(x.device)
+    inputs_ready = torch.cuda.Event()
+    inputs_ready.record(compute)  # x, w, residual and the buffers are ready; the last call is done
+    marks = [(k * group_rows, min(M, (k + 1) * group_rows), k, k + 1) for k in range(n)]
+    _produce(producer, x, w, y, counters, group_rows, n, marks, comm._num_sms - min(ctas or 32, half_sms))
+    tracker.stream.wait_event(inputs_ready)
+    with torch.cuda.stream(tracker.stream):
+        try:
+            for k, (r0, r1, _, _) in enumerate(marks):
+                _ops().gate_on_counter(counters, k, targets[k == n - 1])
+                _collective(op, comm, y[r0:r1], None if residual is None else residual[r0:r1], norm_weight, eps,
+                            out[r0:r1], None, ctas)
+        except Exception:
+            tracker.broken = True  # groups not yet gated keep the producer's counts: never reuse the counters
+            raise
+    compute.wait_stream(tracker.stream)
+    for t in (y, out, residual):  # used on the side stream: not reusable before it is done
+        if t is not None:
+            t.record_stream(tracker.stream)
+    return out
+
+
 def _matmul(x, w, partial):
     """x @ w.T, into ``partial`` when given (the sequential path; no allocation in a hot loop)."""
     return x @ w.t() if partial is None else torch.matmul(x, w.t(), out=partial)
@@ -271,7 +348,7 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
                              norm_weight: torch.Tensor, comm: Communicator, eps: float = 1e-6, *, mode: str = "auto",
                              ctas: int | None = None, tracker: Tracker | None = None, out: torch.Tensor | None = None,
                              partial: torch.Tensor | None = None, producer: str | None = None,
-                             consumer: str | None = None) -> torch.Tensor:
+                             consumer: str | None = None, groups: int | None = None) -> torch.Tensor:
     """Row-parallel linear + all-reduce + residual add + RMSNorm: ``RMSNorm(sum_r x_r @ w_r.T + residual)``.
 
     Parameters
@@ -290,7 +367,8 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
         overlap (p2p/multimem, bf16/fp16). ``auto``: trigger only where it measured faster (``TRIGGER_WINS``,
         with the measured producer and consumer), sequential everywhere else.
     ctas : int, optional
-        CTAs of the communication kernel in trigger mode (at most half the SMs; default 32).
+        CTAs of the communication kernel in trigger mode (sm and copy_engine: at most half the SMs, default 32;
+        stream: per group call, default the fused op's choice).
     tracker : Tracker, optional
         Counters and streams of the overlap; by default the Communicator's own (one per Communicator, kept
         across calls, so its first-call state and buffers persist, CUDA graphs included).
@@ -300,8 +378,11 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
     producer : {"cublas", "triton"}, optional
         Trigger mode: cuBLAS per row group + a marking kernel (default), or one Triton GEMM that marks from its
         epilogue.
-    consumer : {"sm", "copy_engine"}, optional
-        Trigger mode: the scatter on the consumer's CTAs (default), or on the copy engines (p2p only).
+    consumer : {"sm", "copy_engine", "stream"}, optional
+        Trigger mode: the scatter on the consumer's CTAs (default), on the copy engines (p2p only), or
+        ``stream``: the fused kernel launched per row group once a stream wait sees the group complete.
+    groups : int, optional
+        ``consumer="stream"``: row groups (one collective each); default one per 8 MiB of output, at most 8.
 
     Returns
     -------
@@ -314,18 +395,17 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
         return fused_allreduce_rmsnorm(comm, _matmul(x, w, partial), residual, norm_weight, eps, out=out)
     return _trigger("matmul_allreduce_rmsnorm", comm, x, w, residual, norm_weight, eps, out, ctas,
                     tracker or _tracker_of(comm, x.device), partial, producer or auto_producer or "cublas",
-                    consumer or auto_consumer or "sm")
+                    consumer or auto_consumer or "sm", groups)
 
 
 def matmul_allreduce(x: torch.Tensor, w: torch.Tensor, comm: Communicator, *, mode: str = "auto",
                      ctas: int | None = None, tracker: Tracker | None = None, out: torch.Tensor | None = None,
                      partial: torch.Tensor | None = None, producer: str | None = None,
-                     consumer: str | None = None) -> torch.Tensor:
+                     consumer: str | None = None, groups: int | None = None) -> torch.Tensor:
     """Row-parallel linear + all-reduce: ``sum_r x_r @ w_r.T``. Parameters as in :func:`matmul_allreduce_rmsnorm`."""
     _check_matmul("matmul_allreduce", x, w, partial)
     mode, auto_producer, auto_consumer = _choose_mode("matmul_allreduce", comm, mode, x, w)
     if mode == "sequential":
         return all_reduce(comm, _matmul(x, w, partial), out=out)
     return _trigger("matmul_allreduce", comm, x, w, None, None, 0.0, out, ctas, tracker or _tracker_of(comm, x.device),
-                    partial,
-                    producer or auto_producer or "cublas", consumer or auto_consumer or "sm")
+                    partial, producer or auto_producer or "cublas", consumer or auto_consumer or "sm", groups)

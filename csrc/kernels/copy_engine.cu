@@ -1,5 +1,11 @@
-// Copy-engine feed of track-and-trigger: the scatter (phase A of two-shot) runs on the copy engines,
-// gated on the producer's progress by stream memory operations, so no SM spins or copies for it.
+// Track-and-trigger gates made of stream memory operations: nothing waits on an SM.
+//
+// gate_on_counter (consumer="stream"): the consumer stream waits until counter >= target, then
+// re-arms it to 0; the fused kernel of that producer group is launched behind it, so it takes SMs only
+// once its rows are complete (as the GEMM's CTAs retire) instead of spinning on them while the GEMM runs.
+//
+// copy_engine_stage (consumer="copy_engine"): the scatter (phase A of two-shot) runs on the copy engines,
+// gated on the producer's progress the same way, so no SM spins or copies for it.
 //
 // On the copy stream, per producer group g (chunks [g * group_chunks, ...)):
 //   cuStreamWaitValue32(group_ready[g] >= pieces)   the GEMM (or its epilogue) finished the group
@@ -52,7 +58,22 @@ cudaError_t from_driver(CUresult r) {
   return r == CUDA_SUCCESS ? cudaSuccess : r == CUDA_ERROR_NOT_SUPPORTED ? cudaErrorNotSupported : cudaErrorUnknown;
 }
 
+// Wait until *counter >= target, then re-arm: a captured wait compares with a constant, so the counter must
+// restart at 0 for the next call or replay. The write is ordered after the wait by the stream.
+cudaError_t wait_and_rearm(const StreamMemOps& ops, CUstream s, const uint32_t* counter, uint32_t target) {
+  cudaError_t st = from_driver(ops.wait(s, CUdeviceptr(counter), target, CU_STREAM_WAIT_VALUE_GEQ));
+  if (st == cudaSuccess) st = from_driver(ops.write(s, CUdeviceptr(counter), 0, CU_STREAM_WRITE_VALUE_DEFAULT));
+  return st;
+}
+
 }  // namespace
+
+cudaError_t gate_on_counter(uint32_t* counter, uint32_t target, cudaStream_t stream) {
+  const StreamMemOps& ops = stream_mem_ops();
+  if (ops.wait == nullptr || ops.write == nullptr) return cudaErrorNotSupported;
+  if (target < 1) return cudaErrorInvalidValue;
+  return wait_and_rearm(ops, reinterpret_cast<CUstream>(stream), counter, target);
+}
 
 cudaError_t copy_engine_stage(const CommDevice& c, const CallArgs& a, const uint32_t* group_ready, int group_chunks,
                               uint32_t pieces_full, uint32_t pieces_last, uint32_t* go, const uint32_t* ones,
@@ -73,9 +94,7 @@ cudaError_t copy_engine_stage(const CommDevice& c, const CallArgs& a, const uint
   for (int c0 = 0, g = 0; st == cudaSuccess && c0 < n; c0 += group_chunks, ++g) {
     const int c1 = c0 + group_chunks < n ? c0 + group_chunks : n;
     const uint32_t pieces = c1 == n ? pieces_last : pieces_full;
-    const CUdeviceptr counter = CUdeviceptr(group_ready + g);
-    st = from_driver(ops.wait(s, counter, pieces, CU_STREAM_WAIT_VALUE_GEQ));
-    if (st == cudaSuccess) st = from_driver(ops.write(s, counter, 0, CU_STREAM_WRITE_VALUE_DEFAULT));
+    st = wait_and_rearm(ops, s, group_ready + g, pieces);
     const int full_end = c1 < n - 1 ? c1 : n - 1;  // chunks [c0, full_end) have chunk_rows rows
     for (int i = 1; i <= W && st == cudaSuccess; ++i) {
       const int q = (me + i) % W;  // spread the W senders over different receivers first

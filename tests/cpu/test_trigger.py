@@ -103,3 +103,30 @@ def test_auto_overlaps_only_where_measured_faster():
     assert trigger._auto_roles(world, min_m - 1, K, N) is None  # below the measured crossover
     assert trigger._auto_roles(world, min_m, K + 8, N) is None  # an unmeasured shape stays sequential
     assert trigger._auto_roles(world + 1, min_m, K, N) is None
+
+
+# (rows, bytes per row, groups=) -> (rows per group, groups): one group per 8 MiB of output, at most 8.
+@pytest.mark.parametrize("rows,row_bytes,groups,expected", [
+    (1, 16384, None, (1, 1)), (511, 16384, None, (511, 1)), (512, 16384, None, (512, 1)),
+    (1024, 16384, None, (512, 2)), (4097, 16384, None, (513, 8)), (16384, 16384, None, (2048, 8)),
+    (7, 16, 3, (3, 3)), (5, 16, 64, (1, 5)), (1000, 16384, 8, (125, 8))])
+def test_stream_groups_cover_every_row_once(rows, row_bytes, groups, expected):
+    group_rows, n = trigger.stream_groups(rows, row_bytes, groups)
+    assert (group_rows, n) == expected
+    spans = [(k * group_rows, min(rows, (k + 1) * group_rows)) for k in range(n)]
+    assert spans[0][0] == 0 and spans[-1][1] == rows and all(a < b for a, b in spans)  # no empty group
+    assert all(spans[k][1] == spans[k + 1][0] for k in range(n - 1))
+
+
+def test_groups_only_with_the_stream_consumer():
+    from types import SimpleNamespace
+
+    comm = SimpleNamespace(transport="p2p", capacity_bytes=1 << 30)
+    tracker = SimpleNamespace(broken=False)
+    x, w = torch.zeros(8, 16, dtype=torch.bfloat16), torch.zeros(64, 16, dtype=torch.bfloat16)
+    for consumer, groups in [("sm", 2), ("stream", 0), ("stream", 65)]:
+        with pytest.raises(ValueError, match="groups="):
+            trigger._trigger("op", comm, x, w, None, None, 0.0, None, None, tracker, None, "cublas", consumer, groups)
+    with pytest.raises(ValueError, match="make a new Tracker"):
+        trigger._trigger("op", comm, x, w, None, None, 0.0, None, None, SimpleNamespace(broken=True), None, "cublas",
+                         "stream", None)

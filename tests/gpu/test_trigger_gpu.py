@@ -1,4 +1,5 @@
-"""Track-and-trigger on 2 and 4 GPUs, every producer (cuBLAS, Triton) with every consumer (SM, copy engine).
+"""Track-and-trigger on 2 and 4 GPUs, every producer (cuBLAS, Triton) with every consumer (SM, copy engine,
+stream-gated launches).
 
 Against float64: ragged M (not a multiple of the chunk or of TP), the GEMM output buffer poisoned with
 NaN (a premature read shows), random per-rank delays before the GEMM, 1000+ CUDA-graph replays with
@@ -44,7 +45,8 @@ def _check(label, out, res, inputs, rank, bad, prints):
     prints.append(fingerprint(out))
 
 
-ROLES = [("cublas", "sm"), ("triton", "sm"), ("cublas", "copy_engine"), ("triton", "copy_engine")]
+ROLES = [("cublas", "sm"), ("triton", "sm"), ("cublas", "copy_engine"), ("triton", "copy_engine"),
+         ("cublas", "stream"), ("triton", "stream")]
 
 
 def _eager(rank, world, producer, consumer):
@@ -62,8 +64,11 @@ def _eager(rank, world, producer, consumer):
         partial = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
         res = residual.clone()
         torch.cuda._sleep(rng.randrange(0, 2_000_000) * (rank + 1))  # skew the ranks' producers
+        # the stream consumer: its default groups (one per 8 MiB) on even calls, 3 groups (ragged) on odd ones
+        extra = {"groups": (None, 3)[i % 2]} if consumer == "stream" else {}
         out = tw.matmul_allreduce_rmsnorm(xs[rank], ws[rank], res, norm_w, comm, EPS, mode="trigger",
-                                          tracker=tracker, partial=partial, producer=producer, consumer=consumer)
+                                          tracker=tracker, partial=partial, producer=producer, consumer=consumer,
+                                          **extra)
         comm.synchronize()
         _check(f"{producer}/{consumer} M={M} call {i}", out, res, (xs, ws, residual, norm_w), rank, bad, prints)
     comm.close()

@@ -21,6 +21,11 @@ cudaError_t add_rmsnorm(const void* x, void* residual, const void* weight, void*
 // after whatever the stream ran before (the GEMM that wrote those chunks).
 cudaError_t mark_ready(uint32_t* ready, int begin, int end, uint32_t pieces, cudaStream_t stream);
 
+// Stream gate of track-and-trigger (consumer="stream"): `stream` waits until *counter >= target, then
+// sets it to 0 (re-armed for the next call or graph replay); work enqueued after it starts only then.
+// No SM waits. cudaErrorNotSupported where the driver lacks stream memory operations.
+cudaError_t gate_on_counter(uint32_t* counter, uint32_t target, cudaStream_t stream);
+
 // Copy-engine feed (p2p, two-shot, a.feed == Feed::kCopyEngine, `a` planned like the consumer's call):
 // enqueues on `stream` the gated scatter of x (see copy_engine.cu). Producer group g covers chunks
 // [g * group_chunks, ...) and is complete when group_ready[g] >= pieces_full (pieces_last for the last
