@@ -5,14 +5,15 @@
 
 Llama-3-70B row-parallel shapes (o_proj: K = 8192/TP; down_proj: K = 28672/TP; N = 8192), bf16,
 M from 512 to 16384. Variants, same run: ``gemm_only`` (cuBLAS, communication removed),
+``gemm_carveout32`` (cuBLAS told to leave 32 SMs free: the GEMM's cost of the stream consumer's _ctas32),
 ``sequential`` (cuBLAS + NCCL all_reduce + torch.compile'd add+RMSNorm), ``sequential_fused``
 (cuBLAS + tokenweave's fused kernel), ``async_tp`` (torch symm_mem fused_matmul_reduce_scatter +
 all_gather_into_tensor + the same norm), ``tokenweave_<producer>_<consumer>`` (track-and-trigger with a
 cuBLAS or Triton producer and an SM, copy-engine or stream-gated consumer; ``_ctasN``: N consumer CTAs,
-``_gN``: N row groups of the stream consumer),
-``tokenweave`` (the best pairing) and ``tokenweave_auto`` (``mode="auto"``, the dispatched op). CUDA graphs, median of
-replays (the bench harness). Rows carry M, K, N; ``hidden_fraction`` = how much of the communication
-the overlap hid: (sequential_fused - tokenweave) / (sequential_fused - gemm_only).
+``_gN``: N row groups of the stream consumer), ``tokenweave`` (the best pairing) and ``tokenweave_auto``
+(``mode="auto"``, the dispatched op). CUDA graphs, median of replays (the bench harness). Rows carry M, K,
+N; ``hidden_fraction`` = how much of the communication the overlap hid:
+(sequential_fused - tokenweave) / (sequential_fused - gemm_only).
 Writes ``bench/results/gemm_allreduce-<card>-tp<N>.{json,png}``. Needs GPUs.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ except ImportError:  # run from a source checkout without installing
 import torch
 import torch.distributed as dist
 
+from tokenweave import trigger
 from tokenweave.bench import harness
 from tokenweave.bench.fused import add_rmsnorm_reference
 
@@ -47,14 +49,18 @@ QUICK_M = (1024, 4096, 8192)
 # group call, default the fused op's choice); _gN the stream consumer's row groups (default one per 8 MiB).
 ROLES = (("cublas", "sm"), ("triton", "sm"), ("cublas", "copy_engine"), ("triton", "copy_engine"),
          ("cublas", "stream"), ("triton", "stream"))
-CONSUMER_CTAS = (8, 16)
+STREAM_SWEEP = ("ctas16", "ctas24", "ctas32", "ctas48", "ctas32_g4", "ctas32_g16")
 TRIGGERS = (tuple(f"tokenweave_{p}_{c}" for p, c in ROLES)
-            + tuple(f"tokenweave_{p}_{c}_ctas{n}" for n in CONSUMER_CTAS for p, c in ROLES if c != "stream")
-            + tuple(f"tokenweave_cublas_stream_{s}" for s in ("ctas32", "ctas64", "g4", "g16")))
+            + tuple(f"tokenweave_cublas_stream_{s}" for s in STREAM_SWEEP))
+# Measured once (bench/results/logs/device_run_13_h100x4_gemm_tp4.log): fewer CTAs for the spinning consumers
+# only lost; kept runnable with --variants.
+SPIN_CTAS = tuple(f"tokenweave_{p}_{c}_ctas{n}" for n in (8, 16) for p, c in ROLES[:4])
 TRIGGER_NAME = re.compile(r"tokenweave_(cublas|triton)_(sm|copy_engine|stream)(?:_ctas(\d+))?(?:_g(\d+))?")
+# gemm_carveout32: cuBLAS told to leave 32 SMs free (what the stream consumer's _ctas32 costs the GEMM).
 # tokenweave_auto: the op as users call it (mode="auto": the overlap only where TRIGGER_WINS says it won,
 # else cuBLAS + the fused kernel), so the dispatcher itself is timed.
-VARIANTS = ("gemm_only", "sequential", "sequential_fused", "async_tp", "tokenweave_auto") + TRIGGERS
+VARIANTS = ("gemm_only", "gemm_carveout32", "sequential", "sequential_fused", "async_tp", "tokenweave_auto") + TRIGGERS
+ALL_VARIANTS = VARIANTS + SPIN_CTAS
 
 
 def worker(args) -> None:
@@ -81,6 +87,10 @@ def worker(args) -> None:
             def gemm_only():
                 torch.matmul(x, w.t(), out=y)
 
+            def gemm_carveout32():
+                with trigger._sm_carveout(32):
+                    torch.matmul(x, w.t(), out=y)
+
             def sequential():
                 torch.matmul(x, w.t(), out=y)
                 dist.all_reduce(y)
@@ -106,9 +116,9 @@ def worker(args) -> None:
                     x, w, res, nw, comm, EPS, mode="trigger", tracker=tracker, out=out, partial=y, producer=producer,
                     consumer=consumer, ctas=ctas and int(ctas), groups=groups and int(groups))
 
-            fns = dict(gemm_only=gemm_only, sequential=sequential, sequential_fused=sequential_fused,
+            fns = dict(gemm_only=gemm_only, gemm_carveout32=gemm_carveout32, sequential=sequential, sequential_fused=sequential_fused,
                        async_tp=async_tp, tokenweave_auto=auto)
-            fns.update({name: trigger(name) for name in TRIGGERS})
+            fns.update({name: trigger(name) for name in TRIGGERS + SPIN_CTAS})
             timings, size_rows = {}, {}
             for name in args.variants or VARIANTS:
                 row = {"M": M, "K": K, "N": HIDDEN, "layer": layer, "dtype": "bfloat16", "variant": name, "us": None}
@@ -121,7 +131,7 @@ def worker(args) -> None:
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                 rows.append(row)
                 size_rows[name] = row
-            ran = [t for t in TRIGGERS if t in timings]
+            ran = [t for t in TRIGGERS + SPIN_CTAS if t in timings]
             if ran:  # the best pairing at this shape, as its own row
                 best = min(ran, key=timings.get)
                 timings["tokenweave"] = timings[best]
@@ -146,7 +156,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tp", type=int, default=None, help="ranks to spawn when not under torchrun")
     parser.add_argument("--m", type=int, nargs="+", default=None, help=f"M values (default {M_VALUES})")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
+    parser.add_argument("--variants", nargs="+", choices=ALL_VARIANTS, default=None)
     parser.add_argument("--quick", action="store_true", help=f"M in {QUICK_M}")
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--replays", type=int, default=5)

@@ -33,7 +33,9 @@ nothing and needs no such call.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -266,19 +268,41 @@ def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas
     return out
 
 
-def _produce(producer, x, w, y, counters, unit_rows, units, marks, max_programs):
+def _produce(producer, x, w, y, counters, unit_rows, units, marks, max_programs, carveout=0):
     """y = x @ w.T on the current stream, adding to ``counters`` as rows complete.
 
     cuBLAS: one GEMM per (row_begin, row_end, counter_begin, counter_end) of ``marks``, each followed by a
-    kernel adding 1 to its counters. Triton: one persistent GEMM on at most ``max_programs`` CTAs adding, per
-    tile, its rows inside each unit of ``unit_rows`` rows (``units`` of them) to that unit's counter."""
+    kernel adding 1 to its counters; with ``carveout`` > 0 cuBLAS is told to plan for that many fewer SMs
+    (cublasSetSmCountTarget, through torch's SM carveout), so its CTAs leave them free. Triton: one persistent
+    GEMM on at most ``max_programs`` CTAs adding, per tile, its rows inside each unit of ``unit_rows`` rows
+    (``units`` of them) to that unit's counter."""
     if producer == "triton":
         from tokenweave.producer_triton import matmul_mark_ready
         matmul_mark_ready(x, w, y, counters, unit_rows, units, max_programs=max_programs)
         return
-    for r0, r1, c0, c1 in marks:
-        torch.matmul(x[r0:r1], w.t(), out=y[r0:r1])
-        _ops().mark_ready(counters, c0, c1, 1)
+    with _sm_carveout(carveout):
+        for r0, r1, c0, c1 in marks:
+            torch.matmul(x[r0:r1], w.t(), out=y[r0:r1])
+            _ops().mark_ready(counters, c0, c1, 1)
+
+
+@contextlib.contextmanager
+def _sm_carveout(sms: int):
+    """cuBLAS GEMMs launched inside plan for ``sms`` fewer SMs (torch's experimental carveout, which calls
+    cublasSetSmCountTarget); restored on exit. A no-op for 0 or a torch without the hook."""
+    get = getattr(torch._C, "_get_sm_carveout_experimental", None)
+    set_ = getattr(torch._C, "_set_sm_carveout_experimental", None)
+    if not sms or get is None or set_ is None:
+        yield
+        return
+    previous = get()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*SM carveout.*")  # torch warns that the hook is experimental
+        set_(int(sms))
+    try:
+        yield
+    finally:
+        set_(previous)
 
 
 def stream_groups(rows: int, row_bytes: int, groups: int | None = None) -> tuple[int, int]:
@@ -297,7 +321,8 @@ def _gated_launches(op, comm, x, w, residual, norm_weight, eps, out, ctas, track
     launched (and lazily loaded) behind them. Each group's kernel is an ordinary collective call, so its
     timeouts, checks and numerics are the fused op's. ``ctas`` is each call's CTA count (default: the fused op's
     choice); the Triton producer leaves that many SMs (default 32, at most half) free for them, since its
-    persistent CTAs would otherwise hold every SM until the GEMM ends."""
+    persistent CTAs would otherwise hold every SM until the GEMM ends; with an explicit ``ctas`` cuBLAS leaves
+    them free too (see ``reserve`` below)."""
     M, N = x.shape[0], w.shape[0]
     y = partial if partial is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     if out is None:
@@ -313,7 +338,11 @@ def _gated_launches(op, comm, x, w, residual, norm_weight, eps, out, ctas, track
     inputs_ready = torch.cuda.Event()
     inputs_ready.record(compute)  # x, w, residual and the buffers are ready; the last call is done
     marks = [(k * group_rows, min(M, (k + 1) * group_rows), k, k + 1) for k in range(n)]
-    _produce(producer, x, w, y, counters, group_rows, n, marks, comm._num_sms - min(ctas or 32, half_sms))
+    # Explicit ctas: the producer leaves that many SMs free for the group calls (cuBLAS through the carveout,
+    # Triton by capping its persistent grid). Without, cuBLAS takes every SM (its GEMMs end between groups,
+    # so the calls get SMs then) and Triton leaves 32, at most half.
+    reserve = min(ctas or 32, half_sms)
+    _produce(producer, x, w, y, counters, group_rows, n, marks, comm._num_sms - reserve, carveout=ctas and reserve)
     tracker.stream.wait_event(inputs_ready)
     with torch.cuda.stream(tracker.stream):
         try:

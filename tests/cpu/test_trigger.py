@@ -130,3 +130,19 @@ def test_groups_only_with_the_stream_consumer():
     with pytest.raises(ValueError, match="make a new Tracker"):
         trigger._trigger("op", comm, x, w, None, None, 0.0, None, None, SimpleNamespace(broken=True), None, "cublas",
                          "stream", None)
+
+
+def test_sm_carveout_is_restored():
+    get = getattr(torch._C, "_get_sm_carveout_experimental", None)
+    if get is None:
+        pytest.skip("this torch has no SM carveout hook")
+    before = get()
+    with trigger._sm_carveout(24):
+        assert get() == 24
+    assert get() == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with trigger._sm_carveout(16):
+            raise RuntimeError("boom")
+    assert get() == before
+    with trigger._sm_carveout(0):  # 0 / None: untouched
+        assert get() == before
