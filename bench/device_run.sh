@@ -38,7 +38,8 @@ has tests && pytest_run tests_gpu ${T_TESTS:-150} -m gpu tests/gpu/test_ops_gpu.
 has faults && pytest_run tests_faults ${T_FAULTS:-150} tests/gpu/test_faults_gpu.py -m gpu
 has stress && pytest_run tests_stress ${T_STRESS:-300} tests/gpu/test_stress_gpu.py -m gpu
 has weave && pytest_run tests_weave ${T_WEAVE:-200} tests/gpu/test_weave_gpu.py -m gpu
-has trigger && pytest_run tests_trigger ${T_TRIGGER:-300} tests/gpu/test_producer_triton_gpu.py tests/gpu/test_trigger_gpu.py -m gpu
+# TRIGGER_K: a pytest -k filter for the trigger stage (e.g. "stream" to rerun one consumer's tests)
+has trigger && pytest_run tests_trigger ${T_TRIGGER:-300} tests/gpu/test_producer_triton_gpu.py tests/gpu/test_trigger_gpu.py -m gpu ${TRIGGER_K:+-k "$TRIGGER_K"}
 has hf && pytest_run tests_hf ${T_HF:-300} tests/gpu/test_weave_gpu.py -m gpu -k hf
 has grid && pytest_run tests_grid ${T_GRID:-400} tests/gpu -m gpu -k grid
 if has host; then

@@ -64,8 +64,9 @@ def _eager(rank, world, producer, consumer):
         partial = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
         res = residual.clone()
         torch.cuda._sleep(rng.randrange(0, 2_000_000) * (rank + 1))  # skew the ranks' producers
-        # the stream consumer: its default groups (one per 8 MiB) on even calls, 3 groups (ragged) on odd ones
-        extra = {"groups": (None, 3)[i % 2]} if consumer == "stream" else {}
+        # the stream consumer: its defaults on even calls; on odd ones 3 (ragged) groups of 24-CTA calls, with
+        # 24 SMs carved out of the producer
+        extra = ({} if i % 2 == 0 else {"groups": 3, "ctas": 24}) if consumer == "stream" else {}
         out = tw.matmul_allreduce_rmsnorm(xs[rank], ws[rank], res, norm_w, comm, EPS, mode="trigger",
                                           tracker=tracker, partial=partial, producer=producer, consumer=consumer,
                                           **extra)
