@@ -110,7 +110,7 @@ def worker(args) -> None:
                 tw.matmul_allreduce_rmsnorm(x, w, res, nw, comm, EPS, mode="auto", tracker=tracker, out=out,
                                             partial=y)
 
-            def trigger(name):
+            def overlapped(name):
                 producer, consumer, ctas, groups = TRIGGER_NAME.fullmatch(name).groups()
                 return lambda: tw.matmul_allreduce_rmsnorm(
                     x, w, res, nw, comm, EPS, mode="trigger", tracker=tracker, out=out, partial=y, producer=producer,
@@ -118,7 +118,7 @@ def worker(args) -> None:
 
             fns = dict(gemm_only=gemm_only, gemm_carveout32=gemm_carveout32, sequential=sequential, sequential_fused=sequential_fused,
                        async_tp=async_tp, tokenweave_auto=auto)
-            fns.update({name: trigger(name) for name in TRIGGERS + SPIN_CTAS})
+            fns.update({name: overlapped(name) for name in TRIGGERS + SPIN_CTAS})
             timings, size_rows = {}, {}
             for name in args.variants or VARIANTS:
                 row = {"M": M, "K": K, "N": HIDDEN, "layer": layer, "dtype": "bfloat16", "variant": name, "us": None}
