@@ -46,7 +46,7 @@ QUICK_M = (1024, 4096, 8192)
 # tokenweave_<producer>_<consumer>[_ctasN][_gN]: the track-and-trigger pairings (tokenweave.trigger);
 # "tokenweave" is the best of them at each shape, so the per-shape choice is visible in the rows.
 # _ctasN sets the consumer's CTAs (sm/copy_engine default 32: fewer leave more SMs to the GEMM; stream: per
-# group call, default the fused op's choice); _gN the stream consumer's row groups (default one per 8 MiB).
+# group call, default the fused op's choice); _gN the stream consumer's row groups (default one per 16 MiB, at most 4).
 ROLES = (("cublas", "sm"), ("triton", "sm"), ("cublas", "copy_engine"), ("triton", "copy_engine"),
          ("cublas", "stream"), ("triton", "stream"))
 STREAM_SWEEP = ("ctas16", "ctas24", "ctas32", "ctas48", "ctas32_g4", "ctas32_g16")

@@ -48,16 +48,30 @@ MODES = ("auto", "sequential", "trigger")
 PRODUCERS = ("cublas", "triton")
 CONSUMERS = ("sm", "copy_engine", "stream")
 # consumer="stream": one row group per this many bytes of the GEMM output, at most STREAM_MAX_GROUPS. Each
-# group is one collective (~10-15 us of barriers and tail at TP4, bench/results/fused_allreduce_rmsnorm-*),
-# so groups much smaller than 8 MiB would pay more in calls than they hide.
-STREAM_GROUP_BYTES = 8 << 20
-STREAM_MAX_GROUPS = 8
+# group is one collective with its own barriers and tail; 4 groups beat 8 and 16 at M >= 4096 on 2 x H100
+# (bench/results/gemm_allreduce-h100-tp2.json, _g4 vs the then-default 8 MiB / 8 groups: 671 vs 769 us at
+# o_proj M = 4096, 1766 vs 1979 at down_proj M = 4096; _g16 lost everywhere).
+STREAM_GROUP_BYTES = 16 << 20
+STREAM_MAX_GROUPS = 4
 _MAX_GROUPS = 64  # an explicit groups=: more collectives than this would cost more in barriers than they hide
 # Where the overlap measured faster than cuBLAS + the fused kernel, (world, K, N) -> (smallest M, producer,
-# consumer): bench/results/gemm_allreduce-h200-tp{2,4}.json (4 x H200, bf16, commit 1bb5405). Only TP4 o_proj
-# (K = 8192 / 4) from M = 16384 won (2108 vs 2204 us, 1.05x); every other shape lost 0-43% because the consumer
-# and the GEMM share the SMs (README, "Track-and-trigger"), so mode="auto" stays sequential there.
+# consumer). Only TP4 o_proj (K = 8192 / 4) from M = 16384 won: 2108 vs 2204 us (1.05x) on 4 x H200 (commit
+# 1bb5405) and 2235 vs 2268 us (1.02x) on 4 x H100 (bench/results/gemm_allreduce-h100-tp4.json, d91f742);
+# every other shape lost 0-39%, the gated copy-engine and stream consumers included, because the GEMM keeps
+# every SM busy (README, "Track-and-trigger"), so mode="auto" stays sequential there.
 TRIGGER_WINS: dict[tuple[int, int, int], tuple[int, str, str]] = {(4, 2048, 8192): (16384, "triton", "sm")}
+# mode="trigger" without consumer=: the consumer that measured fastest with the cuBLAS producer, per shape,
+# (world, K, N) -> ((smallest M, consumer), ...) ascending. TP4: 4 x H100 (gemm_allreduce-h100-tp4.json, where
+# the stream consumer was not run): the SM consumer on o_proj, the copy engines on down_proj from M = 1024
+# (1278 vs 1385 us at M = 4096). TP2: the stream consumer at every M on 2 x H200 and 2 x H100
+# (gemm_allreduce-h{200,100}-tp2.json: 734 vs 794 (copy engine) vs 891 (SM) us at o_proj M = 4096).
+# Elsewhere: "sm" (unmeasured shapes), "stream" where the transport has no copy-engine feed.
+TRIGGER_CONSUMERS: dict[tuple[int, int, int], tuple[tuple[int, str], ...]] = {
+    (4, 2048, 8192): ((1, "sm"),),
+    (4, 7168, 8192): ((1, "sm"), (1024, "copy_engine")),
+    (2, 4096, 8192): ((1, "stream"),),
+    (2, 14336, 8192): ((1, "stream"),),
+}
 _DTYPE_CODE = {torch.bfloat16: 2, torch.float16: 1}
 
 
@@ -163,6 +177,16 @@ def _auto_roles(world: int, M: int, K: int, N: int) -> tuple[str, str] | None:
         if not producer_triton.HAS_TRITON:
             return None
     return win[1], win[2]
+
+
+def default_consumer(world: int, M: int, K: int, N: int, transport: str = "p2p") -> str:
+    """The consumer mode="trigger" uses when none is given: the measured winner at this shape
+    (TRIGGER_CONSUMERS), else "sm"; never "copy_engine" off the p2p transport."""
+    choice = "sm"
+    for min_m, consumer in TRIGGER_CONSUMERS.get((world, K, N), ()):
+        if M >= min_m:
+            choice = consumer
+    return "stream" if choice == "copy_engine" and transport != "p2p" else choice
 
 
 def _choose_roles(op, comm, producer, consumer):
@@ -408,10 +432,11 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
         Trigger mode: cuBLAS per row group + a marking kernel (default), or one Triton GEMM that marks from its
         epilogue.
     consumer : {"sm", "copy_engine", "stream"}, optional
-        Trigger mode: the scatter on the consumer's CTAs (default), on the copy engines (p2p only), or
-        ``stream``: the fused kernel launched per row group once a stream wait sees the group complete.
+        Trigger mode: the scatter on the consumer's CTAs, on the copy engines (p2p only), or ``stream``: the
+        fused kernel launched per row group once a stream wait sees the group complete. Default: the one that
+        measured fastest at this shape (:func:`default_consumer`).
     groups : int, optional
-        ``consumer="stream"``: row groups (one collective each); default one per 8 MiB of output, at most 8.
+        ``consumer="stream"``: row groups (one collective each); default one per 16 MiB of output, at most 4.
 
     Returns
     -------
@@ -424,7 +449,8 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
         return fused_allreduce_rmsnorm(comm, _matmul(x, w, partial), residual, norm_weight, eps, out=out)
     return _trigger("matmul_allreduce_rmsnorm", comm, x, w, residual, norm_weight, eps, out, ctas,
                     tracker or _tracker_of(comm, x.device), partial, producer or auto_producer or "cublas",
-                    consumer or auto_consumer or "sm", groups)
+                    consumer or auto_consumer or default_consumer(comm.world_size, *x.shape, w.shape[0], comm.transport),
+                    groups)
 
 
 def matmul_allreduce(x: torch.Tensor, w: torch.Tensor, comm: Communicator, *, mode: str = "auto",
@@ -437,4 +463,6 @@ def matmul_allreduce(x: torch.Tensor, w: torch.Tensor, comm: Communicator, *, mo
     if mode == "sequential":
         return all_reduce(comm, _matmul(x, w, partial), out=out)
     return _trigger("matmul_allreduce", comm, x, w, None, None, 0.0, out, ctas, tracker or _tracker_of(comm, x.device),
-                    partial, producer or auto_producer or "cublas", consumer or auto_consumer or "sm", groups)
+                    partial, producer or auto_producer or "cublas",
+                    consumer or auto_consumer or default_consumer(comm.world_size, *x.shape, w.shape[0], comm.transport),
+                    groups)

@@ -105,10 +105,10 @@ def test_auto_overlaps_only_where_measured_faster():
     assert trigger._auto_roles(world + 1, min_m, K, N) is None
 
 
-# (rows, bytes per row, groups=) -> (rows per group, groups): one group per 8 MiB of output, at most 8.
+# (rows, bytes per row, groups=) -> (rows per group, groups): one group per 16 MiB of output, at most 4.
 @pytest.mark.parametrize("rows,row_bytes,groups,expected", [
-    (1, 16384, None, (1, 1)), (511, 16384, None, (511, 1)), (512, 16384, None, (512, 1)),
-    (1024, 16384, None, (512, 2)), (4097, 16384, None, (513, 8)), (16384, 16384, None, (2048, 8)),
+    (1, 16384, None, (1, 1)), (511, 16384, None, (511, 1)), (1024, 16384, None, (1024, 1)),
+    (2048, 16384, None, (1024, 2)), (4097, 16384, None, (1025, 4)), (16384, 16384, None, (4096, 4)),
     (7, 16, 3, (3, 3)), (5, 16, 64, (1, 5)), (1000, 16384, 8, (125, 8))])
 def test_stream_groups_cover_every_row_once(rows, row_bytes, groups, expected):
     group_rows, n = trigger.stream_groups(rows, row_bytes, groups)
@@ -146,3 +146,15 @@ def test_sm_carveout_is_restored():
     assert get() == before
     with trigger._sm_carveout(0):  # 0 / None: untouched
         assert get() == before
+
+
+def test_default_consumer_is_the_measured_winner():
+    dc = trigger.default_consumer
+    assert dc(4, 512, 7168, 8192) == "sm" and dc(4, 1024, 7168, 8192) == "copy_engine"  # TP4 down_proj
+    assert dc(4, 16384, 2048, 8192) == "sm"                                              # TP4 o_proj
+    assert dc(2, 1, 4096, 8192) == "stream" and dc(2, 16384, 14336, 8192) == "stream"    # TP2
+    assert dc(4, 4096, 1024, 8192) == "sm"                                               # unmeasured shape
+    assert dc(4, 4096, 7168, 8192, "multimem") == "stream"  # no copy-engine feed off p2p
+    for table in trigger.TRIGGER_CONSUMERS.values():  # ascending thresholds, known consumers
+        assert [m for m, _ in table] == sorted(m for m, _ in table)
+        assert all(c in trigger.CONSUMERS for _, c in table)

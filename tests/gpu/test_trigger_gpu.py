@@ -88,8 +88,10 @@ def _graph(rank, world, replays, producer, consumer):
     nw = torch.empty(N, dtype=torch.bfloat16, device="cuda")
     out = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
     partial = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
+    extra = {"groups": 3} if consumer == "stream" else {}  # several gated launches inside the graph
     run = lambda: tw.matmul_allreduce_rmsnorm(x, w, res, nw, comm, EPS, mode="trigger", tracker=tracker,  # noqa: E731
-                                              out=out, partial=partial, producer=producer, consumer=consumer)
+                                              out=out, partial=partial, producer=producer, consumer=consumer,
+                                              **extra)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
