@@ -55,23 +55,18 @@ STREAM_GROUP_BYTES = 16 << 20
 STREAM_MAX_GROUPS = 4
 _MAX_GROUPS = 64  # an explicit groups=: more collectives than this would cost more in barriers than they hide
 # Where the overlap measured faster than cuBLAS + the fused kernel, (world, K, N) -> (smallest M, producer,
-# consumer). Only TP4 o_proj (K = 8192 / 4) from M = 16384 won: 2108 vs 2204 us (1.05x) on 4 x H200 (commit
-# 1bb5405) and 2235 vs 2268 us (1.02x) on 4 x H100 (bench/results/gemm_allreduce-h100-tp4.json, d91f742);
-# every other shape lost 0-39%, the gated copy-engine and stream consumers included, because the GEMM keeps
-# every SM busy (README, "Track-and-trigger"), so mode="auto" stays sequential there.
-TRIGGER_WINS: dict[tuple[int, int, int], tuple[int, str, str]] = {(4, 2048, 8192): (16384, "triton", "sm")}
-# mode="trigger" without consumer=: the consumer that measured fastest with the cuBLAS producer, per shape,
-# (world, K, N) -> ((smallest M, consumer), ...) ascending. TP4: 4 x H100 (gemm_allreduce-h100-tp4.json, where
-# the stream consumer was not run): the SM consumer on o_proj, the copy engines on down_proj from M = 1024
-# (1278 vs 1385 us at M = 4096). TP2: the stream consumer at every M on 2 x H200 and 2 x H100
-# (gemm_allreduce-h{200,100}-tp2.json: 734 vs 794 (copy engine) vs 891 (SM) us at o_proj M = 4096).
-# Elsewhere: "sm" (unmeasured shapes), "stream" where the transport has no copy-engine feed.
-TRIGGER_CONSUMERS: dict[tuple[int, int, int], tuple[tuple[int, str], ...]] = {
-    (4, 2048, 8192): ((1, "sm"),),
-    (4, 7168, 8192): ((1, "sm"), (1024, "copy_engine")),
-    (2, 4096, 8192): ((1, "stream"),),
-    (2, 14336, 8192): ((1, "stream"),),
-}
+# consumer). Only TP4 o_proj (K = 8192 / 4) at M = 16384 won clearly: the stream consumer 2056 vs 2197 us
+# (1.07x; the SM consumer with the Triton producer 2099, 1.05x) on 4 x H200 (bench/results/
+# gemm_allreduce-h200-tp4.json, 612f684); the SM consumer 1.02x on 4 x H100 (gemm_allreduce-h100-tp4.json,
+# d91f742). Elsewhere the best overlap was within 2% (M = 8192, down_proj M >= 8192: run-to-run noise) or
+# lost up to 22%, because the GEMM keeps every SM busy (README, "Track-and-trigger"), so mode="auto" stays
+# sequential there.
+TRIGGER_WINS: dict[tuple[int, int, int], tuple[int, str, str]] = {(4, 2048, 8192): (16384, "cublas", "stream")}
+# mode="trigger" without consumer=: with the cuBLAS producer the stream consumer was the fastest of the three
+# at every measured shape (TP4 on 4 x H200, TP2 on 2 x H200 and 2 x H100: 586 vs 640 (SM) vs 654 (copy
+# engine) us at TP4 o_proj M = 4096). The gated copy engines beat the SM consumer on TP4 down_proj from
+# M = 1024 and on TP2 from M = 1024 (4 x H100, 2 x H200), the SM consumer won TP4 o_proj.
+DEFAULT_CONSUMER = "stream"
 _DTYPE_CODE = {torch.bfloat16: 2, torch.float16: 1}
 
 
@@ -177,16 +172,6 @@ def _auto_roles(world: int, M: int, K: int, N: int) -> tuple[str, str] | None:
         if not producer_triton.HAS_TRITON:
             return None
     return win[1], win[2]
-
-
-def default_consumer(world: int, M: int, K: int, N: int, transport: str = "p2p") -> str:
-    """The consumer mode="trigger" uses when none is given: the measured winner at this shape
-    (TRIGGER_CONSUMERS), else "sm"; never "copy_engine" off the p2p transport."""
-    choice = "sm"
-    for min_m, consumer in TRIGGER_CONSUMERS.get((world, K, N), ()):
-        if M >= min_m:
-            choice = consumer
-    return "stream" if choice == "copy_engine" and transport != "p2p" else choice
 
 
 def _choose_roles(op, comm, producer, consumer):
@@ -433,8 +418,8 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
         epilogue.
     consumer : {"sm", "copy_engine", "stream"}, optional
         Trigger mode: the scatter on the consumer's CTAs, on the copy engines (p2p only), or ``stream``: the
-        fused kernel launched per row group once a stream wait sees the group complete. Default: the one that
-        measured fastest at this shape (:func:`default_consumer`).
+        fused kernel launched per row group once a stream wait sees the group complete (the default: it
+        measured fastest at every shape, ``DEFAULT_CONSUMER``).
     groups : int, optional
         ``consumer="stream"``: row groups (one collective each); default one per 16 MiB of output, at most 4.
 
@@ -449,8 +434,7 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
         return fused_allreduce_rmsnorm(comm, _matmul(x, w, partial), residual, norm_weight, eps, out=out)
     return _trigger("matmul_allreduce_rmsnorm", comm, x, w, residual, norm_weight, eps, out, ctas,
                     tracker or _tracker_of(comm, x.device), partial, producer or auto_producer or "cublas",
-                    consumer or auto_consumer or default_consumer(comm.world_size, *x.shape, w.shape[0], comm.transport),
-                    groups)
+                    consumer or auto_consumer or DEFAULT_CONSUMER, groups)
 
 
 def matmul_allreduce(x: torch.Tensor, w: torch.Tensor, comm: Communicator, *, mode: str = "auto",
@@ -464,5 +448,4 @@ def matmul_allreduce(x: torch.Tensor, w: torch.Tensor, comm: Communicator, *, mo
         return all_reduce(comm, _matmul(x, w, partial), out=out)
     return _trigger("matmul_allreduce", comm, x, w, None, None, 0.0, out, ctas, tracker or _tracker_of(comm, x.device),
                     partial, producer or auto_producer or "cublas",
-                    consumer or auto_consumer or default_consumer(comm.world_size, *x.shape, w.shape[0], comm.transport),
-                    groups)
+                    consumer or auto_consumer or DEFAULT_CONSUMER, groups)

@@ -146,15 +146,3 @@ def test_sm_carveout_is_restored():
     assert get() == before
     with trigger._sm_carveout(0):  # 0 / None: untouched
         assert get() == before
-
-
-def test_default_consumer_is_the_measured_winner():
-    dc = trigger.default_consumer
-    assert dc(4, 512, 7168, 8192) == "sm" and dc(4, 1024, 7168, 8192) == "copy_engine"  # TP4 down_proj
-    assert dc(4, 16384, 2048, 8192) == "sm"                                              # TP4 o_proj
-    assert dc(2, 1, 4096, 8192) == "stream" and dc(2, 16384, 14336, 8192) == "stream"    # TP2
-    assert dc(4, 4096, 1024, 8192) == "sm"                                               # unmeasured shape
-    assert dc(4, 4096, 7168, 8192, "multimem") == "stream"  # no copy-engine feed off p2p
-    for table in trigger.TRIGGER_CONSUMERS.values():  # ascending thresholds, known consumers
-        assert [m for m, _ in table] == sorted(m for m, _ in table)
-        assert all(c in trigger.CONSUMERS for _, c in table)
