@@ -3,6 +3,10 @@
 // gate_on_counter (consumer="stream"): the consumer stream waits until counter >= target, then
 // re-arms it to 0; the fused kernel of that producer group is launched behind it, so it takes SMs only
 // once its rows are complete (as the GEMM's CTAs retire) instead of spinning on them while the GEMM runs.
+// Ordering: every producer bump is a gpu-scope release after the group's stores (mark_ready, or the Triton
+// epilogue's barrier + atom.add.release), and work behind the wait starts only after the wait observed the
+// final count, so it reads the complete rows. All on one GPU: CU_STREAM_WAIT_VALUE_FLUSH (for writes from
+// other devices) is not needed.
 //
 // copy_engine_stage (consumer="copy_engine"): the scatter (phase A of two-shot) runs on the copy engines,
 // gated on the producer's progress the same way, so no SM spins or copies for it.
