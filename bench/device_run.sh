@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests on 2 and 4 GPUs, benchmarks; everything lands under $OUT.
-# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [debug] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
+# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
 # Never touches NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS.
 set -u
 OUT=${OUT:-/tmp/tokenweave-out}
@@ -25,14 +25,6 @@ if has build; then
   TOKENWEAVE_REQUIRE_EXTENSION=1 MAX_JOBS=${MAX_JOBS:-16} python -m pip install -v --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1
   log "build: rc=$? in $(( $(date +%s) - t0 )) s; $(grep -m1 '\[tokenweave\]' "$OUT/build.log")"
   python -c "import tokenweave as tw; print('extension:', tw.HAS_EXTENSION)" 2>&1 | tee -a "$OUT/summary.txt"
-fi
-if has debug; then  # which validation case crashes, and where (gdb when the image has it)
-  timeout 200 python bench/debug/validation_cases.py > "$OUT/debug.log" 2>&1
-  { /opt/gcc/bin/gcc --version | head -1; ldd $(python -c "import tokenweave._C as c; print(c.__file__)") | grep -i stdc; \
-    timeout 300 python bench/debug/check_formatting.py; } >> "$OUT/debug.log" 2>&1
-  command -v gdb >/dev/null && timeout 120 gdb -q -batch -ex run -ex bt --args python -m pytest -q -p no:cacheprovider \
-    tests/gpu/test_ops_gpu.py -k validation >> "$OUT/debug.log" 2>&1
-  log "debug: done"; cat "$OUT/debug.log" | head -30
 fi
 has tests && pytest_run tests_gpu ${T_TESTS:-150} -m gpu tests/gpu/test_ops_gpu.py -k "not grid"
 has faults && pytest_run tests_faults ${T_FAULTS:-150} tests/gpu/test_faults_gpu.py -m gpu
