@@ -58,9 +58,19 @@ def main() -> int:
     problems, counted = [], {}
     for name, obj in sorted(objs.items()):
         for fn, sass in sass_by_function(cuobjdump, obj).items():
+            transport = "Multimem" if "Multimem" in fn else "P2P"
+            if "lamport_kernel" in fn:  # flag-free one-shot: pushes through the transport, polls with volatile loads
+                counted[(transport, "lamport")] = counted.get((transport, "lamport"), 0) + 1
+                has_mc_store = "STG.E.128.STRONG.SYS" in sass
+                if transport == "Multimem" and not has_mc_store:
+                    problems.append(f"{fn}: multimem Lamport kernel without the multicast store")
+                if transport == "P2P" and ("LDGMC" in sass or has_mc_store):
+                    problems.append(f"{fn}: P2P Lamport kernel contains multimem instructions")
+                if not re.search(r"LDG\.E\.128\.STRONG\.SYS|LD\.E\.128\.STRONG\.SYS|LDG\.E\.128\.VOLATILE", sass):
+                    problems.append(f"{fn}: no volatile 16-byte polls of the Lamport buffer")
+                continue
             if "allreduce_kernel" not in fn:
                 continue
-            transport = "Multimem" if "Multimem" in fn else "P2P"
             feed = FEEDS[int(re.search(r"FeedE(\d)E", fn).group(1))]  # the kFeed template argument
             counted[(transport, feed)] = counted.get((transport, feed), 0) + 1
             if feed == "tracked" and "LDG.E.STRONG.GPU" not in sass:
@@ -81,8 +91,9 @@ def main() -> int:
         print("  PROBLEM:", p)
     # resident: 3 dtypes x world sizes 2..8; tracked (track-and-trigger): bf16, fp16 x 2..8; the copy-engine
     # feed writes peers' unicast slots, so it exists for p2p only
+    # Lamport: bf16, fp16 x 2..8 (its sentinel is a 2-byte -0.0), both transports
     expected = {("Multimem", "resident"): 21, ("P2P", "resident"): 21, ("Multimem", "tracked"): 14,
-                ("P2P", "tracked"): 14, ("P2P", "copy_engine"): 14}
+                ("P2P", "tracked"): 14, ("P2P", "copy_engine"): 14, ("Multimem", "lamport"): 14, ("P2P", "lamport"): 14}
     if counted != expected:
         print(f"  PROBLEM: expected {expected}")
         return 1

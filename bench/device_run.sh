@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests on 2 and 4 GPUs, benchmarks; everything lands under $OUT.
-# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
+# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [onegpu] [emubench] [norm] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
 # Never touches NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS.
 set -u
 OUT=${OUT:-/tmp/tokenweave-out}
@@ -26,6 +26,21 @@ if has build; then
   log "build: rc=$? in $(( $(date +%s) - t0 )) s; $(grep -m1 '\[tokenweave\]' "$OUT/build.log")"
   python -c "import tokenweave as tw; print('extension:', tw.HAS_EXTENSION)" 2>&1 | tee -a "$OUT/summary.txt"
 fi
+# One GPU is enough for these: the emulated world runs every protocol with W ranks on one device.
+has emulated && pytest_run tests_emulated ${T_EMULATED:-300} -m gpu tests/gpu/test_emulated_gpu.py ${EMULATED_K:+-k "$EMULATED_K"}
+has onegpu && pytest_run tests_onegpu ${T_ONEGPU:-200} -m gpu tests/gpu --ignore=tests/gpu/test_emulated_gpu.py
+if has emubench; then
+  t0=$(date +%s); timeout ${T_EMUBENCH:-240} python bench/emulated_world.py --out-dir bench/results ${EMUBENCH_ARGS:-} > "$OUT/emubench.log" 2>&1
+  log "emubench: rc=$? in $(( $(date +%s) - t0 )) s"; tail -25 "$OUT/emubench.log"
+fi
+if has norm; then
+  t0=$(date +%s); timeout ${T_NORM:-200} python bench/add_rmsnorm.py --out-dir bench/results ${NORM_ARGS:-} > "$OUT/norm.log" 2>&1
+  log "norm: rc=$? in $(( $(date +%s) - t0 )) s"; tail -25 "$OUT/norm.log"
+fi
+if has partition; then
+  t0=$(date +%s); timeout ${T_PARTITION:-200} python bench/partition_costs.py --out-dir bench/results > "$OUT/partition.log" 2>&1
+  log "partition: rc=$? in $(( $(date +%s) - t0 )) s"; tail -15 "$OUT/partition.log"
+fi
 has tests && pytest_run tests_gpu ${T_TESTS:-150} -m gpu tests/gpu/test_ops_gpu.py -k "not grid"
 has faults && pytest_run tests_faults ${T_FAULTS:-150} tests/gpu/test_faults_gpu.py -m gpu
 has stress && pytest_run tests_stress ${T_STRESS:-300} tests/gpu/test_stress_gpu.py -m gpu
@@ -49,9 +64,9 @@ per_tp() {  # name, TP sizes, seconds, command... ending in --tp (each script sp
     tail -40 "$OUT/${name}_tp$tp.log"
   done
 }
-has bench && per_tp bench "${BENCH_TPS:-2 4 8}" "${T_BENCH:-400}" python -m tokenweave.bench ${BENCH_ARGS:-} --tp
-has gemm && per_tp gemm "${GEMM_TPS:-2 4 8}" "${T_GEMM:-400}" python bench/gemm_allreduce.py ${GEMM_ARGS:-} --tp
-has e2e && per_tp e2e "${E2E_TPS:-2 4 8}" "${T_E2E:-400}" python bench/e2e_layers.py ${E2E_ARGS:-} --tp
+has bench && per_tp bench "${BENCH_TPS:-2 4 8}" "${T_BENCH:-400}" python bench/fused_allreduce_rmsnorm.py --out-dir bench/results ${BENCH_ARGS:-} --tp
+has gemm && per_tp gemm "${GEMM_TPS:-2 4 8}" "${T_GEMM:-400}" python bench/gemm_allreduce.py --out-dir bench/results ${GEMM_ARGS:-} --tp
+has e2e && per_tp e2e "${E2E_TPS:-2 4 8}" "${T_E2E:-400}" python bench/e2e_layers.py --out-dir bench/results ${E2E_ARGS:-} --tp
 tar czf "$OUT/results.tar.gz" bench/results 2>/dev/null
 (cd "$OUT" && tar czf logs.tar.gz --remove-files ./*.log 2>/dev/null)  # the device tool returns at most 8 files
 cat "$OUT/summary.txt"

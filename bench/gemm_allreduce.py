@@ -6,7 +6,9 @@
 Llama-3-70B row-parallel shapes (o_proj: K = 8192/TP; down_proj: K = 28672/TP; N = 8192), bf16,
 M from 512 to 16384. Variants, same run: ``gemm_only`` (cuBLAS, communication removed),
 ``gemm_carveout32`` (cuBLAS told to leave 32 SMs free: the GEMM's cost of the stream consumer's _ctas32),
-``sequential`` (cuBLAS + NCCL all_reduce + torch.compile'd add+RMSNorm), ``sequential_fused``
+``sequential`` (cuBLAS + NCCL all_reduce + the compiled add+RMSNorm, compiled afresh per shape with
+``dynamic=False``: :class:`tokenweave.bench.harness.StaticCompiled`), ``sequential_repeat`` (the same, timed
+again last at each shape: the run-to-run noise, column ``noise`` and JSON key ``noise``), ``sequential_fused``
 (cuBLAS + tokenweave's fused kernel), ``async_tp`` (torch symm_mem fused_matmul_reduce_scatter +
 all_gather_into_tensor + the same norm), ``tokenweave_<producer>_<consumer>`` (track-and-trigger with a
 cuBLAS or Triton producer and an SM, copy-engine or stream-gated consumer; ``_ctasN``: N consumer CTAs,
@@ -14,7 +16,7 @@ cuBLAS or Triton producer and an SM, copy-engine or stream-gated consumer; ``_ct
 (``mode="auto"``, the dispatched op). CUDA graphs, median of replays (the bench harness). Rows carry M, K,
 N; ``hidden_fraction`` = how much of the communication the overlap hid:
 (sequential_fused - tokenweave) / (sequential_fused - gemm_only).
-Writes ``bench/results/gemm_allreduce-<card>-tp<N>.{json,png}``. Needs GPUs.
+Writes ``<out-dir>/gemm_allreduce-<card>-tp<N>.{json,png}`` (default ``./tokenweave-results``). Needs GPUs.
 """
 from __future__ import annotations
 
@@ -61,6 +63,8 @@ TRIGGER_NAME = re.compile(r"tokenweave_(cublas|triton)_(sm|copy_engine|stream)(?
 # else cuBLAS + the fused kernel), so the dispatcher itself is timed.
 VARIANTS = ("gemm_only", "gemm_carveout32", "sequential", "sequential_fused", "async_tp", "tokenweave_auto") + TRIGGERS
 ALL_VARIANTS = VARIANTS + SPIN_CTAS
+BASELINE = "sequential"
+REPEAT = f"{BASELINE}_repeat"  # timed last at each shape, whatever --variants says
 
 
 def worker(args) -> None:
@@ -69,8 +73,10 @@ def worker(args) -> None:
     m_values = args.m or (QUICK_M if args.quick else M_VALUES)
     comm = tw.Communicator(max_tokens=max(m_values), hidden=HIDDEN, dtype=DTYPE)
     tracker = tw.Tracker(device)
-    norm = torch.compile(add_rmsnorm_reference, fullgraph=True)
+    norm = harness.StaticCompiled(add_rmsnorm_reference)  # one static compile per M: no symbolic-shape kernel
     group_name = dist.group.WORLD.group_name
+    if rank == 0:
+        print(f"[{BENCH}] TP{tp}; results go to {Path(args.out_dir).resolve()}", flush=True)
     rows = []
     for layer, k_total in (("o_proj", HIDDEN), ("down_proj", INTERMEDIATE)):
         K = k_total // tp
@@ -91,10 +97,12 @@ def worker(args) -> None:
                 with trigger._sm_carveout(32):
                     torch.matmul(x, w.t(), out=y)
 
+            # The torch paths return the norm's own output tensor: copying it into `out` would add a pass over
+            # M x N that a user would not pay.
             def sequential():
                 torch.matmul(x, w.t(), out=y)
                 dist.all_reduce(y)
-                out.copy_(norm(y, res, nw, EPS))
+                return norm(y, res, nw, EPS)
 
             def sequential_fused():
                 torch.matmul(x, w.t(), out=y)
@@ -104,7 +112,7 @@ def worker(args) -> None:
                 from torch.distributed import _symmetric_memory  # noqa: F401  (registers the op)
                 shard = torch.ops.symm_mem.fused_matmul_reduce_scatter(x, w.t(), "sum", 0, group_name)
                 dist.all_gather_into_tensor(gathered, shard)
-                out.copy_(norm(gathered, res, nw, EPS))
+                return norm(gathered, res, nw, EPS)
 
             def auto():
                 tw.matmul_allreduce_rmsnorm(x, w, res, nw, comm, EPS, mode="auto", tracker=tracker, out=out,
@@ -118,9 +126,11 @@ def worker(args) -> None:
 
             fns = dict(gemm_only=gemm_only, gemm_carveout32=gemm_carveout32, sequential=sequential, sequential_fused=sequential_fused,
                        async_tp=async_tp, tokenweave_auto=auto)
+            fns[REPEAT] = sequential
             fns.update({name: overlapped(name) for name in TRIGGERS + SPIN_CTAS})
             timings, size_rows = {}, {}
-            for name in args.variants or VARIANTS:
+            names = [n for n in (args.variants or VARIANTS) if n != BASELINE]
+            for name in [BASELINE] + names + [REPEAT]:
                 row = {"M": M, "K": K, "N": HIDDEN, "layer": layer, "dtype": "bfloat16", "variant": name, "us": None}
                 try:
                     harness.align_ranks(device=device)
@@ -145,11 +155,16 @@ def worker(args) -> None:
                 print(f"{layer} M={M} K={K}: " + " | ".join(f"{k} {v:.1f}" for k, v in timings.items()), flush=True)
     comm.close()
     if rank == 0:
-        harness.print_table(rows, x_key="M", panel_keys=("K", "N"))
+        harness.print_table(rows, x_key="M", panel_keys=("K", "N"), baseline=BASELINE)
+        noise = harness.run_to_run_noise(rows, x_key="M", panel_keys=("K", "N"), first=BASELINE, repeat=REPEAT)
+        if noise:
+            print(f"run-to-run noise (|{BASELINE} - {REPEAT}| / {BASELINE}): max {100 * noise['max']:.1f}%")
         extra = {"device_name": torch.cuda.get_device_name(), "transport": comm.transport,
-                 "timing": f"CUDA graph of {args.calls} calls, median of {args.replays} replays, us per call"}
-        json_path, png = harness.write_results(BENCH, tp, rows, args.out_dir, extra, x_key="M", panel_keys=("K", "N"))
-        print(f"wrote {json_path}" + (f" and {png}" if png else ""))
+                 "timing": f"CUDA graph of {args.calls} calls, median of {args.replays} replays, us per call",
+                 "baseline_compile": norm.summary()}
+        json_path, png = harness.write_results(BENCH, tp, rows, args.out_dir, extra, x_key="M", panel_keys=("K", "N"),
+                                               baseline=BASELINE)
+        print(f"wrote {json_path.resolve()}" + (f" and {png.name}" if png else ""))
 
 
 def main(argv=None) -> None:
@@ -160,7 +175,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help=f"M in {QUICK_M}")
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--replays", type=int, default=5)
-    parser.add_argument("--out-dir", default="bench/results")
+    harness.add_out_dir_argument(parser)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit(f"{BENCH}: needs CUDA GPUs")

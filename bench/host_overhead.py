@@ -7,10 +7,12 @@ Python + dispatcher + launch cost matters whenever the GPU waits for the host. M
   tokenweave_api     tokenweave.add_rmsnorm (+ Python validation)
   torch_rmsnorm      torch.nn.functional.rms_norm (eager, several kernels)
 Each: wall time of N back-to-back calls (the GPU work is tiny, so the host is the bottleneck),
-median of repeats, microseconds per call. Writes bench/results/host_overhead-<card>.json.
+median of repeats, microseconds per call. Writes <out-dir>/host_overhead-<card>.json (default
+./tokenweave-results; --out-dir bench/results replaces the committed file).
 The collective ops add Communicator.check(), order_stream() and a cached plan lookup on top of this
 path; tests/cpu/test_host_overhead.py measures those pieces with pytest-benchmark.
 """
+import argparse
 import json
 import statistics
 import sys
@@ -38,8 +40,12 @@ def per_call_us(fn, calls=2000, repeats=7):
     return statistics.median(times)
 
 
-def main():
-    assert torch.cuda.is_available() and tw.HAS_EXTENSION, "needs a GPU and the built extension"
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    harness.add_out_dir_argument(parser)
+    args = parser.parse_args(argv)
+    if not (torch.cuda.is_available() and tw.HAS_EXTENSION):
+        raise SystemExit("host_overhead: needs a GPU and tokenweave's CUDA extension")
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     res, w, out = torch.randn_like(x), torch.randn(4096, device="cuda", dtype=torch.bfloat16), torch.empty_like(x)
     variants = {
@@ -52,12 +58,12 @@ def main():
     doc = {"bench": "host_overhead", "device": harness.device_name(), "device_name": torch.cuda.get_device_name(),
            "torch": torch.__version__, "git": harness.git_sha(), "rows": rows,
            "timing": "wall clock of 2000 back-to-back eager calls, median of 7, us per call"}
-    path = Path("bench/results") / f"host_overhead-{harness.device_name()}.json"
+    path = Path(args.out_dir) / f"host_overhead-{harness.device_name()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
     for r in rows:
         print(f"{r['variant']:>16}: {r['us']:7.2f} us/call")
-    print(f"wrote {path}")
+    print(f"wrote {path.resolve()}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -34,8 +35,19 @@ struct CommEntry {
   int device;  // CUDA device index the workspace lives on
 };
 
+// A symmetric tensor allocation registered with a communicator (Communicator.empty): this rank's range
+// and every rank's base address, for the lean algorithm's destinations.
+struct SymAlloc {
+  uintptr_t base;
+  uint64_t bytes;
+  std::vector<int64_t> peers;
+  int64_t mc;
+  int64_t index;  // registration order: the same on every rank that allocates in the same order
+};
+
 std::mutex g_mu;
 std::unordered_map<int64_t, CommEntry> g_comms;
+std::unordered_map<int64_t, std::vector<SymAlloc>> g_allocs;  // by communicator id
 int64_t g_next_id = 1;
 
 CommEntry lookup(int64_t id, const char* op) {
@@ -48,6 +60,25 @@ CommEntry lookup(int64_t id, const char* op) {
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, value) == 0;
+}
+
+// Every rank's address of `t` (which must lie in one registered symmetric allocation of `comm`).
+tw::PeerTable peer_table(int64_t comm, const at::Tensor& t, int world, const char* op, const char* name) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uint64_t nbytes = uint64_t(t.numel()) * t.element_size();
+  for (const SymAlloc& a : g_allocs[comm]) {
+    if (p < a.base || p + nbytes > a.base + a.bytes) continue;
+    const uint64_t off = p - a.base;
+    tw::PeerTable pt{};
+    for (int q = 0; q < world; ++q) pt.ptr[q] = reinterpret_cast<char*>(a.peers[q] + int64_t(off));
+    pt.mc = a.mc ? reinterpret_cast<char*>(a.mc + int64_t(off)) : nullptr;
+    pt.ident = (uint64_t(a.index + 1) << 40) ^ off;
+    return pt;
+  }
+  TORCH_CHECK_VALUE(false, op, ": algo 'lean' writes ", name, " on every rank, so ", name,
+                    " must live in the communicator's symmetric memory: allocate it with comm.empty(...)");
+  return {};
 }
 
 tw::DType dtype_of(const at::Tensor& t, const char* op) {
@@ -117,10 +148,9 @@ void check_counters(std::initializer_list<const at::Tensor*> ts, const at::Tenso
 // The call as the kernel will see it: checks, then plan_allreduce.
 tw::CallArgs plan_call(const char* op, const CommEntry& e, const at::Tensor& x, const std::optional<at::Tensor>& residual,
                        const std::optional<at::Tensor>& weight, const at::Tensor& out, double eps, int64_t algo,
-                       int64_t ctas, int64_t chunks_per_cta, tw::Feed feed) {
+                       int64_t ctas, int64_t chunks_per_cta, tw::Feed feed, tw::CallArgs a = {}) {
   TORCH_CHECK_VALUE(x.device().index() == e.device, op, ": x is on ", dev(x.device()), " but the communicator's workspace is on cuda:",
                     num(e.device), "; call torch.cuda.set_device before creating the Communicator, or move x");
-  tw::CallArgs a{};
   a.x = x.data_ptr();
   a.out = out.data_ptr();
   a.residual = residual ? residual->data_ptr() : nullptr;
@@ -130,7 +160,7 @@ tw::CallArgs plan_call(const char* op, const CommEntry& e, const at::Tensor& x, 
   a.eps = float(eps);
   a.algo = int(algo);
   a.dtype = int(dtype_of(x, op));
-  a.op = (residual ? tw::kOpResidual : 0u) | (weight ? tw::kOpNorm : 0u);
+  a.op |= (residual ? tw::kOpResidual : 0u) | (weight ? tw::kOpNorm : 0u);
   a.feed = int(feed);
   TORCH_CHECK_TYPE(feed == tw::Feed::kResident || a.dtype != int(tw::DType::kFloat32), op,
                    ": track-and-trigger takes bfloat16 or float16");
@@ -168,6 +198,38 @@ void launch_collective(const char* op, const at::Tensor& x, const std::optional<
 void allreduce_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
                     at::Tensor& out, double eps, int64_t comm, int64_t algo, int64_t ctas, int64_t chunks_per_cta) {
   launch_collective("tokenweave.allreduce", x, residual, weight, out, eps, comm, algo, ctas, chunks_per_cta, Tracking{});
+}
+
+// Lean two-shot: out (and a replicated residual) in the communicator's symmetric memory; a sharded residual
+// holds only this rank's rows [rank * shard_rows, ...).
+void allreduce_lean_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                         const std::optional<at::Tensor>& weight, at::Tensor& out, double eps, int64_t comm, int64_t ctas,
+                         int64_t chunks_per_cta, bool sharded_residual) {
+  constexpr const char* op = "tokenweave.allreduce_lean";
+  check_inputs(x, sharded_residual ? std::nullopt : residual, weight, out, op);
+  const CommEntry e = lookup(comm, op);
+  TORCH_CHECK_VALUE(!sharded_residual || residual, op, ": sharded_residual needs a residual");
+  if (sharded_residual) {
+    const int64_t shard = (x.size(0) + e.dev.world - 1) / e.dev.world;
+    const int64_t mine = std::max<int64_t>(0, std::min<int64_t>(shard, x.size(0) - e.dev.rank * shard));
+    TORCH_CHECK_VALUE(residual->dim() == 2 && residual->size(0) == mine && residual->size(1) == x.size(1), op,
+                      ": a sharded residual holds this rank's rows only: shape [", num(mine), ", ", num(x.size(1)),
+                      "], got ", shape(residual->sizes()), " (comm.shard_rows(tokens) gives the range)");
+    TORCH_CHECK_TYPE(residual->scalar_type() == x.scalar_type(), op, ": residual has dtype ",
+                     dtype_name(residual->scalar_type()), " but x has ", dtype_name(x.scalar_type()));
+    TORCH_CHECK_VALUE(residual->device() == x.device() && residual->is_contiguous() &&
+                          reinterpret_cast<uintptr_t>(residual->data_ptr()) % 16 == 0,
+                      op, ": residual must be a contiguous, 16-byte aligned tensor on x's device");
+  }
+  tw::CallArgs a{};
+  a.out_peers = peer_table(comm, out, e.dev.world, op, "out");
+  if (residual && !sharded_residual) a.res_peers = peer_table(comm, *residual, e.dev.world, op, "residual");
+  if (sharded_residual) a.op = tw::kOpShardedResidual;
+  tw::CallArgs planned = plan_call(op, e, x, residual, weight, out, eps, int64_t(tw::Algo::kLean), ctas, chunks_per_cta,
+                                   tw::Feed::kResident, a);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t st = tw::allreduce(e.dev, planned, e.transport, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(st == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(st));
 }
 
 void allreduce_tracked_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
@@ -250,6 +312,7 @@ py::dict plan(int64_t comm, int64_t tokens, int64_t hidden, int64_t dtype, int64
   d["ctas"] = a.ctas;
   d["chunk_rows"] = a.chunk_rows;
   d["n_chunks"] = a.n_chunks;
+  d["shard_rows"] = a.shard_rows;
   return d;
 }
 
@@ -263,6 +326,31 @@ void add_rmsnorm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& resi
                                          at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(st == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(st),
               " (hidden must be a multiple of 8 and at most 32768)");
+}
+
+// The standalone norm with an explicit block shape (bench/add_rmsnorm.py compares them); not an op.
+void add_rmsnorm_config(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
+                        at::Tensor& out, double eps, int64_t config) {
+  constexpr const char* op = "tokenweave.add_rmsnorm";
+  check_inputs(x, residual, weight, out, op);
+  TORCH_CHECK_VALUE(config >= 0 && config < tw::add_rmsnorm_configs(), op, ": config must be in [0, ",
+                    num(tw::add_rmsnorm_configs()), ")");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t st = tw::add_rmsnorm(x.data_ptr(), residual ? residual->data_ptr() : nullptr, weight.data_ptr(),
+                                         out.data_ptr(), x.size(0), int(x.size(1)), float(eps), dtype_of(x, op),
+                                         at::cuda::getCurrentCUDAStream(), int(config));
+  TORCH_CHECK(st == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(st));
+}
+
+// Collective on the Python side (every rank registers the same allocations in the same order).
+int64_t comm_register(int64_t comm, int64_t base, int64_t bytes, const std::vector<int64_t>& peers, int64_t mc) {
+  constexpr const char* op = "tokenweave.Communicator.empty";
+  const CommEntry e = lookup(comm, op);
+  TORCH_CHECK(int64_t(peers.size()) == e.dev.world, op, ": need one address per rank");
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto& v = g_allocs[comm];
+  v.push_back(SymAlloc{uintptr_t(base), uint64_t(bytes), peers, mc, int64_t(v.size())});
+  return int64_t(v.size()) - 1;
 }
 
 int64_t comm_create(int64_t device, int64_t rank, int64_t world, const std::vector<int64_t>& ws_ptrs, int64_t mc_ptr,
@@ -297,6 +385,7 @@ int64_t comm_create(int64_t device, int64_t rank, int64_t world, const std::vect
 void comm_destroy(int64_t id) {
   std::lock_guard<std::mutex> lock(g_mu);
   g_comms.erase(id);
+  g_allocs.erase(id);
 }
 
 py::dict layout(int64_t capacity_bytes, int64_t world) {
@@ -306,6 +395,10 @@ py::dict layout(int64_t capacity_bytes, int64_t world) {
   d["headers_off"] = l.headers_off;
   d["probe_off"] = l.probe_off;
   d["staged_off"] = l.staged_off;
+  d["lamport_off"] = l.lamport_off;
+  d["lamport_slot_bytes"] = l.lamport_slot_bytes;
+  d["lamport_bytes"] = 3 * uint64_t(world) * l.lamport_slot_bytes;
+  d["lamport_max_bytes"] = tw::kLamportSlotBytes;
   d["data_off"] = l.data_off;
   d["slot_bytes"] = l.slot_bytes;
   d["gather_bytes"] = l.gather_bytes;
@@ -344,6 +437,8 @@ TORCH_LIBRARY(tokenweave, m) {
   m.def("copy_engine_stage(Tensor x, int comm, int ctas, int chunks_per_cta, Tensor(a!) group_ready, "
         "int group_chunks, int pieces_full, int pieces_last, Tensor(b!) go, Tensor ones) -> ()");
   m.def("gate_on_counter(Tensor(a!) counters, int index, int target) -> ()");
+  m.def("allreduce_lean(Tensor x, Tensor(a!)? residual, Tensor? weight, Tensor(b!) out, float eps, int comm, "
+        "int ctas, int chunks_per_cta, bool sharded_residual) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tokenweave, CUDA, m) {
@@ -354,6 +449,7 @@ TORCH_LIBRARY_IMPL(tokenweave, CUDA, m) {
   m.impl("allreduce_staged", &allreduce_staged_cuda);
   m.impl("copy_engine_stage", &copy_engine_stage_cuda);
   m.impl("gate_on_counter", &gate_on_counter_cuda);
+  m.impl("allreduce_lean", &allreduce_lean_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -363,6 +459,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layout", &layout);
   m.def("peer_probe", &peer_probe);
   m.def("plan", &plan);
+  m.def("comm_register", &comm_register);
+  m.def("add_rmsnorm_config", &add_rmsnorm_config);
+  m.def("add_rmsnorm_configs", &tw::add_rmsnorm_configs);
+  m.attr("STATE_WORDS") = int(sizeof(tw::LocalState) / 4);
   m.attr("BLOCK_THREADS") = tw::kBlockThreads;
   m.attr("MAX_WORLD") = tw::kMaxWorld;
   m.attr("MAX_CHUNKS") = tw::kMaxChunks;

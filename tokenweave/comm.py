@@ -21,11 +21,11 @@ from tokenweave.errors import (CollectiveMismatchError, CollectiveTimeoutError, 
                                TokenweaveError)
 
 _TRANSPORT_CODE = {"p2p": 0, "multimem": 1}
-ALGOS = {"one_shot": 1, "two_shot": 2}
+ALGOS = {"one_shot": 1, "two_shot": 2, "lamport": 3, "lean": 4}
 _ERR_TIMEOUT, _ERR_MISMATCH, _ERR_PRODUCER_TIMEOUT = 1, 2, 3
 _OP_RESIDUAL, _OP_NORM = 1, 2
 _DTYPE_NAMES = {0: "float32", 1: "float16", 2: "bfloat16"}
-_ALGO_NAMES = {1: "one_shot", 2: "two_shot"}
+_ALGO_NAMES = {code: name for name, code in ALGOS.items()}
 _PROBE_MAGIC = 0x7EAF << 48
 
 
@@ -46,7 +46,8 @@ def plan_transport(requested, *, device_is_cuda, has_extension, world_size, same
     if not device_is_cuda:
         why_not = "the process group's device is not CUDA"
     elif not has_extension:
-        why_not = "tokenweave was installed without its CUDA extension (torch without CUDA, or no nvcc)"
+        why_not = ("tokenweave was installed without its CUDA extension (torch without CUDA, no nvcc, or an "
+                   "isolated build: reinstall with pip install --no-build-isolation -e .)")
     elif world_size > 8:
         why_not = f"world size {world_size} exceeds the 8 ranks the kernels are built for"
     elif not same_host:
@@ -60,6 +61,52 @@ def plan_transport(requested, *, device_is_cuda, has_extension, world_size, same
     if blockers:
         return "p2p", f"multicast is disabled by {', '.join(blockers)}"
     return "multimem", "multicast allowed"
+
+
+def fill_lamport_sentinel(workspace: torch.Tensor, layout: dict) -> None:
+    """Fill a workspace's Lamport buffers with the sentinel: -0.0 (0x8000) in every 2-byte lane."""
+    off, n = int(layout["lamport_off"]), int(layout["lamport_bytes"])
+    workspace[off: off + n].view(torch.int16).fill_(-32768)
+
+
+def shard_range(tokens: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``(first_row, n_rows)`` that ``rank`` owns under algo ``"lean"``: contiguous shards of ceil(T / W) rows."""
+    shard = -(-int(tokens) // world_size)
+    first = rank * shard
+    return first, max(0, min(shard, int(tokens) - first))
+
+
+def traffic_per_byte(algo: str, world_size: int, residual: str = "replicated") -> dict[str, float]:
+    """SM-issued memory traffic per byte of x (per rank) of one fused call, counted from the kernels.
+
+    ``residual``: ``"none"``, ``"replicated"`` (every rank holds all rows) or ``"sharded"`` (lean only).
+    Returns local reads, local writes and remote (NVLink) writes, and their total. Reads of slots that
+    peers filled count as local reads; polling (Lamport) counts one extra read of every slot.
+    """
+    W = world_size
+    res = residual != "none"
+    if residual == "sharded" and algo != "lean":
+        raise ValueError(f"traffic_per_byte: a sharded residual exists only for algo 'lean', not {algo!r}")
+    if algo in ("one_shot", "lamport"):
+        # push: read x, my slot here + W-1 peers; finish: read W slots (+ residual), write out (+ residual)
+        reads, local, remote = 1 + W + res, 1 + 1 + res, W - 1
+        if algo == "lamport":  # poll every slot once more; re-fill the previous call's W slots with the sentinel
+            reads, local = reads + W, local + W
+    elif algo == "two_shot":
+        # scatter: read x, stage my piece here; reduce: W pieces of 1/W (+ residual piece), push the sum to W-1
+        # gather buffers and mine; epilogue: read the gather buffer, write out (+ residual)
+        reads = 1 + 1 + res / W + 1
+        local = 1 / W + 1 / W + 1 + res
+        remote = 2 * (W - 1) / W
+    elif algo == "lean":
+        # scatter: (W-1)/W of x to its owners; owner: W-1 staged pieces + my x piece (+ residual piece), out to
+        # every rank (residual: mine only if sharded, else every rank too)
+        reads = (W - 1) / W + (W - 1) / W + 1 / W + res / W
+        local = 1 / W + res / W
+        remote = (W - 1) / W + (W - 1) / W + (W - 1) / W * (residual == "replicated")
+    else:
+        raise ValueError(f"traffic_per_byte: unknown algo {algo!r}; use one of {tuple(ALGOS)}")
+    return {"local_reads": reads, "local_writes": local, "remote_writes": remote, "total": reads + local + remote}
 
 
 @dataclass(frozen=True)
@@ -84,7 +131,8 @@ class Communicator:
     transport : {"multimem", "p2p", "torch"}, optional
         Force a transport (also ``TOKENWEAVE_TRANSPORT``). Default: the fastest that works here.
     timeout_ms : int, optional
-        Bound of every cross-GPU wait (also ``TOKENWEAVE_TIMEOUT_MS``; default 30000).
+        Bound of every wait for a peer: the kernels' cross-GPU waits and the torch transport's
+        collectives (also ``TOKENWEAVE_TIMEOUT_MS``; default 30000).
 
     Notes
     -----
@@ -126,6 +174,10 @@ class Communicator:
             choice, reason = self._setup_device_transport(choice, reason)
         self.transport = choice
         self.transport_reason = reason
+        if choice == "torch":
+            # The torch transport checks ctas as the kernels would (1..SM count) and numbers its calls for errors.
+            self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if is_cuda else None
+            self._torch_calls = 0
         if self.rank == 0 and choice != "multimem" and self.world_size > 1 and requested is None:
             warnings.warn(f"tokenweave: using the {choice!r} transport: {reason}", stacklevel=2)
 
@@ -157,7 +209,9 @@ class Communicator:
         self._buffer = _symm.allocate(self._layout["total_bytes"], self.device, self.group)
         ws = self._buffer.tensor
         ws[: self._layout["data_off"]].zero_()  # flags, headers, probe: epochs start at 0 on every rank
-        self._state = torch.zeros(4, dtype=torch.int32, device=self.device)
+        fill_lamport_sentinel(ws, self._layout)
+        self._state = torch.zeros(int(_C.STATE_WORDS), dtype=torch.int32, device=self.device)
+        self._symm_allocs = []  # Communicator.empty: the handles keep the peer mappings alive
         self._err = torch.zeros(8, dtype=torch.int64).pin_memory()  # mapped (UVA): the kernels write it
         self._err_view = self._err.numpy()
         if choice == "multimem" and not self._all_ranks_agree(self._buffer.multicast_ptr != 0):
@@ -198,42 +252,91 @@ class Communicator:
                 return f"rank {self.rank} found {received[q]:#x} where rank {q} wrote"
         return None
 
+    # ------------------------------------------------------------------ symmetric tensors
+    def empty(self, *shape, dtype=torch.bfloat16) -> torch.Tensor:
+        """Collective: a tensor in symmetric memory, writable by every rank's kernels.
+
+        ``algo="lean"`` writes its results straight into every rank's ``out`` (and replicated
+        ``residual``): those must come from here. Every rank must call ``empty`` with the same shapes in the
+        same order. The memory lives until :meth:`close`. On the ``torch`` transport (and at world size 1)
+        this is a plain ``torch.empty`` on the device.
+        """
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+        if self.transport == "torch" or self._id is None:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        from tokenweave import _symm
+
+        numel = math.prod(int(s) for s in shape)
+        nbytes = max(16, numel * torch.empty((), dtype=dtype).element_size())
+        buf = _symm.allocate(nbytes, self.device, self.group)
+        _C.comm_register(self._id, buf.tensor.data_ptr(), nbytes, buf.peer_ptrs,
+                         buf.multicast_ptr if self.transport == "multimem" else 0)
+        self._symm_allocs.append(buf)
+        return buf.tensor[: numel * torch.empty((), dtype=dtype).element_size()].view(dtype).view(shape)
+
+    def shard_rows(self, tokens: int) -> tuple[int, int]:
+        """``(first_row, n_rows)`` of the rows this rank owns in a call of ``tokens`` rows (``algo="lean"``).
+
+        With ``sharded_residual=True`` the residual passed on this rank holds exactly these rows.
+        """
+        return shard_range(tokens, self.world_size, self.rank)
+
     # ------------------------------------------------------------------ per call
-    def plan(self, tokens: int, hidden: int, itemsize: int, algo=None, ctas=None) -> LaunchPlan:
+    def plan(self, tokens: int, hidden: int, itemsize: int, algo=None, ctas=None, *, lean_ok=False) -> LaunchPlan:
         """Launch settings for one call: the dispatcher (one place).
 
-        Measured on 4 x H200, hidden 4096 and 8192 (bench/results/fused_allreduce_rmsnorm-h200-tp*.json,
-        commit 90cfe5f, forced one_shot vs two_shot): one-shot (push (W-1) x S, one synchronisation) beat
-        two-shot (2(W-1)/W x S, two synchronisations) up to 8 MiB at TP2 (256 tokens x 8192: 21.2 vs 23.3 us;
-        1024 tokens: 78.4 vs 76.1) and up to 512 KiB at TP4 (32 tokens x 8192: 13.6 vs 14.2 us; 64 tokens:
-        18.1 vs 16.9). Larger worlds push more per byte: they keep the older, smaller 256 KiB (not measured).
-        Time fell in proportion to the CTA count up to 64 CTAs at every size from 1024 tokens: one
-        CTA moves only ~40-50 GB/s, so a standalone call takes one CTA per 16 KiB of x, up to every SM.
-        Chunks (whole rows) are pipelined 4 per CTA from 8 MiB on.
+        The thresholds are measured per card and world size (``tokenweave/configs/<card>.json``, through
+        :func:`tokenweave.tuning.dispatch_config`, which names the run each came from); a heuristic applies
+        where no entry matches. ``lean_ok``: out (and a replicated residual) are symmetric tensors, so the
+        lean two-shot may be chosen.
         """
-        key = (tokens, hidden, itemsize, algo, ctas)
+        key = (tokens, hidden, itemsize, algo, ctas, lean_ok)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
         nbytes = tokens * hidden * itemsize
+        cfg = self._dispatch(itemsize, hidden)
         if algo is None:
-            one_shot_max = {2: 8 << 20, 3: 512 << 10, 4: 512 << 10}.get(self.world_size, 256 << 10)
-            code = 1 if nbytes <= min(one_shot_max, self._layout["one_shot_bytes"]) else 2
+            if nbytes <= cfg.lamport_max_bytes and itemsize == 2 and nbytes <= self._layout["lamport_max_bytes"]:
+                code = ALGOS["lamport"]
+            elif nbytes <= min(cfg.one_shot_max_bytes, self._layout["one_shot_bytes"]):
+                code = ALGOS["one_shot"]
+            else:
+                code = ALGOS["lean"] if lean_ok and cfg.lean else ALGOS["two_shot"]
         else:
             if algo not in ALGOS:
                 raise ValueError(f"algo={algo!r}: use one of {tuple(ALGOS)} or None")
             code = ALGOS[algo]
-            if code == 1 and nbytes > self._layout["one_shot_bytes"]:
+            if algo == "one_shot" and nbytes > self._layout["one_shot_bytes"]:
                 raise ValueError(f"algo='one_shot': x has {nbytes} bytes, more than one-shot's limit of "
                                  f"{self._layout['one_shot_bytes']} (workspace / world); use 'two_shot' or a larger "
                                  "max_tokens")
+            if algo == "lamport" and (itemsize != 2 or nbytes > self._layout["lamport_max_bytes"]):
+                raise ValueError(f"algo='lamport' takes bfloat16/float16 x of at most {self._layout['lamport_max_bytes']} "
+                                 f"bytes; x has {nbytes} bytes of {itemsize}-byte elements: use 'one_shot' or 'two_shot'")
+            if algo == "lean" and not lean_ok:
+                raise ValueError("algo='lean' writes out (and a replicated residual) on every rank: allocate them "
+                                 "with comm.empty(...)")
         if ctas is None:
-            ctas = max(1, min(self._num_sms, math.ceil(nbytes / (16 << 10))))
+            ctas = max(1, min(self._num_sms, math.ceil(nbytes / cfg.bytes_per_cta)))
         elif not 1 <= int(ctas) <= self._num_sms:
-            raise ValueError(f"ctas={ctas}: use 1..{self._num_sms} (the device's SM count)")
-        plan = LaunchPlan(code, int(ctas), 4 if nbytes >= (8 << 20) else 1)
+            raise ValueError(f"ctas={ctas}: use 1..{self._num_sms} (the SMs this communicator may use)")
+        plan = LaunchPlan(code, int(ctas), cfg.chunks_per_cta if nbytes >= cfg.pipeline_from_bytes else 1)
         self._plans[key] = plan
         return plan
+
+    def _dispatch(self, itemsize: int, hidden: int):
+        from tokenweave.tuning import device_slug, dispatch_config
+
+        if not hasattr(self, "_card"):
+            self._card = device_slug(self.device) if self.device.type == "cuda" else "cpu"
+        return dispatch_config(self._card, self.world_size, itemsize, hidden)
+
+    def is_symmetric(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` lies in memory from :meth:`empty` (peer-writable on every rank)."""
+        p, n = t.data_ptr(), t.numel() * t.element_size()
+        return any(b.tensor.data_ptr() <= p and p + n <= b.tensor.data_ptr() + b.tensor.numel()
+                   for b in getattr(self, "_symm_allocs", ()))
 
     def check(self):
         """Raise the error a kernel recorded (timeout, mismatch), or if the communicator is closed.
@@ -243,6 +346,8 @@ class Communicator:
         if self._closed:
             raise CommunicatorClosedError("tokenweave: this Communicator was closed; create a new one")
         if self._error is not None:
+            if not isinstance(self._error, (CollectiveTimeoutError, CollectiveMismatchError)):
+                raise type(self._error)(str(self._error))  # e.g. the torch transport lost a peer
             raise type(self._error)(str(self._error), op=self._error.op, rank=self._error.rank,
                                     peer=self._error.peer, seq=self._error.seq)
         if self._id is not None and self._err_view[0] != 0:
@@ -314,6 +419,7 @@ class Communicator:
             _C.comm_destroy(self._id)
             self._id = None
         self._buffer = None
+        self._symm_allocs = []
         self._tracker = None
         self._closed = True
 

@@ -17,6 +17,7 @@ MULTICAST_OFF = {
 }
 TRANSPORTS = ("multimem", "p2p", "torch")
 DEFAULT_TIMEOUT_MS = 30_000
+SM_PARTITION_MODES = ("auto", "off")
 
 
 def multicast_blockers(environ: Mapping[str, str] = os.environ) -> list[str]:
@@ -41,3 +42,24 @@ def timeout_ms(environ: Mapping[str, str] = os.environ) -> int:
     if ms <= 0:
         raise ValueError(f"TOKENWEAVE_TIMEOUT_MS={value}: must be a positive number of milliseconds")
     return ms
+
+
+def sm_partition(environ: Mapping[str, str] = os.environ) -> str | int:
+    """``TOKENWEAVE_SM_PARTITION``: ``auto`` (default: the tuner's choice), ``off``, or a number of SMs for
+    communication (see :mod:`tokenweave.partition`)."""
+    value = environ.get("TOKENWEAVE_SM_PARTITION")
+    if value is None or value == "":
+        return "auto"
+    return parse_sm_partition(value, "TOKENWEAVE_SM_PARTITION")
+
+
+def parse_sm_partition(value, what: str = "sm_partition") -> str | int:
+    """``"auto"``, ``"off"`` or a positive int (also given as a string of digits); else ValueError naming ``what``."""
+    if isinstance(value, str) and value.strip().lower() in SM_PARTITION_MODES:
+        return value.strip().lower()
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise ValueError(f"{what}={value!r}: use 'auto' (the tuner decides), 'off', or a positive number of SMs for "
+                     "communication")

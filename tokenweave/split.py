@@ -13,7 +13,8 @@ This module
   anything, from a per-(device, TP, hidden, token bucket) choice cached on disk;
 * tunes that choice in seconds (:meth:`SplitPolicy.tune`): a handful of candidates, plus "no split"
   (so the token threshold below which only fusion pays is *measured*), plus the CTA count of the
-  communication kernel, each timed once and agreed on by every rank.
+  communication kernel, plus (where SM partitions exist) the number of SMs reserved for communication
+  against "no partition" (:mod:`tokenweave.partition`), each timed once and agreed on by every rank.
 
 Nothing here knows about models or streams; the caller provides a ``time_fn(Split) -> us``.
 """
@@ -61,16 +62,20 @@ class Split:
     """How ``tokens`` rows are divided: part A is ``[0, point)``, part B is ``[point, tokens)``.
 
     ``point is None`` means no split (fuse only). ``ctas`` is the CTA count for the communication
-    kernel while it overlaps compute (``None``: the dispatcher's default).
+    kernel while it overlaps compute (``None``: the dispatcher's default). ``comm_sms`` is the number of
+    SMs reserved for communication (an SM partition, :mod:`tokenweave.partition`); ``None``: no partition.
     """
 
     tokens: int
     point: int | None = None
     ctas: int | None = None
+    comm_sms: int | None = None
 
     def __post_init__(self):
         if self.point is not None and not 0 < self.point < self.tokens:
             raise ValueError(f"Split: point {self.point} must lie strictly inside (0, {self.tokens})")
+        if self.comm_sms is not None and self.comm_sms < 1:
+            raise ValueError(f"Split: comm_sms {self.comm_sms} must be a positive number of SMs or None")
 
     @property
     def is_split(self) -> bool:
@@ -225,7 +230,8 @@ class TunedChoice:
     """What the tuner stored for one bucket.
 
     ``candidate`` is a rank in :func:`split_candidates`' list (so it transfers to every token count
-    of the bucket), ``split`` False means "fuse only" was fastest.
+    of the bucket), ``split`` False means "fuse only" was fastest. ``comm_sms`` is the SM partition that
+    won (``None``: no partition was faster, or none was timed).
     """
 
     split: bool
@@ -233,6 +239,7 @@ class TunedChoice:
     ctas: int = DEFAULT_OVERLAP_CTAS
     tuned_tokens: int = 0
     timings_us: dict | None = None
+    comm_sms: int | None = None
 
 
 class SplitPolicy:
@@ -257,12 +264,15 @@ class SplitPolicy:
         Split points the tuner times per bucket.
     persist : bool
         Write tuned choices to the cache file.
+    partition_choices : sequence of int
+        Communication SM counts the tuner times against "no partition" (empty: partitions are not tried; see
+        :func:`tokenweave.partition.tuner_choices`).
     """
 
     def __init__(self, gemms: Sequence[GemmShape], sm_count: int, key_prefix: str, *,
                  cache: TuningCache | None = None, min_split_tokens: int = DEFAULT_MIN_SPLIT_TOKENS,
                  granule: int | None = None, tile_shapes: Sequence[tuple[int, int]] = DEFAULT_TILE_SHAPES,
-                 max_candidates: int = 3, persist: bool = True):
+                 max_candidates: int = 3, persist: bool = True, partition_choices: Sequence[int] = ()):
         self.gemms = tuple(gemms)
         self.sm_count = int(sm_count)
         self.key_prefix = key_prefix
@@ -272,6 +282,7 @@ class SplitPolicy:
         self.tile_shapes = tuple(tile_shapes)
         self.max_candidates = int(max_candidates)
         self.persist = persist
+        self.partition_choices = tuple(int(c) for c in partition_choices)
         self._memo: dict[str, TunedChoice | None] = {}
 
     def key(self, tokens: int) -> str:
@@ -304,10 +315,11 @@ class SplitPolicy:
         points = self.candidates(tokens, boundaries)
         if not points:
             return Split(tokens)
-        return Split(tokens, points[min(choice.candidate, len(points) - 1)], choice.ctas)
+        return Split(tokens, points[min(choice.candidate, len(points) - 1)], choice.ctas, choice.comm_sms)
 
     def tune(self, tokens: int, time_fn: Callable[[Split], float], *, boundaries: Sequence[int] | None = None,
              group=None, device=None, ctas_choices: Sequence[int] = OVERLAP_CTAS_CHOICES,
+             partition_choices: Sequence[int] | None = None, partition_ok: Callable[[int], bool] | None = None,
              force: bool = False) -> Split:
         """Time a few splits of ``tokens`` rows, cache the fastest for its bucket, return it.
 
@@ -316,7 +328,9 @@ class SplitPolicy:
         same choice (and the slowest rank, which sets the pace, decides).
 
         Order: the wave-model candidates at the default CTA count, then the CTA choices for the
-        best point, then no split. That is ``max_candidates + len(ctas_choices)`` timings at most.
+        best point, then each SM partition for the best point and CTA count (the kernel's CTAs capped to
+        the partition's SMs by the schedule), then no split. That is ``max_candidates + len(ctas_choices)
+        + len(partition_choices)`` timings at most.
 
         Parameters
         ----------
@@ -329,6 +343,11 @@ class SplitPolicy:
         device : torch.device, optional
             Where the reduction tensor lives (CUDA for NCCL groups, CPU for gloo).
         ctas_choices : sequence of int
+        partition_choices : sequence of int, optional
+            Default: the policy's ``partition_choices``. Must be the same list on every rank.
+        partition_ok : callable, optional
+            ``partition_ok(comm_sms) -> bool``: whether this rank can make that partition; one that any rank
+            cannot make is skipped on all of them (default: all can).
         force : bool
             Re-tune even when the bucket is cached.
         """
@@ -357,9 +376,19 @@ class SplitPolicy:
             us = measure(f"point={points[best_rank]},ctas={ctas}", Split(tokens, points[best_rank], ctas))
             if us < best_us:
                 best_ctas, best_us = ctas, us
+        best_comm_sms = None
+        point = points[best_rank]
+        for comm_sms in self.partition_choices if partition_choices is None else partition_choices:
+            ok = partition_ok is None or bool(partition_ok(int(comm_sms)))
+            if not _all_ranks_true(ok, distributed, group, device):
+                continue
+            us = measure(f"point={point},ctas={best_ctas},comm_sms={comm_sms}",
+                         Split(tokens, point, best_ctas, int(comm_sms)))
+            if us < best_us:
+                best_comm_sms, best_us = int(comm_sms), us
         unsplit_us = measure("no_split", Split(tokens))
         choice = TunedChoice(split=best_us < unsplit_us, candidate=best_rank, ctas=best_ctas, tuned_tokens=tokens,
-                             timings_us=timings)
+                             timings_us=timings, comm_sms=best_comm_sms)
         key = self.key(tokens)
         self._memo[key] = choice
         if self.persist and _is_rank_zero(distributed, group):

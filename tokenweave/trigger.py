@@ -18,6 +18,12 @@ consumer ``stream``  no kernel waits at all: per row group, the consumer stream 
                      scheduled first). The SM and copy-engine consumers spin on their CTAs for the whole GEMM,
                      which costs the GEMM those SMs (README, "Track-and-trigger").
 
+SM partitions (``sm_partition=``, :mod:`tokenweave.partition`): the producer runs on the partition's GEMM
+stream (its SMs minus the communication ones) and the consumer (its kernel, or the stream consumer's gated
+calls) on the communication stream, with at most as many CTAs as that partition has SMs, so it never waits
+for GEMM CTAs to retire and never takes SMs from the GEMM. The copy engines' stage keeps its own stream.
+Both streams fork from the caller's stream and join back before the call returns.
+
 Counters of the SM consumer only grow (the kernel keeps its own ``consumed`` count), so CUDA-graph
 replays need no reset; the stream waits (copy engine, stream) compare with constants captured in the graph,
 so their group counters are re-armed to 0 by the waiting stream after each wait.
@@ -189,7 +195,7 @@ def _choose_roles(op, comm, producer, consumer):
 
 
 def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas, tracker, partial, producer,
-             consumer, groups):
+             consumer, groups, part=None):
     M, N = x.shape[0], w.shape[0]
     itemsize = x.element_size()
     if M * N * itemsize > comm.capacity_bytes:
@@ -202,10 +208,12 @@ def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas
     if groups is not None and (consumer != "stream" or not 1 <= int(groups) <= _MAX_GROUPS):
         raise ValueError(f"tokenweave.{op}: groups={groups!r} applies to consumer='stream' only, 1..{_MAX_GROUPS}")
     comm.check()
-    half_sms = max(1, comm._num_sms // 2)
+    part = part if part is not None and part.usable() else None
+    # At most half the SMs spin; on a partition, at most its communication SMs (each consumer CTA fills an SM).
+    half_sms = part.comm_sms if part is not None else max(1, comm._num_sms // 2)
     if consumer == "stream":
         return _gated_launches(op, comm, x, w, residual, norm_weight, eps, out, ctas, tracker, partial, producer,
-                               groups, half_sms)
+                               groups, half_sms, part)
     ctas = min(ctas or min(32, half_sms), half_sms)
     plan = comm.plan(M, N, itemsize, "two_shot", ctas)
     geo = _C.plan(comm._id, M, N, _DTYPE_CODE[x.dtype], ALGOS["two_shot"], plan.ctas, plan.chunks_per_cta)
@@ -225,10 +233,12 @@ def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas
     def produce():
         marks = [(g.row_begin, g.row_end, *((k, k + 1) if ce else (g.chunk_begin, g.chunk_end)))
                  for k, g in enumerate(groups)]
-        _produce(producer, x, w, y, counters, unit_rows, units, marks, comm._num_sms - ctas)
+        with torch.cuda.stream(producer_stream):
+            _produce(producer, x, w, y, counters, unit_rows, units, marks,
+                     part.gemm_sms if part is not None else comm._num_sms - ctas)
 
     def consume():
-        with torch.cuda.stream(tracker.stream):
+        with torch.cuda.stream(consumer_stream):
             comm.order_stream()
             if ce:
                 _ops().allreduce_staged(y, residual, norm_weight, out, float(eps), comm._id, ctas,
@@ -251,10 +261,13 @@ def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas
                 raise
 
     compute = torch.cuda.current_stream(x.device)
+    producer_stream, consumer_stream = _roles_streams(part, compute, tracker)
     inputs_ready = torch.cuda.Event()
     inputs_ready.record(compute)  # x, w, residual and the buffers are ready; the last call is done
-    tracker.stream.wait_event(inputs_ready)
-    key = (M, x.shape[1], N, x.dtype, ctas, producer, consumer)
+    consumer_stream.wait_event(inputs_ready)
+    if producer_stream is not compute:
+        producer_stream.wait_event(inputs_ready)
+    key = (M, x.shape[1], N, x.dtype, ctas, producer, consumer, part is not None)
     # CUDA_MODULE_LOADING=EAGER loads every CUDA kernel up front, but not Triton's, which loads on first launch.
     preloaded = os.environ.get("CUDA_MODULE_LOADING") == "EAGER" and producer != "triton"
     if key in tracker._warm or torch.cuda.is_current_stream_capturing() or preloaded:
@@ -262,19 +275,38 @@ def _trigger(op, comm: Communicator, x, w, residual, norm_weight, eps, out, ctas
         produce()
     else:  # first call of this shape: load every kernel before anything spins (see the module docstring)
         produce()
-        tracker.stream.wait_stream(compute)
+        consumer_stream.wait_stream(producer_stream)
         consume()
         tracker._warm.add(key)
     if ce:  # enqueued last: its stream waits are unbounded, so only once the producer is fully enqueued
         stage()
         compute.wait_stream(tracker.copy_stream)
-    compute.wait_stream(tracker.stream)
-    for t in (y, out, residual):  # used on the side streams: not reusable before they are done
-        if t is not None:
-            t.record_stream(tracker.stream)
-            if ce:
+    _join(compute, producer_stream, consumer_stream, (y, out, residual))
+    if ce:
+        for t in (y, out, residual):
+            if t is not None:
                 t.record_stream(tracker.copy_stream)
     return out
+
+
+def _roles_streams(part, compute, tracker):
+    """(producer stream, consumer stream): the partition's GEMM and communication streams, else the caller's
+    stream and the Tracker's high-priority stream."""
+    if part is not None:
+        return part.gemm_stream, part.comm_stream
+    return compute, tracker.stream
+
+
+def _join(compute, producer_stream, consumer_stream, tensors):
+    """The caller's stream waits for both roles; tensors used on the side streams are not reusable before."""
+    if producer_stream is not compute:
+        compute.wait_stream(producer_stream)
+    compute.wait_stream(consumer_stream)
+    for t in tensors:
+        if t is not None:
+            t.record_stream(consumer_stream)
+            if producer_stream is not compute:
+                t.record_stream(producer_stream)
 
 
 def _produce(producer, x, w, y, counters, unit_rows, units, marks, max_programs, carveout=0):
@@ -323,7 +355,7 @@ def stream_groups(rows: int, row_bytes: int, groups: int | None = None) -> tuple
 
 
 def _gated_launches(op, comm, x, w, residual, norm_weight, eps, out, ctas, tracker, partial, producer, groups,
-                    half_sms):
+                    half_sms, part=None):
     """consumer="stream": per row group, a stream wait on the group's counter, then the fused kernel on its rows.
 
     The producer is enqueued first: the waits can only be satisfied by it, so no kernel the waits depend on is
@@ -331,7 +363,8 @@ def _gated_launches(op, comm, x, w, residual, norm_weight, eps, out, ctas, track
     timeouts, checks and numerics are the fused op's. ``ctas`` is each call's CTA count (default: the fused op's
     choice); the Triton producer leaves that many SMs (default 32, at most half) free for them, since its
     persistent CTAs would otherwise hold every SM until the GEMM ends; with an explicit ``ctas`` cuBLAS leaves
-    them free too (see ``reserve`` below)."""
+    them free too (see ``reserve`` below). On an SM partition the producer runs on its GEMM stream, the group
+    calls on its communication stream with at most that partition's SMs as CTAs, and nothing is reserved."""
     M, N = x.shape[0], w.shape[0]
     y = partial if partial is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     if out is None:
@@ -344,16 +377,24 @@ def _gated_launches(op, comm, x, w, residual, norm_weight, eps, out, ctas, track
     targets = _targets(producer, M, N, group_rows, n)
     counters = tracker.group_ready
     compute = torch.cuda.current_stream(x.device)
+    producer_stream, consumer_stream = _roles_streams(part, compute, tracker)
     inputs_ready = torch.cuda.Event()
     inputs_ready.record(compute)  # x, w, residual and the buffers are ready; the last call is done
     marks = [(k * group_rows, min(M, (k + 1) * group_rows), k, k + 1) for k in range(n)]
-    # Explicit ctas: the producer leaves that many SMs free for the group calls (cuBLAS through the carveout,
-    # Triton by capping its persistent grid). Without, cuBLAS takes every SM (its GEMMs end between groups,
-    # so the calls get SMs then) and Triton leaves 32, at most half.
-    reserve = min(ctas or 32, half_sms)
-    _produce(producer, x, w, y, counters, group_rows, n, marks, comm._num_sms - reserve, carveout=ctas and reserve)
-    tracker.stream.wait_event(inputs_ready)
-    with torch.cuda.stream(tracker.stream):
+    if part is not None:  # the partition keeps the GEMM off the communication SMs: nothing to reserve
+        ctas = part.fit_ctas(ctas)
+        producer_stream.wait_event(inputs_ready)
+        with torch.cuda.stream(producer_stream):
+            _produce(producer, x, w, y, counters, group_rows, n, marks, part.gemm_sms)
+    else:
+        # Explicit ctas: the producer leaves that many SMs free for the group calls (cuBLAS through the carveout,
+        # Triton by capping its persistent grid). Without, cuBLAS takes every SM (its GEMMs end between groups,
+        # so the calls get SMs then) and Triton leaves 32, at most half.
+        reserve = min(ctas or 32, half_sms)
+        _produce(producer, x, w, y, counters, group_rows, n, marks, comm._num_sms - reserve,
+                 carveout=ctas and reserve)
+    consumer_stream.wait_event(inputs_ready)
+    with torch.cuda.stream(consumer_stream):
         try:
             for k, (r0, r1, _, _) in enumerate(marks):
                 _ops().gate_on_counter(counters, k, targets[k == n - 1])
@@ -362,10 +403,7 @@ def _gated_launches(op, comm, x, w, residual, norm_weight, eps, out, ctas, track
         except Exception:
             tracker.broken = True  # groups not yet gated keep the producer's counts: never reuse the counters
             raise
-    compute.wait_stream(tracker.stream)
-    for t in (y, out, residual):  # used on the side stream: not reusable before it is done
-        if t is not None:
-            t.record_stream(tracker.stream)
+    _join(compute, producer_stream, consumer_stream, (y, out, residual))
     return out
 
 
@@ -386,7 +424,8 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
                              norm_weight: torch.Tensor, comm: Communicator, eps: float = 1e-6, *, mode: str = "auto",
                              ctas: int | None = None, tracker: Tracker | None = None, out: torch.Tensor | None = None,
                              partial: torch.Tensor | None = None, producer: str | None = None,
-                             consumer: str | None = None, groups: int | None = None) -> torch.Tensor:
+                             consumer: str | None = None, groups: int | None = None,
+                             sm_partition: str | int | None = None) -> torch.Tensor:
     """Row-parallel linear + all-reduce + residual add + RMSNorm: ``RMSNorm(sum_r x_r @ w_r.T + residual)``.
 
     Parameters
@@ -422,6 +461,10 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
         measured fastest at every shape, ``DEFAULT_CONSUMER``).
     groups : int, optional
         ``consumer="stream"``: row groups (one collective each); default one per 16 MiB of output, at most 4.
+    sm_partition : {"auto", "off"} or int, optional
+        Trigger mode: a number of SMs reserved for the consumer, the producer GEMM on the rest
+        (:mod:`tokenweave.partition`). ``"auto"`` and ``"off"``: no partition (none is tuned for this op
+        yet). Default: ``TOKENWEAVE_SM_PARTITION``, else ``"auto"``.
 
     Returns
     -------
@@ -434,13 +477,14 @@ def matmul_allreduce_rmsnorm(x: torch.Tensor, w: torch.Tensor, residual: torch.T
         return fused_allreduce_rmsnorm(comm, _matmul(x, w, partial), residual, norm_weight, eps, out=out)
     return _trigger("matmul_allreduce_rmsnorm", comm, x, w, residual, norm_weight, eps, out, ctas,
                     tracker or _tracker_of(comm, x.device), partial, producer or auto_producer or "cublas",
-                    consumer or auto_consumer or DEFAULT_CONSUMER, groups)
+                    consumer or auto_consumer or DEFAULT_CONSUMER, groups, _partition_of(sm_partition, x.device))
 
 
 def matmul_allreduce(x: torch.Tensor, w: torch.Tensor, comm: Communicator, *, mode: str = "auto",
                      ctas: int | None = None, tracker: Tracker | None = None, out: torch.Tensor | None = None,
                      partial: torch.Tensor | None = None, producer: str | None = None,
-                     consumer: str | None = None, groups: int | None = None) -> torch.Tensor:
+                     consumer: str | None = None, groups: int | None = None,
+                     sm_partition: str | int | None = None) -> torch.Tensor:
     """Row-parallel linear + all-reduce: ``sum_r x_r @ w_r.T``. Parameters as in :func:`matmul_allreduce_rmsnorm`."""
     _check_matmul("matmul_allreduce", x, w, partial)
     mode, auto_producer, auto_consumer = _choose_mode("matmul_allreduce", comm, mode, x, w)
@@ -448,4 +492,14 @@ def matmul_allreduce(x: torch.Tensor, w: torch.Tensor, comm: Communicator, *, mo
         return all_reduce(comm, _matmul(x, w, partial), out=out)
     return _trigger("matmul_allreduce", comm, x, w, None, None, 0.0, out, ctas, tracker or _tracker_of(comm, x.device),
                     partial, producer or auto_producer or "cublas",
-                    consumer or auto_consumer or DEFAULT_CONSUMER, groups)
+                    consumer or auto_consumer or DEFAULT_CONSUMER, groups, _partition_of(sm_partition, x.device))
+
+
+def _partition_of(sm_partition, device):
+    """The SM partition a trigger-mode call runs on: only for an explicit number of SMs (argument or
+    TOKENWEAVE_SM_PARTITION); ``auto`` has no tuned choice for this op, so it means none. Inactive partitions
+    (no green contexts) come back as given and are not used."""
+    from tokenweave import partition as sm_partitions
+
+    switch = sm_partitions.resolve_switch(sm_partition)
+    return sm_partitions.get_partition(device, switch) if isinstance(switch, int) else None

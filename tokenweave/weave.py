@@ -18,11 +18,21 @@ and the whole schedule can be captured in a CUDA graph (fixed shapes per capture
 On CPU, or with a single part, everything runs in the same order on the current stream: the same
 code path, sequentially.
 
+SM partitions (:mod:`tokenweave.partition`): given an active partition, the pass forks from the caller's
+stream into the partition's GEMM stream, runs every part's stage (its GEMMs, attention, ...) there, issues
+each AR+norm on the partition's communication stream with at most as many CTAs as that partition has SMs,
+and joins back at :meth:`WovenPass.finish`. The GEMMs then never share SMs with the communication kernel,
+which never waits for GEMM CTAs to retire. The order of operations and every kernel's inputs are the same
+as without the partition. A partition whose streams failed the capture probe is not used under capture.
+
 Memory safety across streams: every tensor the communication stream touches is allocated on the
-compute stream (the caller's current stream) and kept referenced until the compute stream has
-waited for the event that ends that use; only then is it released, so the caching allocator can
-never hand its memory to a later compute-stream allocation while the communication stream still
-reads or writes it. This holds under CUDA-graph capture too.
+compute stream (the caller's current stream, or the partition's GEMM stream) and kept referenced until
+the compute stream has waited for the event that ends that use; only then is it released, so the
+caching allocator can never hand its memory to a later compute-stream allocation while the
+communication stream still reads or writes it. This holds under CUDA-graph capture too. The GEMM
+stream of a partition is private to tokenweave and every use of it starts by waiting for the caller's
+stream, so a block the caller frees later (the returned output) is reused there only after the
+caller's earlier work.
 """
 from __future__ import annotations
 
@@ -98,6 +108,10 @@ class WovenPass:
     ctas : int, optional
         CTAs of the fused kernel while it overlaps compute; ``None`` lets the dispatcher choose
         (right when there is nothing to overlap with).
+    partition : tokenweave.partition.Partition, optional
+        Run the stages on its GEMM stream and the AR+norms on its communication stream (ctas capped to
+        its SMs). Ignored when inactive, without streams or a second part, or under a capture its streams
+        cannot join.
 
     Notes
     -----
@@ -108,7 +122,7 @@ class WovenPass:
     """
 
     def __init__(self, comm, x: torch.Tensor, residual: torch.Tensor, bounds: Sequence[tuple[int, int]], *,
-                 streams: StreamPair | None = None, ctas: int | None = None):
+                 streams: StreamPair | None = None, ctas: int | None = None, partition=None):
         if x.dim() != 2 or residual.shape != x.shape:
             raise ValueError(f"WovenPass: x and residual must both be [T, hidden]; got {tuple(x.shape)} and "
                              f"{tuple(residual.shape)}")
@@ -117,6 +131,18 @@ class WovenPass:
         self.bounds = [tuple(b) for b in bounds]
         self.streams = streams if streams is not None and streams.enabled and len(self.bounds) > 1 else None
         self.ctas = ctas if self.streams is not None else None
+        self.partition = partition if self.streams is not None and partition is not None and partition.usable() \
+            else None
+        if self.partition is not None:
+            self.ctas = self.partition.fit_ctas(self.ctas)
+            self._caller = self.streams.compute()
+            self._compute, self._comm_stream = self.partition.gemm_stream, self.partition.comm_stream
+            self._compute.wait_stream(self._caller)  # fork: inputs and residual are ready on the caller's stream
+        elif self.streams is not None:
+            self._caller = self._compute = self.streams.compute()
+            self._comm_stream = self.streams.comm
+        else:
+            self._caller = self._compute = self._comm_stream = None
         self.residual_parts = [residual[a:b] for a, b in self.bounds]
         self.x_parts = [x[a:b] for a, b in self.bounds]
         self._like = x
@@ -128,6 +154,10 @@ class WovenPass:
         ``norm_weight``; the normalised result becomes the next stage's input."""
         if self._finished:
             raise RuntimeError("WovenPass.stage called after finish()")
+        with self._on(self._compute):
+            self._stage(compute, norm_weight, eps)
+
+    def _stage(self, compute, norm_weight, eps):
         # Allocated on the compute stream, written by the communication stream: see the module notes.
         out = torch.empty_like(self._like)
         for i, (a, b) in enumerate(self.bounds):
@@ -151,34 +181,40 @@ class WovenPass:
             raise RuntimeError("WovenPass.finish called twice")
         for i in range(len(self.bounds)):
             self._await(i)
+        if self.partition is not None:
+            self._caller.wait_stream(self._compute)  # join: the compute stream already waited for every AR+norm
         self._finished = True
         return self._out
 
     # ------------------------------------------------------------------ internals
+    def _on(self, stream):
+        """Issue the enclosed work on ``stream`` (a no-op without streams)."""
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
     def _issue_on_comm(self, i, partial, norm_weight, eps, out_rows):
         # Recorded after the part's compute, so it also covers everything the caller queued before
-        # the pass (inputs, residual).
-        ready = self.streams.record(self.streams.compute())
-        with self.streams.on_comm():
-            self.streams.wait(self.streams.comm, ready)
+        # the pass (inputs, residual; with a partition, through the fork into the compute stream).
+        ready = self.streams.record(self._compute)
+        with self._on(self._comm_stream):
+            self.streams.wait(self._comm_stream, ready)
             tw.fused_allreduce_rmsnorm(self.comm, partial, self.residual_parts[i], norm_weight, eps, out=out_rows,
                                        ctas=self.ctas)
-            done = self.streams.record(self.streams.comm)
+            done = self.streams.record(self._comm_stream)
         self._in_flight[i] = _InFlight(done, (partial, out_rows, self.residual_parts[i]))
 
     def _await(self, i):
         """Make the compute stream wait for part ``i``'s pending AR+norm, then release its tensors."""
         pending = self._in_flight[i]
         if pending is not None:
-            self.streams.wait(self.streams.compute(), pending.done)
+            self.streams.wait(self._compute, pending.done)
             self._in_flight[i] = None
 
 
 def run_stages(comm, stages: Sequence[tuple[StageFn, torch.Tensor]], x: torch.Tensor, residual: torch.Tensor,
                bounds: Sequence[tuple[int, int]], eps: float, *, streams: StreamPair | None = None,
-               ctas: int | None = None) -> torch.Tensor:
+               ctas: int | None = None, partition=None) -> torch.Tensor:
     """Run a whole chain of ``(stage_fn, norm_weight)`` through one :class:`WovenPass`."""
-    woven = WovenPass(comm, x, residual, bounds, streams=streams, ctas=ctas)
+    woven = WovenPass(comm, x, residual, bounds, streams=streams, ctas=ctas, partition=partition)
     for fn, weight in stages:
         woven.stage(fn, weight, eps)
     return woven.finish()

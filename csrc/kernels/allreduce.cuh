@@ -15,6 +15,7 @@
 // One-shot (small inputs), per chunk: every rank pushes the chunk into its slot on every rank
 // (Tr::broadcast), then each rank sums the W slots locally in rank order + residual, and runs C.
 // The same numerics as two-shot with P2P: both give bitwise identical results.
+
 #pragma once
 
 #include "tokenweave/common.cuh"
@@ -22,6 +23,9 @@
 #include "tokenweave/rownorm.cuh"
 #include "tokenweave/sync.cuh"
 #include "tokenweave/transport.cuh"
+#include "call.cuh"
+#include "lamport.cuh"
+#include "lean.cuh"
 
 #include <type_traits>
 
@@ -29,29 +33,9 @@ namespace tokenweave {
 
 constexpr int kPhaseA = 0;
 constexpr int kPhaseB = 1;
-// Independent 16-byte vectors each thread keeps in flight in the streaming phases.
-constexpr int kUnroll = 4;
 // The copy-engine feed's handshake uses the phase-A flag of this chunk (plan_allreduce keeps n_chunks below it).
 constexpr int kHandshakeChunk = kMaxChunks - 1;
 
-// For i in [begin, end) spread over the CTA: v = load(i) for kUnroll indices, then store(i, v) for them,
-// so the loads are in flight together (the compiler cannot reorder them across possibly-aliasing stores).
-template <class Load, class Store>
-__device__ __forceinline__ void stream_vecs(int64_t begin, int64_t end, const Load& load, const Store& store) {
-  for (int64_t i = begin + threadIdx.x; i < end; i += int64_t(kUnroll) * kBlockThreads) {
-    Vec v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t k = i + int64_t(u) * kBlockThreads;
-      if (k < end) v[u] = load(k);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t k = i + int64_t(u) * kBlockThreads;
-      if (k < end) store(k, v[u]);
-    }
-  }
-}
 
 // z from the all-gathered result in this rank's workspace (two-shot).
 struct GatherSource {
@@ -82,14 +66,8 @@ struct SlotsSource {
   }
 };
 
-// The last CTA to finish advances the epoch; every CTA read it at its start, before taking a ticket.
-__device__ __forceinline__ void finish_call(const CommDevice& c, uint32_t epoch) {
-  __syncthreads();
-  if (threadIdx.x == 0 && atomicAdd(&c.state->ticket, 1u) == gridDim.x - 1) {
-    c.state->ticket = 0;
-    c.state->epoch = epoch;
-  }
-}
+
+
 
 // kFeed (types.h): kResident is the plain kernel; the other feeds only add code under `if constexpr`, so
 // the resident kernel is instruction-for-instruction what it would be without them (CI diffs the SASS).
@@ -102,6 +80,7 @@ template <typename T, int W, template <typename, int> class TransportT, Feed kFe
 __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommDevice c, const CallArgs a) {
   using Tr = TransportT<T, W>;
   constexpr int L = Pack<T>::kLanes;
+  constexpr int VPT = kMaxVecsPerThread;
   __shared__ float red[2][kBlockThreads / 32];
 
   const CallId id{c.state->epoch + 1, a.sig, a.op};
@@ -111,7 +90,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
   const Layout& l = c.layout;
   const Vec* x = reinterpret_cast<const Vec*>(a.x);
   const Vec* residual = reinterpret_cast<const Vec*>(a.residual);
-  const RowArgs rows{a.out, a.residual, (a.op & kOpNorm) ? a.weight : nullptr, a.hidden, a.group, a.eps};
+  const RowArgs rows{(a.op & kOpNorm) ? a.weight : nullptr, a.hidden, a.group, a.eps};
+  const LocalSink local{reinterpret_cast<Vec*>(a.out), reinterpret_cast<Vec*>(a.residual), nvr};
   auto chunk_at = [&](int i) { return int(blockIdx.x) + i * int(gridDim.x); };
   auto row_begin = [&](int ch) { return int64_t(ch) * a.chunk_rows; };
   auto row_end = [&](int ch) { return min(int64_t(ch + 1) * a.chunk_rows, a.tokens); };
@@ -120,20 +100,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
   };
 
   bool ok = !aborted(c);
-  if (ok && blockIdx.x == 0 && threadIdx.x < W) {
-    // Tell rank threadIdx.x what we are calling; the first flag release (barrier + fence) orders it.
-    CallHeader h{};
-    h.sig = a.sig;
-    h.epoch = id.epoch;
-    h.op = a.op;
-    h.dtype = a.dtype;
-    h.tokens = a.tokens;
-    h.hidden = a.hidden;
-    h.ctas = a.ctas;
-    h.chunk_rows = a.chunk_rows;
-    h.algo = a.algo;
-    reinterpret_cast<CallHeader*>(c.ws[threadIdx.x] + l.headers_off)[(id.epoch & 1) * kMaxWorld + c.rank] = h;
-  }
+  if (ok) publish_call_header(c, a, id.epoch, W);
 
   if constexpr (kFeed == Feed::kCopyEngine) {
     if (blockIdx.x == 0) {  // every rank has entered this call, so none still reads a staging slot
@@ -164,7 +131,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
       if (step >= 1) {
         const int ch = chunk_at(step - 1);
         if (!(ok = wait_all<W>(c, id, kPhaseA, ch))) break;
-        finish_rows<T>(src, rows, row_begin(ch), row_end(ch), false, red);
+        finish_rows<T, kBlockThreads, VPT, false>(src, local, rows, row_begin(ch), row_end(ch), red);
       }
     }
   } else if (ok) {
@@ -223,14 +190,14 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
       if (step >= 2) {  // C: epilogue of chunk step-2
         const int ch = chunk_at(step - 2);
         if (!(ok = wait_all<W>(c, id, kPhaseB, ch))) break;
-        finish_rows<T>(src, rows, row_begin(ch), row_end(ch), false, red);
+        finish_rows<T, kBlockThreads, VPT, false>(src, local, rows, row_begin(ch), row_end(ch), red);
       }
     }
   }
 
   if (!ok) {  // gave up (timeout, mismatch, or an earlier failure): never leave output that looks valid
-    const LocalSource<T> none{x, nullptr, nvr};  // never read when poisoning
-    for (int i = 0; i < n_mine; ++i) finish_rows<T>(none, rows, row_begin(chunk_at(i)), row_end(chunk_at(i)), true, red);
+    for (int i = 0; i < n_mine; ++i)
+      poison_rows<T, kBlockThreads>(a.out, a.hidden, row_begin(chunk_at(i)), row_end(chunk_at(i)));
   }
   finish_call(c, id.epoch);
 }
@@ -242,6 +209,36 @@ cudaError_t launch_world(const CommDevice& c, const CallArgs& a, cudaStream_t st
     kernel<<<a.ctas, kBlockThreads, 0, stream>>>(c, a);
     return cudaGetLastError();
   };
+  if (a.algo == int(Algo::kLean)) {  // its own kernel: its register budget is not the other algorithms'
+    if constexpr (kFeed == Feed::kResident) {
+      switch (c.world) {
+        case 2: return go(lean_kernel<T, 2, TransportT>);
+        case 3: return go(lean_kernel<T, 3, TransportT>);
+        case 4: return go(lean_kernel<T, 4, TransportT>);
+        case 5: return go(lean_kernel<T, 5, TransportT>);
+        case 6: return go(lean_kernel<T, 6, TransportT>);
+        case 7: return go(lean_kernel<T, 7, TransportT>);
+        case 8: return go(lean_kernel<T, 8, TransportT>);
+        default: return cudaErrorInvalidValue;
+      }
+    }
+    return cudaErrorInvalidValue;
+  }
+  if (a.algo == int(Algo::kLamport)) {  // its own kernel: the flag protocol above has no part in it
+    if constexpr (kFeed == Feed::kResident && sizeof(T) == 2) {
+      switch (c.world) {
+        case 2: return go(lamport_kernel<T, 2, TransportT>);
+        case 3: return go(lamport_kernel<T, 3, TransportT>);
+        case 4: return go(lamport_kernel<T, 4, TransportT>);
+        case 5: return go(lamport_kernel<T, 5, TransportT>);
+        case 6: return go(lamport_kernel<T, 6, TransportT>);
+        case 7: return go(lamport_kernel<T, 7, TransportT>);
+        case 8: return go(lamport_kernel<T, 8, TransportT>);
+        default: return cudaErrorInvalidValue;
+      }
+    }
+    return cudaErrorInvalidValue;
+  }
   switch (c.world) {
     case 2: return go(allreduce_kernel<T, 2, TransportT, kFeed>);
     case 3: return go(allreduce_kernel<T, 3, TransportT, kFeed>);
@@ -254,31 +251,42 @@ cudaError_t launch_world(const CommDevice& c, const CallArgs& a, cudaStream_t st
   }
 }
 
-// Launches allreduce_kernel for transport TransportT; the dtype is dispatched here, once.
-// Tracked calls (a.ready set) are built for the 2-byte types that GEMMs produce.
+// Launches the kernels of one (dtype, transport): the feed, algorithm and world size are dispatched here.
+// Tracked calls (a.ready set) are built for the 2-byte types that GEMMs produce, and so is Lamport.
+// Each (transport, dtype) is instantiated in a translation unit of its own (allreduce_<transport>_<dtype>.cu,
+// the extern declarations below) so that they compile in parallel.
 template <typename T, template <typename, int> class TransportT>
-cudaError_t launch_feed(const CommDevice& c, const CallArgs& a, cudaStream_t stream) {
+cudaError_t launch_typed(const CommDevice& c, const CallArgs& a, cudaStream_t stream) {
   switch (Feed(a.feed)) {
     case Feed::kResident: return launch_world<T, TransportT, Feed::kResident>(c, a, stream);
-    case Feed::kTracked: return launch_world<T, TransportT, Feed::kTracked>(c, a, stream);
+    case Feed::kTracked:
+      if constexpr (sizeof(T) == 2) return launch_world<T, TransportT, Feed::kTracked>(c, a, stream);
+      return cudaErrorInvalidValue;
     case Feed::kCopyEngine:
       // The copy engines write peers' unicast slots: a p2p-only feed (multimem stages locally).
-      if constexpr (std::is_same_v<TransportT<T, 2>, P2P<T, 2>>) return launch_world<T, TransportT, Feed::kCopyEngine>(c, a, stream);
+      if constexpr (sizeof(T) == 2 && std::is_same_v<TransportT<T, 2>, P2P<T, 2>>)
+        return launch_world<T, TransportT, Feed::kCopyEngine>(c, a, stream);
       return cudaErrorInvalidValue;
   }
   return cudaErrorInvalidValue;
 }
 
-// Launches allreduce_kernel for transport TransportT; the dtype is dispatched here, once.
-// The producer-fed kernels are built for the 2-byte types that GEMMs produce.
+#define TOKENWEAVE_LAUNCH_TYPED(T, TR) \
+  template cudaError_t launch_typed<T, TR>(const CommDevice&, const CallArgs&, cudaStream_t)
+extern TOKENWEAVE_LAUNCH_TYPED(__nv_bfloat16, P2P);
+extern TOKENWEAVE_LAUNCH_TYPED(__half, P2P);
+extern TOKENWEAVE_LAUNCH_TYPED(float, P2P);
+extern TOKENWEAVE_LAUNCH_TYPED(__nv_bfloat16, Multimem);
+extern TOKENWEAVE_LAUNCH_TYPED(__half, Multimem);
+extern TOKENWEAVE_LAUNCH_TYPED(float, Multimem);
+
+// The dtype is dispatched here, once.
 template <template <typename, int> class TransportT>
 cudaError_t launch_allreduce(const CommDevice& c, const CallArgs& a, cudaStream_t stream) {
   switch (DType(a.dtype)) {
-    case DType::kBFloat16: return launch_feed<__nv_bfloat16, TransportT>(c, a, stream);
-    case DType::kFloat16: return launch_feed<__half, TransportT>(c, a, stream);
-    case DType::kFloat32:
-      return a.feed == int(Feed::kResident) ? launch_world<float, TransportT, Feed::kResident>(c, a, stream)
-                                            : cudaErrorInvalidValue;
+    case DType::kBFloat16: return launch_typed<__nv_bfloat16, TransportT>(c, a, stream);
+    case DType::kFloat16: return launch_typed<__half, TransportT>(c, a, stream);
+    case DType::kFloat32: return launch_typed<float, TransportT>(c, a, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -16,25 +16,42 @@ const char* plan_allreduce(CallArgs& a, const Layout& l, int ctas, int chunks_pe
   if (a.group < 0) return "hidden is too large for the row epilogue (at most 32768 for 2-byte types, 16384 for float32)";
   if (ctas < 1 || chunks_per_cta < 1) return "ctas and chunks_per_cta must be >= 1";
   const uint64_t bytes = uint64_t(a.tokens) * a.hidden * elem;
+  const uint64_t nvr = a.hidden / lanes;
   if (bytes > l.capacity_bytes) return "x is larger than the workspace: make the Communicator with a larger max_tokens";
-  if (a.algo == int(Algo::kOneShot) && bytes > l.slot_bytes - uint64_t(kMaxChunks) * 16 - 16)
+  const Algo algo = Algo(a.algo);
+  if (algo != Algo::kOneShot && algo != Algo::kTwoShot && algo != Algo::kLamport && algo != Algo::kLean)
+    return "algo must be one_shot, two_shot, lamport or lean";
+  if (algo == Algo::kOneShot && bytes > l.slot_bytes - uint64_t(kMaxChunks) * 16 - 16)
     return "x is too large for one-shot (limit: workspace capacity / world): use two-shot";
-  if (a.algo != int(Algo::kOneShot) && a.algo != int(Algo::kTwoShot)) return "algo must be one-shot or two-shot";
-  int64_t rows = (a.tokens + int64_t(ctas) * chunks_per_cta - 1) / (int64_t(ctas) * chunks_per_cta);
+  if (algo == Algo::kLamport) {
+    if (a.dtype == int(DType::kFloat32)) return "lamport takes bfloat16 or float16 (its sentinel is a 2-byte -0.0)";
+    if (bytes > kLamportSlotBytes) return "x is too large for lamport (at most 2 MiB): use one_shot or two_shot";
+    if (a.feed != int(Feed::kResident)) return "lamport takes a resident input (no track-and-trigger feed)";
+  }
+  // Rows each CTA-chunk covers: of all rows (one-shot, two-shot), or of each rank's shard (lean).
+  int64_t span = a.tokens;
+  if (algo == Algo::kLean) {
+    if (a.feed != int(Feed::kResident)) return "lean takes a resident input (no track-and-trigger feed)";
+    a.shard_rows = (a.tokens + l.world - 1) / l.world;
+    span = a.shard_rows;
+    if (uint64_t(a.shard_rows) * nvr * 16 > l.slot_bytes) return "internal: lean slots overflow";
+  } else if ((a.op & kOpShardedResidual) != 0) {
+    return "a sharded residual needs algo lean";
+  }
+  int64_t rows = (span + int64_t(ctas) * chunks_per_cta - 1) / (int64_t(ctas) * chunks_per_cta);
   rows = rows < 1 ? 1 : rows;
-  if ((a.tokens + rows - 1) / rows > kMaxChunks) rows = (a.tokens + kMaxChunks - 1) / kMaxChunks;
+  if ((span + rows - 1) / rows > kMaxChunks) rows = (span + kMaxChunks - 1) / kMaxChunks;
   a.chunk_rows = int(rows);
-  a.n_chunks = int((a.tokens + rows - 1) / rows);
+  a.n_chunks = int((span + rows - 1) / rows);
   a.ctas = ctas < a.n_chunks ? ctas : a.n_chunks;
-  if (a.algo == int(Algo::kTwoShot)) {
-    const uint64_t nvr = a.hidden / lanes;
+  if (algo == Algo::kTwoShot) {
     // Chunk c's piece sits at c * piece_full in every slot; only the last chunk is shorter.
     const uint64_t piece_full = (uint64_t(a.chunk_rows) * nvr + l.world - 1) / l.world;
     const uint64_t last_rows = uint64_t(a.tokens) - uint64_t(a.n_chunks - 1) * a.chunk_rows;
     const uint64_t piece_last = (last_rows * nvr + l.world - 1) / l.world;
     if ((uint64_t(a.n_chunks - 1) * piece_full + piece_last) * 16 > l.slot_bytes) return "internal: two-shot slots overflow";
   }
-  if (a.feed == int(Feed::kCopyEngine) && (a.algo != int(Algo::kTwoShot) || a.n_chunks >= kMaxChunks))
+  if (a.feed == int(Feed::kCopyEngine) && (algo != Algo::kTwoShot || a.n_chunks >= kMaxChunks))
     return "the copy-engine feed takes two-shot and at most 4095 chunks";  // chunk 4095's flag is the handshake
   a.sig = call_signature(a);
   return nullptr;
@@ -48,31 +65,73 @@ cudaError_t allreduce(const CommDevice& c, const CallArgs& a, Transport t, cudaS
   return launch_allreduce_p2p(c, a, stream);
 }
 
+// Standalone add + RMSNorm: one pass of whole rows per CTA (no grid-stride loop), so several CTAs share
+// an SM and one CTA's loads overlap another's reduction and stores. Threads per CTA and vectors per thread
+// are compile-time (registers, not local memory); `add_rmsnorm_configs` lists the instantiations.
+template <typename T, int Threads, int VPT>
+__global__ void __launch_bounds__(Threads) add_rmsnorm_kernel(RowArgs ra, const Vec* x, Vec* residual, Vec* out,
+                                                              int64_t tokens) {
+  __shared__ float red[2][Threads / 32];
+  const int nvr = ra.hidden / Pack<T>::kLanes;
+  const int64_t r0 = int64_t(blockIdx.x) * (Threads / ra.group);
+  const LocalSource<T> src{x, residual, nvr};
+  const LocalSink sink{out, residual, nvr};
+  finish_rows<T, Threads, VPT>(src, sink, ra, r0, min(r0 + Threads / ra.group, tokens), red);
+}
+
+// (threads per CTA, target vectors per thread, most vectors per thread). Config 0 is the default; where a
+// row does not fit it, config 1 and then 2 take it. Measured on one H200 (bench/results/add_rmsnorm-h200-tp1.json):
+// register-capped arrays decide occupancy, so the smallest array that holds the row is the fastest.
+struct NormConfig {
+  int threads, target_vecs, max_vecs;
+};
+constexpr NormConfig kNormConfigs[] = {{256, 4, 4}, {256, 4, 8}, {512, 4, 8}, {128, 8, 16}, {256, 8, 16}};
+constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
+
+int add_rmsnorm_configs() { return kNormConfigCount; }
+
+template <typename T, int Threads, int VPT>
+cudaError_t launch_add_rmsnorm(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
+                               cudaStream_t stream) {
+  const int64_t blocks = (tokens + Threads / ra.group - 1) / (Threads / ra.group);
+  add_rmsnorm_kernel<T, Threads, VPT><<<blocks, Threads, 0, stream>>>(
+      ra, reinterpret_cast<const Vec*>(x), reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
+  return cudaGetLastError();
+}
+
 template <typename T>
-__global__ void __launch_bounds__(kBlockThreads) add_rmsnorm_kernel(RowArgs ra, const Vec* x, int64_t tokens) {
-  __shared__ float red[2][kBlockThreads / 32];
-  const int rows_per_pass = kBlockThreads / ra.group;
-  const LocalSource<T> src{x, reinterpret_cast<const Vec*>(ra.residual), ra.hidden / Pack<T>::kLanes};
-  for (int64_t r0 = int64_t(blockIdx.x) * rows_per_pass; r0 < tokens; r0 += int64_t(gridDim.x) * rows_per_pass)
-    finish_rows<T>(src, ra, r0, min(r0 + rows_per_pass, tokens), false, red);
+cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void* residual, void* out,
+                              int64_t tokens, cudaStream_t stream) {
+  switch (config) {
+    case 0: return launch_add_rmsnorm<T, 256, 4>(ra, x, residual, out, tokens, stream);
+    case 1: return launch_add_rmsnorm<T, 256, 8>(ra, x, residual, out, tokens, stream);
+    case 2: return launch_add_rmsnorm<T, 512, 8>(ra, x, residual, out, tokens, stream);
+    case 3: return launch_add_rmsnorm<T, 128, 16>(ra, x, residual, out, tokens, stream);
+    case 4: return launch_add_rmsnorm<T, 256, 16>(ra, x, residual, out, tokens, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t add_rmsnorm(const void* x, void* residual, const void* weight, void* out, int64_t tokens, int hidden,
-                        float eps, DType dtype, cudaStream_t stream) {
-  const int group = plan_row_group(hidden, lanes_of(dtype));
-  if (group < 0 || hidden % 8 != 0 || tokens < 1) return cudaErrorInvalidValue;
-  const RowArgs ra{out, residual, weight, hidden, group, eps};
-  const int rows_per_pass = kBlockThreads / group;
-  int64_t blocks = (tokens + rows_per_pass - 1) / rows_per_pass;
-  // Enough CTAs to fill every SM several times over; more only adds scheduling cost.
-  blocks = blocks > 1024 ? 1024 : blocks;
-  const Vec* xv = reinterpret_cast<const Vec*>(x);
-  switch (dtype) {
-    case DType::kBFloat16: add_rmsnorm_kernel<__nv_bfloat16><<<blocks, kBlockThreads, 0, stream>>>(ra, xv, tokens); break;
-    case DType::kFloat16: add_rmsnorm_kernel<__half><<<blocks, kBlockThreads, 0, stream>>>(ra, xv, tokens); break;
-    case DType::kFloat32: add_rmsnorm_kernel<float><<<blocks, kBlockThreads, 0, stream>>>(ra, xv, tokens); break;
+                        float eps, DType dtype, cudaStream_t stream, int config) {
+  if (config < 0 || config >= kNormConfigCount || hidden % 8 != 0 || tokens < 1) return cudaErrorInvalidValue;
+  auto group_of = [&](int k) {
+    const NormConfig& g = kNormConfigs[k];
+    return plan_row_group(hidden, lanes_of(dtype), g.threads, g.target_vecs, g.max_vecs);
+  };
+  // A row too long for the default shape (hidden > 8192 for 2-byte types) goes to the next that holds it.
+  if (config == 0) {
+    while (config < 2 && group_of(config) < 0) ++config;
   }
-  return cudaGetLastError();
+  const int group = group_of(config);
+  if (group < 0) return cudaErrorInvalidValue;
+  const RowArgs ra{weight, hidden, group, eps};
+  switch (dtype) {
+    case DType::kBFloat16: return add_rmsnorm_typed<__nv_bfloat16>(config, ra, x, residual, out, tokens, stream);
+    case DType::kFloat16: return add_rmsnorm_typed<__half>(config, ra, x, residual, out, tokens, stream);
+    case DType::kFloat32: return add_rmsnorm_typed<float>(config, ra, x, residual, out, tokens, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 // Track-and-trigger, producer side: runs after the GEMM that wrote chunks [begin, end) on the same

@@ -1,6 +1,7 @@
 """CPU tests of the benchmark harness and of the fused benchmark's CPU reference path."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,14 +58,72 @@ def test_write_results_other_axes(tmp_path):
 
 
 def test_print_table_speedups_and_missing_cells(capsys):
-    rows = _rows(tokens=(1, 16)) + [{"tokens": 16, "hidden": 8192, "dtype": "bfloat16", "variant": "extra", "us": None}]
-    text = harness.print_table(rows)
+    extra = [{"tokens": 1, "hidden": 8192, "dtype": "bfloat16", "variant": "extra", "us": 5.0},
+             {"tokens": 16, "hidden": 8192, "dtype": "bfloat16", "variant": "extra", "us": None},
+             {"tokens": 1, "hidden": 8192, "dtype": "bfloat16", "variant": "nowhere", "us": None, "skipped": "why"}]
+    text = harness.print_table(_rows(tokens=(1, 16)) + extra)
     assert text in capsys.readouterr().out
     lines = text.splitlines()
     assert lines[0].startswith("== hidden=8192 dtype=bfloat16")
-    assert lines[1].split() == ["tokens", "baseline", "nccl", "tokenweave", "extra"]
-    assert lines[2].split() == ["1", "30.0", "20.0", "(1.50x)", "10.0", "(3.00x)", "-"]
+    assert "noise" not in lines[0]  # no baseline_repeat: no noise column
+    assert lines[1].split() == ["tokens", "baseline", "nccl", "tokenweave", "extra"]  # "nowhere" never ran
+    assert lines[2].split() == ["1", "30.0", "20.0", "(1.50x)", "10.0", "(3.00x)", "5.0", "(6.00x)"]
     assert "(3.00x)" in lines[3] and lines[3].split()[-1] == "-"
+
+
+def test_table_and_json_state_the_run_to_run_noise(tmp_path):
+    rows = _rows(tokens=(1, 16), times={"baseline": 30.0, "tokenweave": 10.0, "baseline_repeat": 33.0})
+    rows.append({"tokens": 64, "hidden": 8192, "dtype": "bfloat16", "variant": "baseline", "us": 50.0})  # no repeat
+    lines = harness.format_table(rows).splitlines()
+    assert "noise = |baseline - baseline_repeat| / baseline" in lines[0]
+    assert lines[1].split()[-1] == "noise"
+    assert lines[2].split()[-1] == "10.0%" and lines[3].split()[-1] == "10.0%" and lines[4].split()[-1] == "-"
+    noise = harness.run_to_run_noise(rows)
+    assert noise["variants"] == ["baseline", "baseline_repeat"] and noise["max"] == pytest.approx(0.1)
+    assert [(p["tokens"], p["hidden"], p["noise"]) for p in noise["per_size"]] == [(1, 8192, 0.1), (16, 8192, 0.1)]
+    assert harness.run_to_run_noise(_rows()) is None
+    json_path, _ = harness.write_results("fused", 2, rows, tmp_path, device="cpu")
+    assert json.loads(json_path.read_text())["noise"] == noise
+    gemm = [{"M": 512, "K": 1024, "N": 8192, "dtype": "bfloat16", "variant": v, "us": us}
+            for v, us in (("sequential", 100.0), ("sequential_repeat", 98.0))]
+    json_path, _ = harness.write_results("gemm", 2, gemm, tmp_path, device="cpu", x_key="M", panel_keys=("K", "N"),
+                                         baseline="sequential")
+    assert json.loads(json_path.read_text())["noise"]["max"] == pytest.approx(0.02)
+
+
+def test_bandwidth_fields_flag_only_bandwidth_bound_sizes():
+    class FakeCopy:  # 4000 GB/s on large copies, latency-bound below 1 MB of traffic
+        peak_gbps = 4000.0
+
+        def gbps(self, nbytes):
+            return 4000.0 if nbytes >= 1 << 20 else 500.0
+
+    traffic = harness.add_rmsnorm_traffic_bytes(8192, 8192, 2)
+    assert traffic == (4 * 8192 + 1) * 8192 * 2
+    slow = harness.bandwidth_fields(traffic / 2600e3, traffic, FakeCopy())  # 2600 GB/s: the trap's number
+    assert slow["GBps"] == pytest.approx(2600, rel=1e-3) and slow["frac_of_peak_copy"] == pytest.approx(0.65)
+    assert slow["bw_low"] is True and "LOW" in harness.format_bandwidth(slow)
+    fast = harness.bandwidth_fields(traffic / 3900e3, traffic, FakeCopy())
+    assert fast["bw_low"] is False and "LOW" not in harness.format_bandwidth(fast)
+    tiny = harness.bandwidth_fields(2.0, 1024, FakeCopy())  # a few KB cannot reach the copy bandwidth: not judged
+    assert tiny["bw_low"] is None and "latency-bound" in harness.format_bandwidth(tiny)
+    assert harness.bandwidth_fields(None, traffic, FakeCopy()) == {}
+
+
+def test_copy_bandwidth_on_cpu_counts_read_and_written_bytes():
+    calls = []
+
+    def timer(fn, calls_=None, **kwargs):
+        fn()
+        calls.append(kwargs)
+        return 1000.0  # us
+
+    copy = harness.CopyBandwidth(torch.device("cpu"), lambda fn, **kw: timer(fn, **kw), peak_bytes=2 << 20)
+    assert copy.peak_gbps == pytest.approx((2 << 20) / 1e6)  # 2 MiB of traffic (1 MiB read + 1 written) in 1 ms
+    copy.gbps(2 << 20)
+    assert len(calls) == 1  # cached per size
+    copy.gbps(4096)
+    assert len(calls) == 2
 
 
 def test_time_wall_calls_and_resets():
@@ -81,27 +140,6 @@ def test_where():
     assert harness.result_stem("fused", 8, "h200") == "fused-h200-tp8"
 
 
-def test_targets_pass_miss_and_not_measured():
-    times = {"baseline": 30.0, "symm_two_shot": 12.0, "tokenweave": 10.0}
-    rows = _rows(tokens=(1, 16, 128, 1024, 4096), times=times)
-    targets = {t["name"].split(" (")[0]: t for t in fused.check_targets(rows, tp=4)}
-    assert targets["tokenweave >= 2.5x baseline at T <= 16"]["status"] == "PASS"
-    assert targets["tokenweave >= 2.5x baseline at T <= 16"]["values"] == {"1": 3.0, "16": 3.0}
-    assert targets["tokenweave faster than symm_two_shot at every T"]["status"] == "PASS"
-    assert targets["best of ctas <= 16 within 90% of best tokenweave at T >= 1024"]["status"] == "N/A"
-    assert all(t["binding"] for t in targets.values())
-
-    slow = [dict(r, us=r["us"] * 3) if r["variant"] == "tokenweave" and r["tokens"] == 128 else r for r in rows]
-    ctas = [{"tokens": 1024, "hidden": 8192, "dtype": "bfloat16", "variant": f"tokenweave_ctas{n}", "us": us}
-            for n, us in ((8, 50.0), (16, 40.0), (32, 30.0))]
-    targets = {t["name"].split(" (")[0]: t for t in fused.check_targets(slow + ctas, tp=2)}
-    assert targets["tokenweave >= 2.0x baseline at T = 128"]["status"] == "MISS"
-    assert targets["tokenweave faster than symm_two_shot at every T"]["status"] == "MISS"
-    assert targets["best of ctas <= 16 within 90% of best tokenweave at T >= 1024"]["values"] == {"1024": 0.75}
-    assert not any(t["binding"] for t in targets.values())
-    assert "informational at TP2" in fused.format_targets(list(targets.values()), tp=2)
-
-
 def test_reference_norm_matches_tokenweave_add_rmsnorm():
     import tokenweave as tw
 
@@ -114,25 +152,59 @@ def test_reference_norm_matches_tokenweave_add_rmsnorm():
     torch.testing.assert_close(out_ref, out_tw)
 
 
-def test_fused_bench_cpu_fallback_two_gloo_processes(tmp_path):
-    cmd = [sys.executable, "-m", "tokenweave.bench", "fused_allreduce_rmsnorm", "--tp", "2", "--tokens", "1", "8", "--hidden", "64",
-           "--calls", "2", "--replays", "2", "--out-dir", str(tmp_path)]
+def _run(cmd, cwd, timeout=180):
     env = _cpu_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "NOT a GPU measurement" in res.stdout
-    assert "== hidden=64 dtype=bfloat16" in res.stdout
-    doc = json.loads((tmp_path / "fused_allreduce_rmsnorm-cpu-tp2.json").read_text())
-    assert doc["device"] == "cpu" and doc["tp"] == 2 and doc["transport"] == "torch"
+    return res.stdout
+
+
+def test_fused_bench_script_cpu_two_gloo_processes_default_out_dir(tmp_path):
+    """The bench script end to end on CPU: default results folder (not bench/results), exact columns, noise,
+    the baseline norm's bandwidth, correctness, and the targets step saying it did not judge a CPU run."""
+    out = _run([sys.executable, str(ROOT / "bench" / "fused_allreduce_rmsnorm.py"), "--tp", "2", "--tokens", "1", "8",
+                "--hidden", "64", "--calls", "2", "--replays", "2"], cwd=tmp_path)
+    results = tmp_path / harness.DEFAULT_OUT_DIR
+    assert f"results go to {results}" in out
+    assert "NOT a GPU measurement" in out
+    assert "== hidden=64 dtype=bfloat16" in out and "noise = |baseline - baseline_repeat| / baseline" in out
+    assert "baseline norm bandwidth" in out
+    assert "targets: not evaluated (CPU smoke run" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [harness.DEFAULT_OUT_DIR]  # nothing else written
+    doc = json.loads((results / "fused_allreduce_rmsnorm-cpu-tp2.json").read_text())
+    assert doc["device"] == "cpu" and doc["tp"] == 2 and doc["transport"] == "torch" and "targets" not in doc
     ran = {(r["tokens"], r["variant"]): r for r in doc["rows"] if r["us"] is not None}
-    assert {v for _, v in ran} == {"baseline", "norm", "nccl", "tokenweave"}
+    assert {v for _, v in ran} == {"baseline", "norm", "nccl", "tokenweave", "baseline_repeat"}
+    assert [r["variant"] for r in doc["rows"] if r["tokens"] == 1][-1] == "baseline_repeat"  # timed last
     for t in (1, 8):
         row = ran[(t, "tokenweave")]
         assert row["ok"] and 0 <= row["max_err"] < fused.ATOL
         assert all(r["us"] > 0 for (tt, _), r in ran.items() if tt == t)
+        assert {"GBps", "frac_of_peak_copy", "copy_GBps_same_bytes", "bw_low"} <= set(ran[(t, "norm")])
+    assert {p["tokens"] for p in doc["noise"]["per_size"]} == {1, 8}
+    assert doc["copy_bandwidth"]["GBps"] > 0
+    assert "alone" in doc["variants"]["symm_two_shot"] and "RMSNorm" in doc["variants"]["symm_two_shot+norm"]
     skipped = [r for r in doc["rows"] if r["us"] is None]
     assert skipped and all(r.get("skipped") for r in skipped)
+
+
+def test_fused_bench_world_size_one(tmp_path):
+    """TP1: the baseline is the norm alone, tokenweave runs and matches, collective variants skip with a reason."""
+    out = _run([sys.executable, "-m", "tokenweave.bench", "--tp", "1", "--tokens", "1", "8", "--hidden", "64",
+                "--calls", "2", "--replays", "2", "--out-dir", str(tmp_path)], cwd=tmp_path)
+    assert "world size 1: baseline = the add+RMSNorm alone" in out
+    doc = json.loads((tmp_path / "fused_allreduce_rmsnorm-cpu-tp1.json").read_text())
+    assert doc["tp"] == 1
+    rows = {(r["tokens"], r["variant"]): r for r in doc["rows"]}
+    for t in (1, 8):
+        assert rows[(t, "baseline")]["us"] > 0 and rows[(t, "baseline_repeat")]["us"] > 0
+        assert rows[(t, "tokenweave")]["us"] > 0 and rows[(t, "tokenweave")]["ok"]
+        for v in fused.MULTI_RANK_VARIANTS:
+            assert rows[(t, v)]["us"] is None and "more than one rank" in rows[(t, v)]["skipped"]
+        assert "world size 1" in rows[(t, "tokenweave_one_shot")]["skipped"]
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("tokens"))
+    assert "nccl" not in header.split() and "tokenweave" in header.split()  # no all-skipped columns
 
 
 def test_thin_script_help():
@@ -142,3 +214,72 @@ def test_thin_script_help():
                          cwd=ROOT / "bench", env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "--quick" in res.stdout and "--variants" in res.stdout
+    text = re.sub(r"-\s+", "-", " ".join(res.stdout.split()))  # undo argparse's line wrapping
+    assert f"--out-dir OUT_DIR folder for the results files (default: ./{harness.DEFAULT_OUT_DIR}" in text
+    assert "symm_two_shot+norm" in res.stdout and "baseline_repeat" in res.stdout
+
+
+class _RecordingBackend:
+    """A torch.compile backend that keeps each graph's placeholder example values and runs the graph eagerly."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append([n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"])
+        return gm.forward
+
+    @staticmethod
+    def symbolic(graph) -> bool:
+        """True when any input is a SymInt or any tensor input has a symbolic size."""
+        return any(isinstance(v, torch.SymInt)
+                   or (isinstance(v, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in v.shape))
+                   for v in graph)
+
+
+def _norm_inputs(tokens, hidden, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, res = (torch.randn(tokens, hidden, generator=g) for _ in range(2))
+    return x, res, 1 + 0.1 * torch.randn(hidden, generator=g)
+
+
+def test_compiled_norm_trap_reproduced_and_static_compiled_avoids_it():
+    """One torch.compile over hidden 64 then 128 ends in symbolic-shape graphs (hidden included); StaticCompiled
+    gives exactly one static graph and one cache entry per shape, even after that trap ran on the same function."""
+    torch._dynamo.reset()
+    shapes = [(t, h) for h in (64, 128) for t in (1, 2)]
+    try:
+        trap = _RecordingBackend()
+        plain = torch.compile(fused.add_rmsnorm_reference, fullgraph=True, backend=trap)
+        for t, h in shapes:
+            plain(*_norm_inputs(t, h, 0), fused.EPS)
+        assert not trap.symbolic(trap.graphs[0])
+        weights = [g[-1] for g in trap.graphs if isinstance(g[-1], torch.Tensor) and g[-1].dim() == 1]
+        assert any(isinstance(w.shape[0], torch.SymInt) for w in weights), "hidden 128 should have gone symbolic"
+
+        static = _RecordingBackend()
+        norm = harness.StaticCompiled(fused.add_rmsnorm_reference, backend=static)
+        for rep in range(2):  # the second pass must hit the cache: no new graph
+            for t, h in shapes:
+                x, res, w = _norm_inputs(t, h, t + h)
+                res_ref = res.clone()
+                out = norm(x, res, w, fused.EPS)
+                torch.testing.assert_close(out, fused.add_rmsnorm_reference(x, res_ref, w, fused.EPS), rtol=0, atol=0)
+                torch.testing.assert_close(res, res_ref, rtol=0, atol=0)
+        assert len(static.graphs) == len(shapes)
+        assert not any(static.symbolic(g) for g in static.graphs)
+        assert [tuple(g[0].shape) for g in static.graphs] == shapes
+        entries = norm.cache_entries()
+        assert len(entries) == len(shapes) and set(entries.values()) == {1}
+        assert norm.summary()["signatures"] == len(shapes)
+        assert norm.summary()["max_cache_entries_per_signature"] == 1
+    finally:
+        torch._dynamo.reset()
+
+
+def test_static_compiled_signature_and_input_check():
+    x = torch.zeros(2, 8, dtype=torch.bfloat16)
+    assert harness.StaticCompiled.signature(x, 1e-6) == (("tensor", (2, 8), torch.bfloat16, "cpu"), 1e-6)
+    assert harness.StaticCompiled.signature(x, eps=1e-6) != harness.StaticCompiled.signature(x, eps=1e-5)
+    with pytest.raises(TypeError, match="plain Python function"):
+        harness.StaticCompiled(torch.add)

@@ -1,6 +1,9 @@
 """The CUDA launch path's Python glue, on CPU with the extension's op replaced by a recorder:
 plan choice, row chunking beyond the workspace, argument order, views, and the host cost per call
 (pytest-benchmark; the GPU figure is in bench/results/host_overhead-*.json)."""
+import statistics
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +26,9 @@ def fake_comm(capacity_bytes=64 * 1024 * 2, world=4, sms=132):
     c = comm_mod.Communicator.__new__(comm_mod.Communicator)
     c.transport, c._closed, c._error, c._id, c._plans = "p2p", False, None, 7, {}
     c.capacity_bytes, c.world_size, c._num_sms = capacity_bytes, world, sms
-    c._layout = {"one_shot_bytes": capacity_bytes // world}
+    c._layout = {"one_shot_bytes": capacity_bytes // world, "lamport_max_bytes": 2 << 20}
+    c._card = "h200"  # the shipped measured config (tokenweave/configs/h200.json)
+    c._symm_allocs = []
     c._err_view = np.zeros(8, dtype=np.int64)
     c.device = torch.device("cpu")
     c.order_stream = lambda: None
@@ -50,7 +55,7 @@ def test_plan_dispatch():
     assert fake_comm(capacity_bytes=64 << 20, world=8).plan(32, 8192, 2).algo == 2  # larger worlds: 256 KiB
     with pytest.raises(ValueError, match="one_shot"):
         c.plan(4096, 8192, 2, "one_shot")
-    with pytest.raises(ValueError, match="SM count"):
+    with pytest.raises(ValueError, match="ctas=500"):
         c.plan(16, 8192, 2, None, 500)
     with pytest.raises(ValueError, match="algo"):
         c.plan(16, 8192, 2, "three_shot")
@@ -98,19 +103,31 @@ def test_errors_before_launch(recorder):
     assert not recorder.calls
 
 
+def _median_seconds(benchmark, fn, *args, **kwargs):
+    """Median seconds per call: pytest-benchmark's figure, or timed here when run with --benchmark-disable."""
+    benchmark(fn, *args, **kwargs)
+    if benchmark.stats is not None:
+        return benchmark.stats.stats.median
+    times = []
+    for _ in range(200):
+        t0 = time.perf_counter()
+        fn(*args, **kwargs)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def test_host_cost_of_the_launch_path(benchmark, recorder):
     """Python-side cost per fused call on top of the op itself (dispatch, plan cache, checks)."""
     c = fake_comm()
     x = torch.randn(16, 64, dtype=torch.bfloat16)
     res, w, out = torch.randn_like(x), torch.ones(64, dtype=torch.bfloat16), torch.empty_like(x)
-    benchmark(tw.fused_allreduce_rmsnorm, c, x, res, w, 1e-5, out=out)
+    median = _median_seconds(benchmark, tw.fused_allreduce_rmsnorm, c, x, res, w, 1e-5, out=out)
     # generous bound for a loaded 2-core CI machine; the GPU machine measured ~10 us for a bare launch
-    assert benchmark.stats.stats.median < 20e-6
+    assert median < 20e-6
 
 
 def test_host_cost_of_the_torch_fallback(benchmark):
     x = torch.randn(16, 64)
     res, w, out = torch.randn_like(x), torch.ones(64), torch.empty_like(x)
-    benchmark(tw.add_rmsnorm, x, res, w, 1e-5, out=out)
-    assert benchmark.stats.stats.median < 1e-3
+    assert _median_seconds(benchmark, tw.add_rmsnorm, x, res, w, 1e-5, out=out) < 1e-3
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dist_utils import run_workers
+from tokenweave.partition import PARTITION_CHOICES
 
 pytestmark = pytest.mark.gpu
 
@@ -120,6 +121,8 @@ def test_tuner_on_gpu(tmp_path):
         assert chosen == again and cached
         if chosen.is_split:
             assert chosen.point % 128 == 0 and chosen.ctas in (8, 16, 32)
+        # the tuner also timed the SM partitions the device can make (TOKENWEAVE_SM_PARTITION unset: auto)
+        assert chosen.comm_sms in (None, *PARTITION_CHOICES), chosen
 
 
 def _save_real_size_llama(path):

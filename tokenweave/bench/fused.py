@@ -1,27 +1,47 @@
 """Fused all-reduce + residual-add + RMSNorm: tokenweave against what a TP layer pays today.
 
-Variants, all on the same machine in one run (bf16, us per call inside a CUDA graph):
+Variants, all on the same machine in one run (bf16, us per call inside a CUDA graph); each column
+times exactly what its name says:
 
 ``baseline``
-    NCCL ``dist.all_reduce`` then the torch.compile'd residual-add + RMSNorm.
-``norm`` / ``nccl``
-    The two halves of the baseline alone.
+    NCCL ``dist.all_reduce`` then the compiled residual-add + RMSNorm. At world size 1 (one GPU needs
+    no all-reduce) the compiled norm alone.
+``baseline_repeat``
+    The baseline timed again, last at each size: ``|baseline - baseline_repeat| / baseline`` is the
+    run-to-run noise stated next to every ratio (table column ``noise``, JSON key ``noise``).
+``norm``
+    The compiled residual-add + RMSNorm alone; its achieved bandwidth (bytes read + written / time) is
+    printed against the card's copy bandwidth (a large device copy timed once in the same run) and
+    flagged below 70% at sizes large enough for a copy of the same bytes to reach 70%.
+``nccl``
+    NCCL ``dist.all_reduce`` alone (no norm).
 ``symm_two_shot`` / ``symm_one_shot``
-    torch's symmetric-memory all-reduce (``torch.ops.symm_mem``) then the same compiled norm.
+    torch's symmetric-memory all-reduce alone (``torch.ops.symm_mem.two_shot_all_reduce_`` in place,
+    ``one_shot_all_reduce`` into a new tensor), no norm.
+``symm_two_shot+norm`` / ``symm_one_shot+norm``
+    The same all-reduce followed by the compiled norm.
 ``tokenweave``
-    ``tokenweave.fused_allreduce_rmsnorm`` at the dispatcher's settings;
+    ``tokenweave.fused_allreduce_rmsnorm`` at the dispatcher's settings (all-reduce + add + norm);
     ``tokenweave_one_shot`` / ``tokenweave_two_shot`` force the algorithm, ``tokenweave_ctasN``
     the CTA count (only from 1024 tokens, where few-CTA launches matter for overlap).
 
+The compiled norm is the best a user would get: ``torch.compile(fullgraph=True, dynamic=False)``
+afresh for every (tokens, hidden) (:class:`tokenweave.bench.harness.StaticCompiled`), compiled and
+warmed up before any timing. Compiling one function for hidden 4096 and then 8192 would leave a
+symbolic-shape kernel 1.5-2.8x slower at hidden 8192.
+
 Every tokenweave variant is also checked against the baseline's output and residual (``max_err``).
-Without GPUs the run uses 2 gloo processes, tokenweave's torch reference path and wall-clock timing
-at small sizes: a smoke test of the pipeline, not a measurement.
+Variants that need more than one rank skip at world size 1, saying why. Without GPUs the run uses 2
+gloo processes, tokenweave's torch reference path and wall-clock timing at small sizes: a smoke test
+of the pipeline, not a measurement. Performance targets live with the scripts (``bench/targets.py``,
+printed by ``bench/fused_allreduce_rmsnorm.py``), not here.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -40,13 +60,16 @@ CPU_HIDDEN = (512,)
 CPU_WORLD_SIZE = 2
 CTAS = (2, 4, 8, 16, 32, 64)
 CTAS_MIN_TOKENS = 1024
-BASE_VARIANTS = ("baseline", "norm", "nccl", "symm_two_shot", "symm_one_shot", "tokenweave",
-                 "tokenweave_one_shot", "tokenweave_two_shot")
-VARIANTS = BASE_VARIANTS + tuple(f"tokenweave_ctas{n}" for n in CTAS)
+BASELINE, BASELINE_REPEAT = harness.BASELINE, harness.BASELINE_REPEAT
+BASE_VARIANTS = (BASELINE, "norm", "nccl", "symm_two_shot", "symm_one_shot", "symm_two_shot+norm",
+                 "symm_one_shot+norm", "tokenweave", "tokenweave_one_shot", "tokenweave_two_shot")
+# baseline_repeat comes last so the noise it measures spans everything timed at that size
+VARIANTS = BASE_VARIANTS + tuple(f"tokenweave_ctas{n}" for n in CTAS) + (BASELINE_REPEAT,)
+# Variants that need a collective: they skip at world size 1.
+MULTI_RANK_VARIANTS = ("nccl", "symm_two_shot", "symm_one_shot", "symm_two_shot+norm", "symm_one_shot+norm")
 # bf16 tolerance of tokenweave vs the baseline: NCCL rounds partial sums to bf16 along its ring while
 # tokenweave sums in fp32 and rounds once, so sums of a few N(0,1) terms may differ by a few ulps.
 RTOL, ATOL = 3e-2, 6.25e-2
-TARGET_TP, TARGET_HIDDEN = 4, 8192
 CPU_NOTE = ("NOTE: no CUDA GPU here. This ran tokenweave's torch REFERENCE path (transport 'torch') on "
             "{} gloo CPU processes with eager wall-clock timing: it checks the benchmark pipeline, it is NOT a "
             "GPU measurement.")
@@ -72,23 +95,9 @@ def add_rmsnorm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch
     return (z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
 
 
-def make_norm(compile: bool, n_shapes: int):
-    """The baseline norm: torch.compile'd (fullgraph) or eager.
-
-    Default dynamic-shape handling: the second token count of a hidden size recompiles with the token
-    dimension symbolic, so a hidden costs two compiles, not one per size; hidden stays static, so the
-    reduction kernel is specialised as it would be in a served model. The recompile limit is raised
-    so no shape falls back to eager.
-    """
-    if not compile:
-        return add_rmsnorm_reference
-    import torch._dynamo.config as dynamo_config
-
-    for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch releases
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 2 * n_shapes + 8))
-            break
-    return torch.compile(add_rmsnorm_reference, fullgraph=True)
+def make_norm(compile: bool):
+    """The baseline norm: compiled per static shape (:class:`~tokenweave.bench.harness.StaticCompiled`) or eager."""
+    return harness.StaticCompiled(add_rmsnorm_reference) if compile else add_rmsnorm_reference
 
 
 def _symm_ops():
@@ -117,6 +126,7 @@ class Context:
         self.symm = None          # (allocation, its flat bf16 view) for the symm_* variants
         self.symm_skip = None     # why symm_* variants cannot run, if they cannot
         self.notes: list[str] = []
+        self.copy: harness.CopyBandwidth | None = None  # the device-copy yardstick of the baseline norm
 
     def setup_symm(self, numel: int):
         """Collective: allocate torch symmetric memory for the symm_* variants (or record why not)."""
@@ -187,13 +197,18 @@ def build(ctx: Context, case: Case, variant: str):
         c.x_work.copy_(c.x)
         c.res_work.copy_(c.residual)
 
-    if variant == "baseline":
+    if variant in (BASELINE, BASELINE_REPEAT):
+        if ctx.world_size == 1:  # one GPU: nothing to all-reduce, the user runs the norm alone
+            return (lambda: norm(c.x_work, c.res_work, c.weight, EPS)), reset_both
+
         def fn():
             dist.all_reduce(c.x_work, group=group)
             return norm(c.x_work, c.res_work, c.weight, EPS)
         return fn, reset_both
     if variant == "norm":
         return (lambda: norm(c.x, c.res_work, c.weight, EPS)), reset_residual
+    if variant in MULTI_RANK_VARIANTS and ctx.world_size == 1:
+        raise Skip("needs more than one rank: world size 1 has nothing to all-reduce")
     if variant == "nccl":
         return (lambda: dist.all_reduce(c.x_work, group=group)), reset_both
     if variant.startswith("symm_"):
@@ -206,16 +221,24 @@ def build(ctx: Context, case: Case, variant: str):
             c.symm_x.copy_(c.x)
             c.res_work.copy_(c.residual)
 
-        if variant == "symm_two_shot":
-            def fn():
-                two_shot(c.symm_x, "sum", name)
-                return norm(c.symm_x, c.res_work, c.weight, EPS)
-        else:
-            def fn():
-                return norm(one_shot(c.symm_x, "sum", name), c.res_work, c.weight, EPS)
-        return fn, reset_symm
+        def two_shot_only():
+            two_shot(c.symm_x, "sum", name)  # in place: the sum lands in symm_x
+
+        def two_shot_then_norm():
+            two_shot(c.symm_x, "sum", name)
+            return norm(c.symm_x, c.res_work, c.weight, EPS)
+
+        fns = {"symm_two_shot": two_shot_only,
+               "symm_one_shot": lambda: one_shot(c.symm_x, "sum", name),
+               "symm_two_shot+norm": two_shot_then_norm,
+               "symm_one_shot+norm": lambda: norm(one_shot(c.symm_x, "sum", name), c.res_work, c.weight, EPS)}
+        if variant not in fns:
+            raise ValueError(f"unknown variant {variant!r}")
+        return fns[variant], reset_symm
     if variant.startswith("tokenweave"):
         kwargs = _tokenweave_kwargs(variant)
+        if kwargs and ctx.world_size == 1:
+            raise Skip("world size 1 runs no collective: there is no algorithm or CTA count to force")
         if kwargs and ctx.comm.transport == "torch":
             raise Skip("the 'torch' transport has no algo or CTA choice")
         if "ctas" in kwargs and c.tokens < CTAS_MIN_TOKENS:
@@ -275,63 +298,6 @@ def dispatched_plan(ctx: Context, tokens: int, hidden: int) -> dict:
     return {"algo": {1: "one_shot", 2: "two_shot"}.get(p.algo, p.algo), "ctas": p.ctas}
 
 
-# ---------------------------------------------------------------------------------------------- targets
-def check_targets(rows: list[dict], tp: int, hidden: int = TARGET_HIDDEN) -> list[dict]:
-    """Evaluate the issue's performance targets on ``rows`` (set for TP4, hidden 8192).
-
-    Each target is ``{"name", "status": "PASS"|"MISS"|"N/A", "values": {tokens: ratio}, "threshold",
-    "binding"}``; ratios are "higher is better" and ``binding`` is False away from TP4.
-    """
-    us = {(r["tokens"], r["variant"]): r["us"] for r in rows if r.get("hidden") == hidden and r.get("us")}
-    tokens = sorted({t for t, _ in us})
-    tw_variants = sorted({v for _, v in us if v.startswith("tokenweave")})
-
-    def ratio(t, slow, fast):
-        return us[(t, slow)] / us[(t, fast)] if (t, slow) in us and (t, fast) in us else None
-
-    def best(t, names):
-        vals = [us[(t, v)] for v in names if (t, v) in us]
-        return min(vals) if vals else None
-
-    def small_ctas_ratio(t):
-        small = best(t, [f"tokenweave_ctas{n}" for n in CTAS if n <= 16])
-        overall = best(t, tw_variants)
-        return overall / small if small and overall else None
-
-    def vs_baseline(t):
-        return ratio(t, "baseline", "tokenweave")
-
-    specs = [
-        ("tokenweave >= 2.5x baseline at T <= 16", lambda t: t <= 16, vs_baseline, 2.5),
-        ("tokenweave >= 2.0x baseline at T = 128", lambda t: t == 128, vs_baseline, 2.0),
-        ("tokenweave >= 1.5x baseline at T = 1024", lambda t: t == 1024, vs_baseline, 1.5),
-        ("tokenweave >= 1.3x baseline at T >= 4096", lambda t: t >= 4096, vs_baseline, 1.3),
-        ("tokenweave faster than symm_two_shot at every T", lambda t: True,
-         lambda t: ratio(t, "symm_two_shot", "tokenweave"), 1.0),
-        ("best of ctas <= 16 within 90% of best tokenweave at T >= 1024", lambda t: t >= 1024, small_ctas_ratio, 0.9),
-    ]
-    targets = []
-    for name, select, metric, threshold in specs:
-        values = {t: metric(t) for t in tokens if select(t)}
-        values = {t: round(v, 3) for t, v in values.items() if v is not None}
-        strict = threshold == 1.0  # "faster than" means strictly
-        passed = all(v > threshold if strict else v >= threshold for v in values.values())
-        targets.append({"name": f"{name} (TP{TARGET_TP}, hidden {hidden})", "threshold": threshold,
-                        "status": "N/A" if not values else ("PASS" if passed else "MISS"),
-                        "values": {str(t): v for t, v in values.items()}, "binding": tp == TARGET_TP})
-    return targets
-
-
-def format_targets(targets: list[dict], tp: int) -> str:
-    lines = ["== targets" + ("" if tp == TARGET_TP else f" (set for TP{TARGET_TP}; informational at TP{tp})")]
-    for t in targets:
-        vals = t["values"]
-        worst = min(vals.items(), key=lambda kv: kv[1]) if vals else None
-        detail = f"worst {worst[1]:.2f} at T={worst[0]}" if worst else "not measured in this run"
-        lines.append(f"[{t['status']}] {t['name']}: {detail}")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------- runner
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=None,
@@ -342,7 +308,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"subset of {', '.join(VARIANTS)}")
     parser.add_argument("--quick", action="store_true",
                         help=f"fewer sizes: tokens {QUICK_TOKENS}, hidden {QUICK_HIDDEN}")
-    parser.add_argument("--out-dir", default="bench/results", help="where the JSON and PNG go")
+    harness.add_out_dir_argument(parser)
     parser.add_argument("--transport", choices=("multimem", "p2p", "torch"), default=None,
                         help="force tokenweave's transport (default: its own choice)")
     parser.add_argument("--calls", type=int, default=20, help="calls captured per CUDA graph")
@@ -384,22 +350,30 @@ def worker(args) -> None:
     tokens, hiddens = _sizes(args, on_gpu)
     if not on_gpu:  # the ranks share this host's cores: oversubscribed intra-op threads make CPU timings noise
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
-    variants = list(args.variants or VARIANTS)
-    if "baseline" not in variants:
-        variants.insert(0, "baseline")  # speedups and the correctness check are against it
+    # baseline first (speedups and the correctness check are against it), baseline_repeat last (the noise)
+    variants = [v for v in (args.variants or VARIANTS) if v not in (BASELINE, BASELINE_REPEAT)]
+    variants = [BASELINE] + variants + [BASELINE_REPEAT]
     compile_norm = on_gpu and not args.no_compile  # inductor on CPU needs a C++ toolchain and minutes
     transport = args.transport or (None if on_gpu else "torch")
     comm = tw.Communicator(max_tokens=max(tokens), hidden=max(hiddens), dtype=DTYPE, transport=transport)
-    ctx = Context(args, comm, make_norm(compile_norm, len(tokens) * len(hiddens)), device)
+    ctx = Context(args, comm, make_norm(compile_norm), device)
+    if ctx.rank == 0:
+        print(f"fused bench: results go to {Path(args.out_dir).resolve()}", flush=True)
     if not on_gpu:
         ctx.notes.append(CPU_NOTE.format(ctx.world_size))
         _say(ctx, ctx.notes[-1])
     if not compile_norm:
         ctx.notes.append("baseline norm ran eagerly (not torch.compile'd)")
-    if any(v.startswith("symm_") for v in variants):
+    if ctx.world_size == 1:
+        ctx.notes.append("world size 1: baseline = the add+RMSNorm alone (one GPU has nothing to "
+                         "all-reduce); tokenweave = tokenweave.fused_allreduce_rmsnorm on a one-rank Communicator; "
+                         "variants that need a collective were skipped")
+    elif any(v.startswith("symm_") for v in variants):
         ctx.setup_symm(max(tokens) * max(hiddens))
+    ctx.copy = harness.CopyBandwidth(device)  # once per run, before anything is timed
     _say(ctx, f"fused bench: TP{ctx.world_size} on {harness.device_name()}, tokenweave transport {comm.transport!r}, "
-              f"tokens {tokens}, hidden {hiddens}")
+              f"tokens {tokens}, hidden {hiddens}; device copy {ctx.copy.peak_gbps:.0f} GB/s "
+              f"({ctx.copy.peak_bytes >> 20} MiB read + written)")
     rows: list[dict] = []
     compile_s = 0.0
     for hidden in hiddens:
@@ -443,12 +417,17 @@ def run_size(ctx: Context, case: Case, variants) -> list[dict]:
             row["us"] = ctx.timer(fn, calls=ctx.args.calls, replays=ctx.args.replays, before_replay=before_replay)
         except VALIDATION_ERRORS as e:
             row["error"] = f"{type(e).__name__}: {e}"
+        if v == "norm":  # every rank times its copy alike, so no rank waits on another
+            row.update(harness.bandwidth_fields(row["us"], harness.add_rmsnorm_traffic_bytes(
+                case.tokens, case.hidden, DTYPE.itemsize), ctx.copy))
         harness.barrier(ctx.group, ctx.device)
         row.update(checks.get(v, {}))
         if v == "tokenweave":
             row.update(dispatched_plan(ctx, case.tokens, case.hidden))
         rows.append(row)
-        line.append(f"{v} {row['us']:.1f}" if row["us"] is not None else f"{v} failed")
+        bandwidth = harness.format_bandwidth(row)
+        line.append((f"{v} {row['us']:.1f}" + (f" ({bandwidth})" if bandwidth else ""))
+                    if row["us"] is not None else f"{v} failed")
     bad = [f"{v} (max_err {r['max_err']:.3g})" for v, r in checks.items() if r.get("ok") is False]
     _say(ctx, f"T={case.tokens} H={case.hidden}: " + " | ".join(line))
     if bad:
@@ -456,30 +435,86 @@ def run_size(ctx: Context, case: Case, variants) -> list[dict]:
     return rows
 
 
+def format_bandwidth_table(rows: list[dict], copy: harness.CopyBandwidth, variants=("norm",)) -> str:
+    """The baseline norm's achieved bandwidth per size against the card's copy bandwidth (and a same-size copy)."""
+    pct = 100 * harness.LOW_BANDWIDTH_FRACTION
+    lines = [f"== baseline norm bandwidth (bytes read + written / time) against the device copy, {copy.peak_gbps:.0f} "
+             f"GB/s at {copy.peak_bytes >> 20} MiB; LOW = below {pct:.0f}% of it where a copy of the same bytes "
+             f"reaches {pct:.0f}% (smaller sizes are latency-bound: '-')",
+             f"{'hidden':>6} {'tokens':>6} {'variant':>8} {'us':>9} {'GB/s':>7} {'of copy':>7} "
+             f"{'same-size copy':>14}  flag"]
+    for r in rows:
+        if r["variant"] in variants and "GBps" in r:
+            flag = "-" if r.get("bw_low") is None else ("LOW" if r["bw_low"] else "ok")
+            lines.append(f"{r['hidden']:>6} {r['tokens']:>6} {r['variant']:>8} {r['us']:>9.1f} {r['GBps']:>7.0f} "
+                         f"{100 * r['frac_of_peak_copy']:>6.0f}% {r['copy_GBps_same_bytes']:>9.0f} GB/s  {flag}")
+    return "\n".join(lines)
+
+
 def report(ctx: Context, rows: list[dict], compile_s: float) -> None:
-    """Rank 0: table, targets, correctness summary, results files."""
+    """Rank 0: table, noise, baseline bandwidth, correctness summary, results files."""
     print()
     harness.print_table(rows)
     tp = ctx.world_size
     on_gpu = ctx.device.type == "cuda"
-    targets = check_targets(rows, tp) if on_gpu else []
-    if targets:
-        print(format_targets(targets, tp))
+    noise = harness.run_to_run_noise(rows)
+    if noise:
+        print(f"run-to-run noise (|baseline - baseline_repeat| / baseline): max {100 * noise['max']:.1f}% over "
+              f"{len(noise['per_size'])} sizes; every ratio above carries its line's noise")
+    print(format_bandwidth_table(rows, ctx.copy))
+    low = [f"T={r['tokens']} H={r['hidden']}" for r in rows if r["variant"] == "norm" and r.get("bw_low")]
+    if low:
+        print(f"!! baseline norm below {100 * harness.LOW_BANDWIDTH_FRACTION:.0f}% of copy bandwidth at: "
+              f"{', '.join(low)}")
+    compiled = ctx.norm.summary() if isinstance(ctx.norm, harness.StaticCompiled) else None
+    if compiled and (compiled["max_cache_entries_per_signature"] or 1) > 1:
+        print(f"!! the compiled baseline recompiled: {compiled}")
     failed = [r for r in rows if r.get("ok") is False]
     print(f"correctness vs baseline: {'all tokenweave variants matched' if not failed else f'{len(failed)} MISMATCHES'}"
           f" (|diff| <= {ATOL} + {RTOL}|ref| on output and residual)")
+    skipped = {r["variant"]: r["skipped"] for r in rows if r.get("skipped")}
+    for variant, why in skipped.items():
+        print(f"skipped {variant}: {why}")
     for note in ctx.notes:
         print(note)
     extra = {"device_name": torch.cuda.get_device_name() if on_gpu else "cpu", "transport": ctx.comm.transport,
              "timing": (f"CUDA graph of {ctx.args.calls} calls, median of {ctx.args.replays} replays, us per call"
                         if on_gpu else f"eager wall clock, {ctx.args.calls} calls, median of {ctx.args.replays}"),
-             "compile_s": round(compile_s, 1), "targets": targets, "notes": ctx.notes}
+             "variants": {v: _legend(v) for v in dict.fromkeys(r["variant"] for r in rows)},
+             "copy_bandwidth": {"GBps": round(ctx.copy.peak_gbps, 1), "traffic_bytes": ctx.copy.peak_bytes,
+                                "method": "device-to-device copy_, read + written bytes / time",
+                                "low_flag": f"norm below {harness.LOW_BANDWIDTH_FRACTION} x this bandwidth where a "
+                                            "copy of the same bytes reaches that fraction (bw_low null elsewhere)"},
+             "baseline_norm_low_bandwidth": low, "baseline_compile": compiled or "eager",
+             "compile_s": round(compile_s, 1), "notes": ctx.notes}
     json_path, png_path = harness.write_results(BENCH, tp, rows, ctx.args.out_dir, extra)
-    print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""), flush=True)
+    print(f"wrote {json_path.resolve()}" + (f" and {png_path.name}" if png_path else ""), flush=True)
 
 
-def main(argv=None) -> None:
-    """Entry point of ``bench/fused_allreduce_rmsnorm.py``: this benchmark through the CLI launcher."""
+def _legend(variant: str) -> str:
+    """What a column times, for the results JSON."""
+    fixed = {
+        BASELINE: "NCCL all_reduce + compiled add+RMSNorm (world size 1: the compiled norm alone)",
+        BASELINE_REPEAT: "the baseline timed again, last at each size (run-to-run noise)",
+        "norm": "compiled add+RMSNorm alone",
+        "nccl": "NCCL all_reduce alone",
+        "symm_two_shot": "torch symm_mem two_shot_all_reduce_ alone (no norm)",
+        "symm_one_shot": "torch symm_mem one_shot_all_reduce alone (no norm)",
+        "symm_two_shot+norm": "torch symm_mem two_shot_all_reduce_ + compiled add+RMSNorm",
+        "symm_one_shot+norm": "torch symm_mem one_shot_all_reduce + compiled add+RMSNorm",
+        "tokenweave": "tokenweave.fused_allreduce_rmsnorm, dispatcher's algo and CTAs",
+        "tokenweave_one_shot": "tokenweave.fused_allreduce_rmsnorm, algo='one_shot'",
+        "tokenweave_two_shot": "tokenweave.fused_allreduce_rmsnorm, algo='two_shot'",
+    }
+    if variant in fixed:
+        return fixed[variant]
+    if variant.startswith("tokenweave_ctas"):
+        return f"tokenweave.fused_allreduce_rmsnorm, ctas={variant[len('tokenweave_ctas'):]}"
+    return variant
+
+
+def main(argv=None):
+    """This benchmark through the CLI launcher; returns ``(args, world_size)`` (:func:`tokenweave.bench.cli.run`)."""
     from tokenweave.bench.cli import run
 
-    run(BENCH, argv)
+    return run(BENCH, argv)

@@ -14,6 +14,7 @@ import socket
 import statistics
 import subprocess
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -22,6 +23,13 @@ import torch
 import torch.distributed as dist
 
 BASELINE = "baseline"
+# The baseline timed a second time, last at each size: |baseline - baseline_repeat| / baseline is the run's noise.
+BASELINE_REPEAT = "baseline_repeat"
+# Results go to a user folder by default: run inside the repository, the bench must not overwrite the committed
+# bench/results files (pass --out-dir bench/results to do that on purpose).
+DEFAULT_OUT_DIR = "tokenweave-results"
+# A baseline norm moving less than this fraction of what a device copy of the same bytes achieves is flagged.
+LOW_BANDWIDTH_FRACTION = 0.7
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -121,7 +129,8 @@ def align_ranks(group: dist.ProcessGroup | None = None, device: torch.device | N
         dist.barrier(group=group)
         return
     torch.cuda._sleep(spin_cycles)
-    dist.all_reduce(torch.zeros(1, device=device), group=group)
+    if dist.get_world_size(group) > 1:  # one rank: nothing to align with, the spin alone hides the launch gap
+        dist.all_reduce(torch.zeros(1, device=device), group=group)
 
 
 def barrier(group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> None:
@@ -129,6 +138,175 @@ def barrier(group: dist.ProcessGroup | None = None, device: torch.device | None 
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
     dist.barrier(group=group)
+
+
+# ---------------------------------------------------------------------------------------------- compiled baselines
+class StaticCompiled:
+    """``fn`` under ``torch.compile``, compiled afresh for every static input signature.
+
+    Compiling one function for several shapes lets dynamo's automatic dynamic shapes kick in: the second
+    hidden size recompiles with symbolic dimensions, and that generic kernel ran 1.5-2.8x slower than the
+    one compiled for hidden 8192 alone on an H200 (the "compiled-norm trap"). A baseline must be the best
+    a user would get, so each signature (shape, dtype and device of every tensor argument, plus the other
+    arguments) gets its own copy of ``fn``'s code object (dynamo keeps its cache on the code object, so the
+    copies share no entries, recompile counters or dynamic-shape decisions) compiled with
+    ``dynamic=False``: exactly one static graph per signature, whatever was compiled before.
+
+    Parameters
+    ----------
+    fn : callable
+        A plain Python function (not a bound method or a module).
+    backend : str or callable
+        torch.compile backend ("inductor" by default; the tests pass a recording backend).
+    fullgraph : bool
+    """
+
+    def __init__(self, fn: Callable, *, backend="inductor", fullgraph: bool = True):
+        if not isinstance(fn, types.FunctionType):
+            raise TypeError(f"StaticCompiled: fn must be a plain Python function, got {type(fn).__name__}")
+        self.fn = fn
+        self.backend = backend
+        self.fullgraph = fullgraph
+        self._compiled: dict[tuple, tuple[Callable, types.CodeType]] = {}
+
+    @staticmethod
+    def signature(*args, **kwargs) -> tuple:
+        """The key of one static compile: every tensor's (shape, dtype, device), every other argument itself."""
+        def key(a):
+            if isinstance(a, torch.Tensor):
+                return ("tensor", tuple(a.shape), a.dtype, str(a.device))
+            return a
+        return tuple(key(a) for a in args) + tuple((k, key(v)) for k, v in sorted(kwargs.items()))
+
+    def __call__(self, *args, **kwargs):
+        sig = self.signature(*args, **kwargs)
+        entry = self._compiled.get(sig)
+        if entry is None:
+            entry = self._compiled[sig] = self._fresh()
+        return entry[0](*args, **kwargs)
+
+    def _fresh(self) -> tuple[Callable, types.CodeType]:
+        fn = self.fn
+        code = fn.__code__.replace()  # a new code object: a cache of its own
+        copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        copy.__kwdefaults__ = fn.__kwdefaults__
+        copy.__qualname__ = fn.__qualname__
+        return torch.compile(copy, fullgraph=self.fullgraph, dynamic=False, backend=self.backend), code
+
+    def signatures(self) -> list[tuple]:
+        """The signatures compiled so far, in order."""
+        return list(self._compiled)
+
+    def cache_entries(self) -> dict[tuple, int | None]:
+        """Dynamo cache entries per signature (1 each when nothing recompiled; None where torch cannot say)."""
+        try:
+            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        except ImportError:
+            return {sig: None for sig in self._compiled}
+        return {sig: len(_debug_get_cache_entry_list(code)) for sig, (_, code) in self._compiled.items()}
+
+    def summary(self) -> dict:
+        """What the results JSON records about the compiled baseline."""
+        entries = self.cache_entries()
+        counts = [n for n in entries.values() if n is not None]
+        return {"compile": "torch.compile(fullgraph=True, dynamic=False), a fresh compile per static input signature",
+                "signatures": len(entries), "max_cache_entries_per_signature": max(counts) if counts else None}
+
+
+# ---------------------------------------------------------------------------------------------- bandwidth
+def add_rmsnorm_traffic_bytes(tokens: int, hidden: int, itemsize: int) -> int:
+    """Bytes a residual-add + RMSNorm must move: read x, residual, weight; write residual, out."""
+    return (4 * tokens + 1) * hidden * itemsize
+
+
+class CopyBandwidth:
+    """Device-to-device copy bandwidth, the yardstick of memory-bound kernels (read + write bytes counted).
+
+    ``peak_gbps`` is a large copy (``peak_bytes`` of traffic): the card's copy bandwidth. :meth:`gbps`
+    times a copy moving the same traffic as a kernel, which tells whether that size is bandwidth-bound
+    at all (at a few KB launch and tail latency bound a copy and a kernel alike).
+    """
+
+    def __init__(self, device: torch.device, timer: Callable[..., float] | None = None, *,
+                 peak_bytes: int | None = None, calls: int = 10, replays: int = 5):
+        self.device = device
+        self.timer = timer or timer_for(device)
+        self.calls, self.replays = calls, replays
+        self._gbps: dict[int, float] = {}
+        if peak_bytes is None:  # 2 GiB of traffic on a GPU saturates HBM; a CPU run only checks the pipeline
+            peak_bytes = 2 << 30 if device.type == "cuda" else 32 << 20
+        self.peak_bytes = peak_bytes
+        self.peak_gbps = self.gbps(peak_bytes)
+
+    def gbps(self, traffic_bytes: int) -> float:
+        """GB/s (1e9 bytes) of a copy of ``traffic_bytes / 2`` bytes into another buffer (cached per size)."""
+        half = max(16, (int(traffic_bytes) // 2 + 15) // 16 * 16)
+        if half not in self._gbps:
+            src = torch.empty(half, dtype=torch.uint8, device=self.device).random_(0, 256)
+            dst = torch.empty_like(src)
+            us = self.timer(lambda: dst.copy_(src), calls=self.calls, replays=self.replays)
+            self._gbps[half] = 2 * half / (us * 1e3)
+            del src, dst
+        return self._gbps[half]
+
+
+def bandwidth_fields(us: float | None, traffic_bytes: int, copy: CopyBandwidth | None) -> dict:
+    """Row fields of a memory-bound kernel: achieved GB/s against the card's copy bandwidth.
+
+    ``frac_of_peak_copy`` compares with the large copy (the card's copy bandwidth), ``frac_of_copy`` with a
+    copy of the same bytes. ``bw_low`` is True when the kernel reaches less than
+    :data:`LOW_BANDWIDTH_FRACTION` of the card's copy bandwidth at a size where a copy of the same bytes
+    reaches at least that fraction itself (a bandwidth-bound size); None at smaller, latency-bound sizes,
+    where no kernel can reach it.
+    """
+    if us is None or us <= 0:
+        return {}
+    gbps = traffic_bytes / (us * 1e3)
+    fields = {"bytes": int(traffic_bytes), "GBps": round(gbps, 1)}
+    if copy is not None:
+        same = copy.gbps(traffic_bytes)
+        bandwidth_bound = same >= LOW_BANDWIDTH_FRACTION * copy.peak_gbps
+        fields.update(copy_GBps_same_bytes=round(same, 1), frac_of_copy=round(gbps / same, 3),
+                      frac_of_peak_copy=round(gbps / copy.peak_gbps, 3),
+                      bw_low=(gbps < LOW_BANDWIDTH_FRACTION * copy.peak_gbps) if bandwidth_bound else None)
+    return fields
+
+
+def format_bandwidth(row: dict) -> str:
+    """``"4012 GB/s = 85% of copy"`` (``LOW`` appended when flagged) for a row with :func:`bandwidth_fields`."""
+    if "GBps" not in row:
+        return ""
+    text = f"{row['GBps']:.0f} GB/s"
+    if "frac_of_peak_copy" in row:
+        text += f" = {100 * row['frac_of_peak_copy']:.0f}% of copy"
+        if row.get("bw_low") is None:
+            text += " (latency-bound size)"
+        elif row["bw_low"]:
+            text += f" LOW (< {100 * LOW_BANDWIDTH_FRACTION:.0f}%)"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- noise
+def run_to_run_noise(rows: Sequence[dict], *, x_key: str = "tokens", panel_keys: Sequence[str] = ("hidden",),
+                     first: str = BASELINE, repeat: str = BASELINE_REPEAT) -> dict | None:
+    """``|first - repeat| / first`` of the same variant timed twice in one run, per size and the maximum.
+
+    Returns
+    -------
+    dict or None
+        ``{"variants": [first, repeat], "max": float, "per_size": [{panel keys, x_key, "noise"}]}``,
+        or None when no size has both timings.
+    """
+    us = {(_panel_of(r, panel_keys), r[x_key], r["variant"]): r.get("us") for r in rows}
+    per_size = []
+    for (panel, x, variant), a in us.items():
+        b = us.get((panel, x, repeat))
+        if variant != first or not a or not b:
+            continue
+        per_size.append({**dict(panel), x_key: x, "noise": round(abs(a - b) / a, 4)})
+    if not per_size:
+        return None
+    return {"variants": [first, repeat], "max": max(p["noise"] for p in per_size), "per_size": per_size}
 
 
 # ---------------------------------------------------------------------------------------------- where
@@ -243,14 +421,19 @@ def format_table(rows: Sequence[dict], *, x_key: str = "tokens", panel_keys: Seq
     """One table per panel: a line per ``x_key`` value, a column per variant.
 
     Cells are microseconds per call followed by the speedup over ``baseline`` (baseline time /
-    variant time) when the panel has a baseline; "-" marks a variant that did not run there.
+    variant time) when the panel has a baseline; "-" marks a variant that did not run there (a variant
+    that ran nowhere in the panel gets no column; its rows say why). When the
+    panel also has ``baseline_repeat`` (the baseline timed again, last), a final ``noise`` column gives
+    ``|baseline - baseline_repeat| / baseline``: the run-to-run noise every ratio of that line carries.
     """
     out = []
+    repeat = f"{baseline}_repeat"
     for panel, prows in _by_panel(rows, panel_keys).items():
-        variants = _variants(prows)
+        variants = _variants(r for r in prows if r.get("us"))  # a variant skipped at every size gets no column
         us = {(r[x_key], r["variant"]): r.get("us") for r in prows}
         xs = sorted({r[x_key] for r in prows})
-        header = [x_key] + variants
+        with_noise = any(us.get((x, baseline)) and us.get((x, repeat)) for x in xs)
+        header = [x_key] + variants + (["noise"] if with_noise else [])
         lines = []
         for x in xs:
             base = us.get((x, baseline))
@@ -263,9 +446,13 @@ def format_table(rows: Sequence[dict], *, x_key: str = "tokens", panel_keys: Seq
                     cells.append(f"{t:.1f} ({base / t:.2f}x)")
                 else:
                     cells.append(f"{t:.1f}")
+            if with_noise:
+                again = us.get((x, repeat))
+                cells.append(f"{100 * abs(base - again) / base:.1f}%" if base and again else "-")
             lines.append(cells)
         widths = [max(len(c) for c in col) for col in zip(header, *lines)]
-        out.append(f"== {_panel_title(panel)} (us per call; speedup vs {baseline})")
+        noise_note = f"; noise = |{baseline} - {repeat}| / {baseline}" if with_noise else ""
+        out.append(f"== {_panel_title(panel)} (us per call; speedup vs {baseline}{noise_note})")
         out.append("  ".join(h.rjust(w) for h, w in zip(header, widths)))
         out.extend("  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in lines)
         out.append("")
@@ -280,14 +467,21 @@ def print_table(rows: Sequence[dict], *, x_key: str = "tokens", panel_keys: Sequ
     return text
 
 
+def add_out_dir_argument(parser) -> None:
+    """The ``--out-dir`` option every benchmark shares (default :data:`DEFAULT_OUT_DIR`)."""
+    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
+                        help=f"folder for the results files (default: ./{DEFAULT_OUT_DIR}; the committed "
+                             "results are replaced only when you pass --out-dir bench/results)")
+
+
 def result_stem(bench: str, tp: int, device: str | None = None) -> str:
     """``<bench>-<card>-tp<N>``: the file name (without suffix) of a results file."""
     return f"{bench}-{device or device_name()}-tp{tp}"
 
 
-def write_results(bench: str, tp: int, rows: list[dict], out_dir: str | os.PathLike = "bench/results",
+def write_results(bench: str, tp: int, rows: list[dict], out_dir: str | os.PathLike = DEFAULT_OUT_DIR,
                   extra: dict | None = None, *, device: str | None = None, x_key: str = "tokens",
-                  panel_keys: Sequence[str] = ("hidden",)) -> tuple[Path, Path | None]:
+                  panel_keys: Sequence[str] = ("hidden",), baseline: str = BASELINE) -> tuple[Path, Path | None]:
     """Write ``<out_dir>/<bench>-<card>-tp<N>.json`` and a latency plot next to it.
 
     Parameters
@@ -299,20 +493,32 @@ def write_results(bench: str, tp: int, rows: list[dict], out_dir: str | os.PathL
     rows : list of dict
         See the module docstring.
     out_dir : path
+        Created if missing. Default :data:`DEFAULT_OUT_DIR` (relative to the working directory), never
+        the repository's committed ``bench/results`` unless passed explicitly.
     extra : dict, optional
         More top-level JSON keys (e.g. "targets", "notes"); may not replace the fixed ones.
     device : str, optional
         Card slug; :func:`device_name` by default.
     x_key, panel_keys
         Plot axes: latency against ``x_key`` (log-log), a line per variant, a subplot per panel.
+    baseline : str
+        The variant timed twice (``<baseline>`` and ``<baseline>_repeat``) for the "noise" key.
 
     Returns
     -------
     (Path, Path or None)
         The JSON path, and the PNG path (None when matplotlib is missing).
+
+    Notes
+    -----
+    The JSON holds "bench", "device", "tp", "torch", "git" (:func:`git_sha`), "rows", the ``extra`` keys,
+    and "noise" (:func:`run_to_run_noise`) when the rows time the baseline twice.
     """
     device = device or device_name()
     doc = {"bench": bench, "device": device, "tp": tp, "torch": torch.__version__, "git": git_sha(), "rows": rows}
+    noise = run_to_run_noise(rows, x_key=x_key, panel_keys=panel_keys, first=baseline, repeat=f"{baseline}_repeat")
+    if noise is not None:
+        doc["noise"] = noise
     clash = set(extra or {}) & set(doc)
     if clash:
         raise ValueError(f"write_results: extra may not replace {sorted(clash)}")

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import tokenweave as tw
 from tokenweave.split import (GemmShape, Split, SplitPolicy, TuningCache, device_name, device_sm_count,
                               policy_key, time_call_us)
+from tokenweave import partition as sm_partitions
 from tokenweave.weave import StreamPair, WovenPass
 
 # Keyword arguments of a decoder layer that carry one row per sequence; sliced per part.
@@ -62,7 +63,7 @@ def load_tp_model(path: str, tp_size: int, dtype=torch.float32, **kwargs):
 
 
 def enable(model, comm=None, *, split: str | int = "auto", policy: SplitPolicy | None = None,
-           max_tokens: int = 8192) -> "TokenWeaveHF":
+           max_tokens: int = 8192, sm_partition: str | int | None = None) -> "TokenWeaveHF":
     """Route a TP Llama-family model's row-parallel reductions and norms through tokenweave.
 
     Parameters
@@ -79,13 +80,17 @@ def enable(model, comm=None, *, split: str | int = "auto", policy: SplitPolicy |
     policy : SplitPolicy, optional
     max_tokens : int
         Workspace size of a Communicator created here.
+    sm_partition : {"auto", "off"} or int, optional
+        SMs reserved for communication while split parts overlap (:mod:`tokenweave.partition`): ``"auto"``
+        the tuned choice (none when untuned), ``"off"``, or a number of SMs. Default:
+        ``TOKENWEAVE_SM_PARTITION``, else ``"auto"``.
 
     Returns
     -------
     TokenWeaveHF
         The handle; ``handle.disable()`` restores transformers' forwards.
     """
-    return TokenWeaveHF(model, comm, split=split, policy=policy, max_tokens=max_tokens)
+    return TokenWeaveHF(model, comm, split=split, policy=policy, max_tokens=max_tokens, sm_partition=sm_partition)
 
 
 def disable(model) -> None:
@@ -144,7 +149,8 @@ class _Pass:
 class TokenWeaveHF:
     """Handle of an enabled model; see :func:`enable`."""
 
-    def __init__(self, model, comm, *, split, policy, max_tokens):
+    def __init__(self, model, comm, *, split, policy, max_tokens, sm_partition=None):
+        self.sm_partition = sm_partitions.resolve_switch(sm_partition)
         if not (split in ("auto", "off") or (isinstance(split, int) and split > 0)):
             raise ValueError(f"enable: split={split!r}; use 'auto', 'off' or a positive number of sequences")
         self.model = model
@@ -261,7 +267,9 @@ class TokenWeaveHF:
                 self._forced = None
 
         return self.policy.tune(tokens, time_split, boundaries=[seq_len * i for i in range(1, batch)],
-                                group=self.comm.group, device=self.comm.device, force=force)
+                                group=self.comm.group, device=self.comm.device, force=force,
+                                partition_choices=sm_partitions.tuner_choices(self.comm.device, self.sm_partition),
+                                partition_ok=lambda c: sm_partitions.available(self.comm.device, c))
 
     def _choose_split(self, batch, seq_len, splittable) -> Split:
         tokens = batch * seq_len
@@ -290,7 +298,8 @@ class TokenWeaveHF:
         flat = hidden_states.reshape(batch * seq_len, hidden)
         residual = flat.clone()  # the caller's embeddings stay untouched
         normed = layer.input_layernorm(hidden_states).reshape(batch * seq_len, hidden).contiguous()
-        woven = WovenPass(self.comm, normed, residual, split.bounds, streams=self.streams, ctas=split.ctas)
+        woven = WovenPass(self.comm, normed, residual, split.bounds, streams=self.streams, ctas=split.ctas,
+                          partition=sm_partitions.partition_for(self.comm.device, self.sm_partition, split))
         return _Pass(woven, batch, seq_len, part_rows, split)
 
     def _layer_forward(self, idx, layer):

@@ -10,7 +10,8 @@ returns a partial sum, and the reduction, residual add and RMSNorm happen togeth
 Modes (:data:`MODES`)
     ``baseline``      torch.distributed all_reduce (NCCL) + torch.compile'd add+RMSNorm (compiled on CUDA only)
     ``fuse_only``     :func:`tokenweave.fused_allreduce_rmsnorm`
-    ``tokenweave``    fused op + token split overlapped on two streams (:mod:`tokenweave.weave`)
+    ``tokenweave``    fused op + token split overlapped on two streams (:mod:`tokenweave.weave`), on an SM
+                      partition (:mod:`tokenweave.partition`) when the switch or the tuner asks for one
     ``comm_removed``  as baseline without the all-reduce: wrong results, for measurement only
 
 Weights are random and generated shard by shard from seeds that depend only on (seed, layer,
@@ -36,6 +37,7 @@ from torch.nn.attention.bias import causal_lower_right
 import tokenweave as tw
 from tokenweave.split import (GemmShape, Split, SplitPolicy, TuningCache, device_name, device_sm_count,
                               policy_key, time_call_us)
+from tokenweave import partition as sm_partitions
 from tokenweave.weave import StreamPair, run_stages
 
 MODES = ("baseline", "fuse_only", "tokenweave", "comm_removed")
@@ -358,10 +360,15 @@ class TPLlamaStack:
         splits fall on sequence boundaries.
     policy : SplitPolicy, optional
         Default: a wave-aware policy keyed to this device, TP size, transport, dtype and shape.
+    sm_partition : {"auto", "off"} or int, optional
+        SMs reserved for communication while the split overlaps it (:mod:`tokenweave.partition`):
+        ``"auto"`` the tuned choice of the token bucket (none when untuned), ``"off"`` never, an int that
+        many SMs for every split. Default: ``TOKENWEAVE_SM_PARTITION``, else ``"auto"``.
     """
 
     def __init__(self, comm, shape: LlamaShape, num_layers: int, *, dtype=torch.bfloat16, seed: int = 0,
-                 allow_split_inside_sequence: bool = True, policy: SplitPolicy | None = None):
+                 allow_split_inside_sequence: bool = True, policy: SplitPolicy | None = None,
+                 sm_partition: str | int | None = None):
         self.comm = comm
         self.device = comm.device
         self.tp, self.rank = comm.world_size, comm.rank
@@ -371,6 +378,7 @@ class TPLlamaStack:
         self.final_norm = final_norm_weight(shape, seed, self.device, dtype)
         self.allow_split_inside_sequence = allow_split_inside_sequence
         self.streams = StreamPair(self.device)
+        self.sm_partition = sm_partitions.resolve_switch(sm_partition)
         sms = device_sm_count(self.device)
         self.policy = policy or SplitPolicy(
             shape.gemms(self.tp), sms,
@@ -412,7 +420,9 @@ class TPLlamaStack:
 
         boundaries = None if self.allow_split_inside_sequence else _boundaries(seq_lens)
         return self.policy.tune(sum(seq_lens), time_split, boundaries=boundaries, group=self.comm.group,
-                                device=self.device, force=force)
+                                device=self.device, force=force,
+                                partition_choices=sm_partitions.tuner_choices(self.device, self.sm_partition),
+                                partition_ok=lambda c: sm_partitions.available(self.device, c))
 
     # ------------------------------------------------------------------ forward
     def stages(self, layout: TokenLayout):
@@ -427,7 +437,8 @@ class TPLlamaStack:
     def forward(self, x: torch.Tensor, layout: TokenLayout, mode: str = "tokenweave") -> torch.Tensor:
         """Final normalised hidden states [T, hidden] for input embeddings ``x`` (not modified).
 
-        In ``tokenweave`` mode the layout's split is used; the other modes ignore it (one part).
+        In ``tokenweave`` mode the layout's split is used, on the SM partition the switch
+        (``sm_partition``) and the split's tuned ``comm_sms`` select; the other modes ignore both (one part).
         """
         if mode not in MODES:
             raise ValueError(f"forward: mode={mode!r}; use one of {MODES}")
@@ -441,8 +452,9 @@ class TPLlamaStack:
         h = tw.add_rmsnorm(x, None, self.layers[0].input_norm, eps)
         stages = self.stages(layout)
         if mode in ("fuse_only", "tokenweave"):
+            part = sm_partitions.partition_for(self.device, self.sm_partition, layout.split)
             return run_stages(self.comm, stages, h, residual, layout.bounds, eps, streams=self.streams,
-                              ctas=layout.split.ctas)
+                              ctas=layout.split.ctas, partition=part)
         add_rmsnorm = _add_rmsnorm_for(self.device)
         for fn, weight in stages:
             partial = fn(0, h)

@@ -9,7 +9,17 @@
 namespace tokenweave {
 
 // What the kernel is asked to produce (part of the call signature).
-enum OpBits : uint32_t { kOpResidual = 1u, kOpNorm = 2u };
+// kOpShardedResidual (kLean only): residual holds only the rows this rank owns (shard_rows), not all rows.
+enum OpBits : uint32_t { kOpResidual = 1u, kOpNorm = 2u, kOpShardedResidual = 4u };
+
+// Every rank's address of one symmetric tensor (kLean destinations), and its multicast address (0 unless
+// multimem). `ident` names the allocation and offset: part of the signature, so ranks that pass different
+// destinations fail as a mismatch instead of writing into each other's unrelated memory.
+struct PeerTable {
+  char* ptr[kMaxWorld];
+  char* mc;
+  uint64_t ident;
+};
 
 struct CallArgs {
   const void* x;
@@ -38,13 +48,19 @@ struct CallArgs {
   // finished its previous one; the copy stream waits for it before its first copy (tokenweave.h).
   uint32_t* go;
   int feed;  // Feed
+  // kLean: rows are owned by rank in contiguous shards of shard_rows (rank q: [q * shard_rows, ...));
+  // out (and a replicated residual) are written through these tables on every rank.
+  int64_t shard_rows;
+  PeerTable out_peers;
+  PeerTable res_peers;
 };
 
 inline int lanes_of(DType d) { return d == DType::kFloat32 ? 4 : 8; }
 
 // FNV-1a over the fields every rank must agree on.
 inline uint32_t call_signature(const CallArgs& a) {
-  const int64_t fields[] = {a.op, a.algo, a.dtype, a.tokens, a.hidden, a.ctas, a.chunk_rows, a.feed};
+  const int64_t fields[] = {a.op,   a.algo, a.dtype, a.tokens, a.hidden, a.ctas, a.chunk_rows, a.feed,
+                            int64_t(a.out_peers.ident), int64_t(a.res_peers.ident)};
   uint32_t h = 2166136261u;
   for (int64_t f : fields)
     for (int b = 0; b < 8; ++b) h = (h ^ uint32_t((f >> (8 * b)) & 0xff)) * 16777619u;

@@ -1,9 +1,14 @@
 // Row epilogue shared by every kernel: residual write-back and RMSNorm of whole rows.
 //
-// A row is handled by a group of G threads (a power of two >= 32, chosen on the host by plan_rows),
-// each keeping up to kMaxVecsPerThread 16-byte vectors of the row in registers, so the row is read
-// once. The sum of squares is reduced within the group in a fixed order: the result is bitwise
+// A row is handled by a group of G threads (a power of two >= 32, chosen on the host by plan_row_group),
+// each keeping up to VPT 16-byte vectors of the row in registers, so the row is read once. Every load a
+// thread needs (z's inputs and the weight) is issued before the first use: one memory latency per row,
+// not two. The sum of squares is reduced within the group in a fixed order: the result is bitwise
 // deterministic and identical on every rank that runs the same code on the same bits.
+//
+// Where z comes from (Source) and where the results go (Sink) are policies, so the standalone add +
+// RMSNorm, the one-shot sum of slots, the two-shot gather and the lean owner's push to every rank share
+// this one loop.
 #pragma once
 
 #include <cmath>
@@ -13,20 +18,20 @@
 namespace tokenweave {
 
 struct RowArgs {
-  void* out;             // [tokens, hidden]
-  void* residual;        // [tokens, hidden] or nullptr: receives z
-  const void* weight;    // [hidden] or nullptr: no norm, out = z
+  const void* weight;  // [hidden] or nullptr: no norm, out = z
   int hidden;
-  int group;             // threads per row
+  int group;           // threads per row
   float eps;
 };
 
-// Host side: threads per row. Aim for 4 vectors per thread (several loads in flight, few registers).
-inline int plan_row_group(int hidden, int lanes) {
+// Host side: threads per row for blocks of `threads`, aiming at `target_vecs` vectors per thread (several
+// loads in flight, few registers), at most `max_vecs`. -1: hidden too large.
+inline int plan_row_group(int hidden, int lanes, int threads = kBlockThreads, int target_vecs = 4,
+                          int max_vecs = kMaxVecsPerThread) {
   const int vecs = hidden / lanes;
   int g = 32;
-  while (g < kBlockThreads && g * 4 < vecs) g *= 2;
-  return (vecs + g - 1) / g <= kMaxVecsPerThread ? g : -1;  // -1: hidden too large
+  while (g < threads && g * target_vecs < vecs) g *= 2;
+  return (vecs + g - 1) / g <= max_vecs ? g : -1;
 }
 
 // Sum of v over the G threads of each group. `red` is one of two shared buffers, alternated by the
@@ -52,45 +57,39 @@ __device__ __forceinline__ Vec nan_vec() {
   return Pack<T>::pack(f);
 }
 
-// Rows [r0, r1). Source::load_z(row, j) returns vector j of z = round_T(sum + residual) for that row.
-// poison: write NaN to out instead (a call that gave up must never look valid).
-// Every thread of the CTA must call this with the same arguments (it contains barriers).
-template <typename T, class Source>
-__device__ void finish_rows(const Source& src, const RowArgs& a, int64_t r0, int64_t r1, bool poison,
-                            float (&red)[2][kBlockThreads / 32]) {
+// Rows [r0, r1). Source::load_z(row, j) returns vector j of z = round_T(sum + residual) for that row;
+// Sink::store_res / store_out write the residual and the output vector. Every thread of the CTA must call
+// this with the same arguments (it contains barriers). Threads = blockDim.x; VPT bounds vectors per thread.
+// kPrefetchWeight: load the weight with z (one latency per row) at the cost of VPT x 4 more registers; the
+// collective kernels, already at their register cap, load it after the reduction instead.
+template <typename T, int Threads, int VPT, bool kPrefetchWeight = true, class Source, class Sink>
+__device__ __forceinline__ void finish_rows(const Source& src, const Sink& sink, const RowArgs& a, int64_t r0, int64_t r1,
+                            float (&red)[2][Threads / 32]) {
   constexpr int L = Pack<T>::kLanes;
   const int nvr = a.hidden / L;
   const int G = a.group;
-  const int rows_per_pass = kBlockThreads / G;
+  const int rows_per_pass = Threads / G;
   const int lane = threadIdx.x % G;
-  Vec* out = reinterpret_cast<Vec*>(a.out);
-  Vec* res = reinterpret_cast<Vec*>(a.residual);
   const Vec* w = reinterpret_cast<const Vec*>(a.weight);
   int pass = 0;
   for (int64_t base = r0; base < r1; base += rows_per_pass, ++pass) {
     const int64_t row = base + threadIdx.x / G;
     const bool active = row < r1;
-    const int64_t row_off = row * nvr;
-    if (poison) {
+    Vec z[VPT], g[VPT];
 #pragma unroll
-      for (int k = 0; k < kMaxVecsPerThread; ++k) {
-        const int j = lane + k * G;
-        if (active && j < nvr) out[row_off + j] = nan_vec<T>();
-      }
-      continue;
-    }
-    Vec z[kMaxVecsPerThread];
-#pragma unroll
-    for (int k = 0; k < kMaxVecsPerThread; ++k) {
+    for (int k = 0; k < VPT; ++k) {
       const int j = lane + k * G;
-      if (active && j < nvr) z[k] = src.load_z(row, j);
+      if (active && j < nvr) {
+        z[k] = src.load_z(row, j);
+        if (kPrefetchWeight && w) g[k] = w[j];  // issued with z's loads: the weight's latency hides behind them
+      }
     }
     float ss = 0.f;
 #pragma unroll
-    for (int k = 0; k < kMaxVecsPerThread; ++k) {
+    for (int k = 0; k < VPT; ++k) {
       const int j = lane + k * G;
       if (active && j < nvr) {
-        if (res) res[row_off + j] = z[k];
+        sink.store_res(row, j, z[k]);
         float f[L];
         Pack<T>::unpack(z[k], f);
 #pragma unroll
@@ -99,27 +98,35 @@ __device__ void finish_rows(const Source& src, const RowArgs& a, int64_t r0, int
     }
     if (w == nullptr) {  // plain all-reduce: out = z
 #pragma unroll
-      for (int k = 0; k < kMaxVecsPerThread; ++k) {
+      for (int k = 0; k < VPT; ++k) {
         const int j = lane + k * G;
-        if (active && j < nvr) out[row_off + j] = z[k];
+        if (active && j < nvr) sink.store_out(row, j, z[k]);
       }
       continue;
     }
     const float rstd = rsqrtf(group_sum(ss, G, red[pass & 1]) / float(a.hidden) + a.eps);
 #pragma unroll
-    for (int k = 0; k < kMaxVecsPerThread; ++k) {
+    for (int k = 0; k < VPT; ++k) {
       const int j = lane + k * G;
       if (active && j < nvr) {
-        float f[L], g[L];
+        float f[L], gw[L];
         Pack<T>::unpack(z[k], f);
-        Pack<T>::unpack(w[j], g);
+        Pack<T>::unpack(kPrefetchWeight ? g[k] : w[j], gw);
 #pragma unroll
-        for (int i = 0; i < L; ++i) f[i] = f[i] * rstd * g[i];
-        out[row_off + j] = Pack<T>::pack(f);
+        for (int i = 0; i < L; ++i) f[i] = f[i] * rstd * gw[i];
+        sink.store_out(row, j, Pack<T>::pack(f));
       }
     }
   }
   __syncthreads();  // the shared buffers may be reused by the next call
+}
+
+// A call that gave up must never leave output that looks valid: NaN into rows [r0, r1) of out.
+template <typename T, int Threads>
+__device__ void poison_rows(void* out, int hidden, int64_t r0, int64_t r1) {
+  const int64_t nvr = hidden / Pack<T>::kLanes;
+  Vec* o = reinterpret_cast<Vec*>(out);
+  for (int64_t i = r0 * nvr + threadIdx.x; i < r1 * nvr; i += Threads) o[i] = nan_vec<T>();
 }
 
 // z = round_T(x + residual): the standalone add + RMSNorm.
@@ -139,6 +146,17 @@ struct LocalSource {
     for (int i = 0; i < L; ++i) f[i] += r[i];
     return Pack<T>::pack(f);
   }
+};
+
+// Results into this rank's own row-major tensors.
+struct LocalSink {
+  Vec* out;
+  Vec* residual;  // nullptr: not written back
+  int nvr;
+  __device__ void store_res(int64_t row, int j, const Vec& v) const {
+    if (residual) residual[row * nvr + j] = v;
+  }
+  __device__ void store_out(int64_t row, int j, const Vec& v) const { out[row * nvr + j] = v; }
 };
 
 }  // namespace tokenweave

@@ -14,8 +14,10 @@ namespace tokenweave {
 cudaError_t allreduce(const CommDevice& c, const CallArgs& a, Transport t, cudaStream_t stream);
 
 // out = RMSNorm(x + residual) * weight; residual <- x + residual. No communication.
+// `config` picks the block shape (0 = default; add_rmsnorm_configs() of them, for benchmarking).
 cudaError_t add_rmsnorm(const void* x, void* residual, const void* weight, void* out, int64_t tokens, int hidden,
-                        float eps, DType dtype, cudaStream_t stream);
+                        float eps, DType dtype, cudaStream_t stream, int config = 0);
+int add_rmsnorm_configs();
 
 // Track-and-trigger producer side: ready[c] += pieces for c in [begin, end), with release at gpu scope,
 // after whatever the stream ran before (the GEMM that wrote those chunks).

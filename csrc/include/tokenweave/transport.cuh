@@ -3,10 +3,14 @@
 //   stage(c, half, q, slot_vec, v)   two-shot: make my copy of rank q's piece available to rank q
 //   reduce(c, half, slot_vec, acc)   two-shot: fp32 sum over all ranks of my piece
 //   broadcast(c, byte_off, v)        store v at byte_off of every rank's workspace (all-gather, one-shot push)
+//   store_all(table, byte_off, v)    store v at byte_off of every rank's copy of a symmetric tensor (lean)
+//   reduce_own(c, half, slot_vec, own, acc)  lean: fp32 sum over ranks of my rows, my own part given in `own`
+//   kStagesOwnPiece                  lean: whether my own rows must be staged too (or are read from x)
 //   fence_before_signal()            whatever must precede the flag release after this transport's stores
 #pragma once
 
 #include "tokenweave/common.cuh"
+#include "tokenweave/plan.h"
 #include "tokenweave/sync.cuh"
 
 namespace tokenweave {
@@ -42,12 +46,33 @@ __device__ __forceinline__ void sum_slots(const char* slots, uint64_t slot_bytes
 // rank q's slot s; rank q then sums its own W slots locally, in rank order (deterministic).
 template <typename T, int W>
 struct P2P {
+  static constexpr bool kStagesOwnPiece = false;  // the owner reads its own rows straight from x
+
   __device__ static void stage(const CommDevice& c, int half, int q, uint64_t slot_vec, const Vec& v) {
     reinterpret_cast<Vec*>(slot_ptr(c.ws[q], c.layout, half, c.rank))[slot_vec] = v;
   }
 
   __device__ static void reduce(const CommDevice& c, int half, uint64_t slot_vec, float* acc) {
     sum_slots<T, W>(slot_ptr(c.ws[c.rank], c.layout, half, 0), c.layout.slot_bytes, slot_vec, acc);
+  }
+
+  // Slots s != rank hold rank s's copy of my rows; my own part is `own`. Summed in rank order.
+  __device__ static void reduce_own(const CommDevice& c, int half, uint64_t slot_vec, const Vec& own, float* acc) {
+    constexpr int L = Pack<T>::kLanes;
+    const char* slots = slot_ptr(c.ws[c.rank], c.layout, half, 0);
+    Vec v[W];
+#pragma unroll
+    for (int s = 0; s < W; ++s)
+      v[s] = s == c.rank ? own : reinterpret_cast<const Vec*>(slots + s * c.layout.slot_bytes)[slot_vec];
+#pragma unroll
+    for (int i = 0; i < L; ++i) acc[i] = 0.f;
+#pragma unroll
+    for (int s = 0; s < W; ++s) {
+      float f[L];
+      Pack<T>::unpack(v[s], f);
+#pragma unroll
+      for (int i = 0; i < L; ++i) acc[i] += f[i];
+    }
   }
 
   __device__ static void broadcast(const CommDevice& c, uint64_t byte_off, const Vec& v) {
@@ -57,6 +82,12 @@ struct P2P {
       const int q = (c.rank + 1 + i) % W;
       *reinterpret_cast<Vec*>(c.ws[q] + byte_off) = v;
     }
+  }
+
+  // Ranks in index order (a rotation by rank would index the table at run time: a local-memory copy).
+  __device__ static void store_all(const CommDevice&, const PeerTable& t, uint64_t byte_off, const Vec& v) {
+#pragma unroll
+    for (int q = 0; q < W; ++q) *reinterpret_cast<Vec*>(t.ptr[q] + byte_off) = v;
   }
 
   __device__ static void fence_before_signal() {}
@@ -107,6 +138,8 @@ struct MultimemOps<float> {
 
 template <typename T, int W>
 struct Multimem {
+  static constexpr bool kStagesOwnPiece = true;  // the switch sums every rank's slot, mine included
+
   __device__ static void stage(const CommDevice& c, int half, int q, uint64_t slot_vec, const Vec& v) {
     reinterpret_cast<Vec*>(slot_ptr(c.ws[c.rank], c.layout, half, q))[slot_vec] = v;
   }
@@ -116,10 +149,22 @@ struct Multimem {
     Pack<T>::unpack(MultimemOps<T>::ld_reduce(p), acc);
   }
 
-  __device__ static void broadcast(const CommDevice& c, uint64_t byte_off, const Vec& v) {
-    asm volatile("multimem.st.relaxed.sys.global.v4.f32 [%0], {%1,%2,%3,%4};" ::"l"(c.mc + byte_off), "r"(v.x),
-                 "r"(v.y), "r"(v.z), "r"(v.w)
+  __device__ static void reduce_own(const CommDevice& c, int half, uint64_t slot_vec, const Vec&, float* acc) {
+    reduce(c, half, slot_vec, acc);
+  }
+
+  __device__ static void multicast_store(char* mc_addr, const Vec& v) {
+    asm volatile("multimem.st.relaxed.sys.global.v4.f32 [%0], {%1,%2,%3,%4};" ::"l"(mc_addr), "r"(v.x), "r"(v.y),
+                 "r"(v.z), "r"(v.w)
                  : "memory");
+  }
+
+  __device__ static void broadcast(const CommDevice& c, uint64_t byte_off, const Vec& v) {
+    multicast_store(c.mc + byte_off, v);
+  }
+
+  __device__ static void store_all(const CommDevice&, const PeerTable& t, uint64_t byte_off, const Vec& v) {
+    multicast_store(t.mc + byte_off, v);
   }
 
   // Peers read what we wrote through the multicast alias via their unicast mapping: order the alias

@@ -16,13 +16,21 @@ constexpr int kBlockThreads = 512;
 // Flags are [parity][phase][src][chunk] of uint64: 4096 chunks * 8 ranks * 2 * 2 * 8 B = 1 MiB per rank.
 // 4096 chunks of one row each already covers the largest token count we pipeline per launch.
 constexpr int kMaxChunks = 4096;
+// Lamport one-shot: bytes of x one call takes (per slot). 2 MiB = 128 tokens x 8192 bf16, past where a
+// one-shot (W-1 full copies per rank) can beat the two-shot (ANCHORS: one-shot loses from 512 KiB at TP4).
+constexpr uint64_t kLamportSlotBytes = 2ull << 20;
 // Vectors a thread keeps in registers for one row of the norm epilogue: 8 x 16 B = 32 registers.
 // With at most 512 threads per row that bounds hidden at 512 * 8 * 8 = 32768 for 2-byte types.
 constexpr int kMaxVecsPerThread = 8;
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum class Transport : int { kP2P = 0, kMultimem = 1 };
-enum class Algo : int { kAuto = 0, kOneShot = 1, kTwoShot = 2 };
+// kOneShot  every rank pushes all of x to every rank, one flag crossing, local sum.
+// kTwoShot  scatter pieces, owner reduces + pushes the sum into every gather buffer, local epilogue.
+// kLamport  one-shot without flags: the pushed data is its own flag (sentinel-filled buffers, polled).
+// kLean     two-shot by whole rows: the owner adds the residual and norms in registers and pushes the
+//           finished rows straight into every rank's out (and residual): destinations are symmetric.
+enum class Algo : int { kAuto = 0, kOneShot = 1, kTwoShot = 2, kLamport = 3, kLean = 4 };
 // Where the kernel's input comes from:
 //   kResident    x is complete when the kernel starts
 //   kTracked     x is being written by a producer on another stream; chunk c is read once ready[c] says so
@@ -38,6 +46,7 @@ static_assert(sizeof(Vec) == 16, "all data movement is in 16-byte vectors");
 //   headers  [2 parity][kMaxWorld src] CallHeader                    what src called (diagnostics)
 //   probe    [kMaxWorld src] uint64                                  peer-access check at creation
 //   staged   [kMaxWorld src][kMaxChunks] uint32                      copy-engine feed: 1 = src's piece landed
+//   lamport  [3 buffers][world src] { header Vec, data [kLamportSlotBytes] }   sentinel-filled (-0.0 halves)
 //   data     [2 halves] { slots [world][slot_bytes], gather [gather_bytes] }
 // Calls alternate halves and flag parities by epoch, so call e may overwrite what call e-2 used:
 // a rank that finished call e-1 saw every peer start e-1, hence finish e-2 (kernels on one stream).
@@ -46,6 +55,8 @@ struct Layout {
   uint64_t headers_off;
   uint64_t probe_off;
   uint64_t staged_off;
+  uint64_t lamport_off;
+  uint64_t lamport_slot_bytes;  // one source's header vector + data in one Lamport buffer
   uint64_t data_off;
   uint64_t slot_bytes;    // one source's slot: a 1/world piece of every chunk (two-shot) or all of x (one-shot)
   uint64_t gather_bytes;  // the reduced result, row-major, read by the norm epilogue
@@ -55,6 +66,7 @@ struct Layout {
   int world;
   int pad_;
 };
+static_assert(sizeof(Layout) == 12 * 8 + 8, "Layout is exported to Python field by field (torch_ops.cpp layout())");
 
 // What a rank tells its peers about the call it is making (written before its first flag).
 struct CallHeader {
@@ -88,7 +100,9 @@ __host__ __device__ inline Layout make_layout(uint64_t capacity_bytes, int world
   l.headers_off = l.flags_off + kFlagsBytes;
   l.probe_off = l.headers_off + kHeadersBytes;
   l.staged_off = l.probe_off + kProbeBytes;
-  l.data_off = round_up(l.staged_off + kStagedBytes, 4096);
+  l.lamport_off = round_up(l.staged_off + kStagedBytes, 4096);
+  l.lamport_slot_bytes = 16 + kLamportSlotBytes;
+  l.data_off = round_up(l.lamport_off + 3ull * world * l.lamport_slot_bytes, 4096);
   l.slot_bytes = round_up(l.capacity_bytes / world + 16 + uint64_t(kMaxChunks) * 16, 256);
   l.gather_bytes = round_up(l.capacity_bytes, 256);
   l.half_bytes = round_up(world * l.slot_bytes + l.gather_bytes, 4096);
@@ -118,8 +132,12 @@ struct LocalState {
   uint32_t ticket;   // CTAs that finished the current call; the last one advances `epoch`
   uint32_t claimed;  // first error wins the ErrorRecord
   uint32_t abort;    // set on any error: every later wait gives up at once, every later call poisons
+  // Lamport calls completed (only Lamport calls count: buffer k % 3 belongs to the k-th Lamport call, so
+  // calls of other algorithms in between never leave a buffer uncleared).
+  uint32_t lamport_seq;
+  uint32_t lamport_vecs[3];  // vectors per slot that the call using buffer i wrote: what must be re-cleared
 };
-static_assert(sizeof(LocalState) == 16, "LocalState is allocated by Python as 4 int32");
+static_assert(sizeof(LocalState) == 32, "LocalState is allocated by Python as STATE_WORDS int32");
 
 // Everything a kernel needs to reach its peers. Passed by value (fits in kernel parameter space).
 struct CommDevice {

@@ -1,0 +1,139 @@
+"""The lean data path measured in the emulated world (W ranks on one GPU; tokenweave.testing).
+
+    python bench/emulated_world.py --out-dir bench/results
+
+Two tables, bf16, CUDA events around CUDA-graph replays (20 calls per graph, median of 5 replays):
+
+``per_cta``  (hidden 8192, 4096 tokens per rank, W = 2 and 4, CTAs per rank 1..32)
+    Time of one fused all-reduce + residual + RMSNorm on every rank at once (all W grids side by side),
+    and the useful throughput per CTA: bytes of x one rank completes per second per CTA. Variants:
+    ``two_shot`` (out in ordinary memory: the flagged two-shot), ``lean`` (out and residual symmetric),
+    ``lean_sharded`` (sharded residual). ``two_shot_repeat`` times two_shot again: the run-to-run noise.
+``one_shot`` (hidden 8192, W = 2, 4, 8, tokens 1..128)
+    Latency per call of the flagged one-shot against the flag-free Lamport one-shot (dispatcher's CTAs).
+
+What the emulated world cannot show: NVLink. Peer stores land in this GPU's HBM, which all W ranks share,
+so the per-CTA numbers compare data paths (bytes issued per byte of x, synchronisation), not link speed.
+Writes ``emulated_per_cta-<card>-tp<W>`` and ``emulated_one_shot-<card>-tp<W>`` (.json, .png) into --out-dir
+(tp<W> names the emulated world size).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    import tokenweave as tw
+except ImportError:  # run from a source checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import tokenweave as tw
+
+import torch
+
+from tokenweave.bench import harness
+from tokenweave.comm import traffic_per_byte
+from tokenweave.testing import EmulatedWorld
+
+HIDDEN = 8192
+DTYPE = torch.bfloat16
+EPS = 1e-5
+CTA_TOKENS = 4096
+CTAS = (1, 2, 4, 8, 16, 32)
+ONE_SHOT_TOKENS = (1, 4, 16, 64, 128)
+
+
+def _inputs(world, tokens, gen):
+    dev = world.device
+    xs = [torch.randn(tokens, HIDDEN, generator=gen, device=dev, dtype=DTYPE) for _ in range(world.world_size)]
+    residual = torch.randn(tokens, HIDDEN, generator=gen, device=dev, dtype=DTYPE)
+    weight = (1 + 0.1 * torch.randn(HIDDEN, generator=gen, device=dev)).to(DTYPE)
+    return xs, residual, weight
+
+
+def per_cta_rows(W: int, args) -> list[dict]:
+    rows = []
+    tokens = args.cta_tokens
+    with EmulatedWorld(W, max_tokens=tokens, hidden=HIDDEN, dtype=DTYPE) as world:
+        gen = torch.Generator(world.device).manual_seed(1)
+        xs, residual, weight = _inputs(world, tokens, gen)
+        plain_out = [torch.empty_like(residual) for _ in range(W)]
+        plain_res = [residual.clone() for _ in range(W)]
+        sym_out = world.empty(tokens, HIDDEN, dtype=DTYPE)
+        sym_res = world.empty(tokens, HIDDEN, dtype=DTYPE)
+        shard_res = [residual[a:a + n].clone() for a, n in (c.shard_rows(tokens) for c in world.ranks)]
+        setups = {
+            "two_shot": (plain_out, plain_res, dict(algo="two_shot"), "replicated"),
+            "lean": (sym_out, sym_res, dict(algo="lean"), "replicated"),
+            "lean_sharded": (sym_out, shard_res, dict(algo="lean", sharded_residual=True), "sharded"),
+        }
+        setups["two_shot_repeat"] = setups["two_shot"]
+        for ctas in CTAS:
+            if W * ctas > world.num_sms:
+                continue
+            for variant, (outs, res, kw, residual_mode) in setups.items():
+                def fn(outs=outs, res=res, kw=kw):
+                    world.run(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS,
+                                                                         out=outs[r], ctas=ctas, **kw))
+                us = harness.time_cuda_graph(fn, calls=args.calls, replays=args.replays)
+                world.synchronize()
+                x_bytes = tokens * HIDDEN * DTYPE.itemsize
+                algo = kw["algo"]
+                rows.append({"table": "per_cta", "W": W, "tokens": tokens, "hidden": HIDDEN, "ctas": ctas,
+                             "variant": variant, "us": us,
+                             "gb_per_s_per_cta": x_bytes / (us * 1e3) / ctas,
+                             "traffic_per_byte": traffic_per_byte(algo, W, residual_mode)["total"]})
+                print(f"W={W} ctas={ctas:3d} {variant:16s} {us:9.1f} us  "
+                      f"{rows[-1]['gb_per_s_per_cta']:6.2f} GB/s of x per CTA", flush=True)
+    return rows
+
+
+def one_shot_rows(W: int, args) -> list[dict]:
+    rows = []
+    # one-shot's slots hold capacity / W: size the workspace so every token count fits at every W
+    with EmulatedWorld(W, max_tokens=W * max(ONE_SHOT_TOKENS), hidden=HIDDEN, dtype=DTYPE) as world:
+        gen = torch.Generator(world.device).manual_seed(2)
+        for tokens in ONE_SHOT_TOKENS:
+            xs, residual, weight = _inputs(world, tokens, gen)
+            outs = [torch.empty_like(residual) for _ in range(W)]
+            res = [residual.clone() for _ in range(W)]
+            for variant in ("one_shot", "lamport", "one_shot_repeat"):
+                algo = variant.replace("_repeat", "")
+
+                def fn(algo=algo):
+                    world.run(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r],
+                                                                         algo=algo))
+                us = harness.time_cuda_graph(fn, calls=args.calls, replays=args.replays)
+                world.synchronize()
+                rows.append({"table": "one_shot", "W": W, "tokens": tokens, "hidden": HIDDEN, "variant": variant,
+                             "us": us})
+                print(f"W={W} T={tokens:4d} {variant:16s} {us:8.2f} us", flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    harness.add_out_dir_argument(parser)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--one-shot-worlds", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--cta-tokens", type=int, default=CTA_TOKENS)
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--replays", type=int, default=5)
+    args = parser.parse_args(argv)
+    if not (torch.cuda.is_available() and tw.HAS_EXTENSION):
+        raise SystemExit("bench/emulated_world.py needs a CUDA GPU and the tokenweave extension")
+    what = __doc__.split("\n\n", 2)[2]
+    for W in args.worlds:
+        rows = per_cta_rows(W, args)
+        print("wrote", *harness.write_results("emulated_per_cta", W, rows, args.out_dir,
+                                              {"what": what}, x_key="ctas", panel_keys=("W",),
+                                              baseline="two_shot"))
+    for W in args.one_shot_worlds:
+        rows = one_shot_rows(W, args)
+        print("wrote", *harness.write_results("emulated_one_shot", W, rows, args.out_dir,
+                                              {"what": what}, x_key="tokens", panel_keys=("W",),
+                                              baseline="one_shot"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+// Lamport one-shot: a one-shot all-reduce (+ residual + RMSNorm) with no flags and no fences.
+//
+// The data is its own flag. Every Lamport buffer starts filled with the sentinel -0.0 in every 2-byte lane
+// (0x8000); writers turn a real -0.0 into +0.0, so a lane holding the sentinel has not arrived yet.
+// Per call, each rank pushes its (canonicalised) rows of x into its slot of every rank's buffer, then polls
+// its own buffer until no lane of the rows it finishes holds the sentinel, sums the W slots in rank order
+// (+ residual), and runs the row epilogue: one NVLink crossing and no system-scope fence on the path.
+//
+// Three buffers rotate by the Lamport sequence k (Lamport calls only): call k writes buffer k % 3 and
+// re-fills buffer (k + 2) % 3, which call k - 1 used, with the sentinel. Why that buffer is quiet: a peer
+// writes my buffer i only in its calls k with k % 3 == i; I consumed all of call k - 1's data before
+// call k started (every vector was polled), and a peer reaches call k + 2 only after my call k + 1 data
+// arrived, i.e. after this call and its clearing stores completed (stream order on my side).
+// The sum of -0.0 terms may come out +0.0 here where the flagged algorithms give -0.0: the only
+// difference from them; every rank still gets the same bits.
+//
+// Mismatches: each slot starts with a header vector (call signature + sequence, never a sentinel lane);
+// every CTA checks every peer's header before it reads that peer's data, so ranks making different calls
+// fail with a mismatch instead of reading each other's rows. Every poll is bounded (timeout, abort).
+#pragma once
+
+#include "tokenweave/common.cuh"
+#include "tokenweave/plan.h"
+#include "tokenweave/rownorm.cuh"
+#include "tokenweave/sync.cuh"
+#include "tokenweave/transport.cuh"
+#include "call.cuh"
+
+namespace tokenweave {
+
+constexpr uint32_t kLamportSentinelWord = 0x80008000u;  // -0.0 in both 2-byte lanes (bf16 and fp16 alike)
+
+__device__ __forceinline__ bool half_is_sentinel(uint32_t h) { return h == 0x8000u; }
+
+__device__ __forceinline__ bool has_sentinel(const Vec& v) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  bool s = false;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) s |= half_is_sentinel(w[i] & 0xffffu) | half_is_sentinel(w[i] >> 16);
+  return s;
+}
+
+// -0.0 -> +0.0 in each 2-byte lane: real data never looks like "not arrived".
+__device__ __forceinline__ Vec canonicalise(const Vec& v) {
+  uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if ((w[i] & 0xffffu) == 0x8000u) w[i] &= 0xffff0000u;
+    if ((w[i] >> 16) == 0x8000u) w[i] &= 0x0000ffffu;
+  }
+  return Vec{w[0], w[1], w[2], w[3]};
+}
+
+// Polled data lives in another GPU's stores to our memory: bypass L1 on every read of it.
+__device__ __forceinline__ Vec ld_volatile(const Vec* p) {
+  Vec v;
+  asm volatile("ld.volatile.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// Slot header: 8 lanes of 9 bits each (0x100 | byte), so no lane is ever the sentinel.
+__device__ __forceinline__ Vec lamport_header(uint32_t sig, uint32_t seq) {
+  uint32_t h[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    h[i] = 0x100u | ((sig >> (8 * i)) & 0xffu);
+    h[4 + i] = 0x100u | ((seq >> (8 * i)) & 0xffu);
+  }
+  return Vec{h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16)};
+}
+
+__device__ __forceinline__ uint64_t lamport_slot_off(const Layout& l, int buf, int src) {
+  return l.lamport_off + (uint64_t(buf) * l.world + src) * l.lamport_slot_bytes;
+}
+
+// z from the W slots of this call's buffer (already polled complete): rank-order sum + residual.
+template <typename T, int W>
+struct LamportSource {
+  const char* slots;  // my buffer, slot 0's header
+  uint64_t slot_bytes;
+  const Vec* residual;
+  int nvr;
+  __device__ Vec load_z(int64_t row, int j) const {
+    constexpr int L = Pack<T>::kLanes;
+    const int64_t idx = row * nvr + j;
+    Vec v[W];
+#pragma unroll
+    for (int s = 0; s < W; ++s) v[s] = ld_volatile(reinterpret_cast<const Vec*>(slots + s * slot_bytes + 16) + idx);
+    Vec r;
+    if (residual) r = residual[idx];
+    float acc[L];
+#pragma unroll
+    for (int i = 0; i < L; ++i) acc[i] = 0.f;
+#pragma unroll
+    for (int s = 0; s < W; ++s) {
+      float f[L];
+      Pack<T>::unpack(v[s], f);
+#pragma unroll
+      for (int i = 0; i < L; ++i) acc[i] += f[i];
+    }
+    if (residual) {
+      float f[L];
+      Pack<T>::unpack(r, f);
+#pragma unroll
+      for (int i = 0; i < L; ++i) acc[i] += f[i];
+    }
+    return Pack<T>::pack(acc);
+  }
+};
+
+template <typename T, int W, template <typename, int> class TransportT>
+__global__ void __launch_bounds__(kBlockThreads, 1) lamport_kernel(const CommDevice c, const CallArgs a) {
+  using Tr = TransportT<T, W>;
+  constexpr int L = Pack<T>::kLanes;
+  __shared__ float red[2][kBlockThreads / 32];
+  const Layout& l = c.layout;
+  const CallId id{c.state->epoch + 1, a.sig, a.op};
+  const uint32_t seq = c.state->lamport_seq + 1;
+  const int buf = int(seq % 3), stale = int((seq + 2) % 3);
+  const int nvr = a.hidden / L;
+  const int64_t n_vecs = a.tokens * nvr;
+  const int n_mine = (a.n_chunks - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
+  auto chunk_at = [&](int i) { return int(blockIdx.x) + i * int(gridDim.x); };
+  auto row_begin = [&](int ch) { return int64_t(ch) * a.chunk_rows; };
+  auto row_end = [&](int ch) { return min(int64_t(ch + 1) * a.chunk_rows, a.tokens); };
+  const Vec* x = reinterpret_cast<const Vec*>(a.x);
+  char* mine = c.ws[c.rank] + lamport_slot_off(l, buf, 0);  // my buffer: W slots, each header + data
+
+  bool ok = !aborted(c);
+  if (ok) publish_call_header(c, a, id.epoch, W);
+  if (blockIdx.x == 0 && threadIdx.x == 0) c.state->lamport_vecs[buf] = uint32_t(n_vecs);  // for call k + 1
+
+  if (ok) {  // push: header (CTA 0) and my chunks' rows into my slot of every rank's buffer
+    const uint64_t my_slot = lamport_slot_off(l, buf, c.rank);
+    if (blockIdx.x == 0 && threadIdx.x == 0) Tr::broadcast(c, my_slot, lamport_header(a.sig, seq));
+    for (int i = 0; i < n_mine; ++i) {
+      const int ch = chunk_at(i);
+      stream_vecs(
+          row_begin(ch) * nvr, row_end(ch) * nvr, [&](int64_t k) { return canonicalise(x[k]); },
+          [&](int64_t k, const Vec& v) { Tr::broadcast(c, my_slot + 16 + uint64_t(k) * 16, v); });
+    }
+    Tr::fence_before_signal();  // multimem: order the multicast stores before peers' unicast reads
+  }
+
+  // Poll: every peer's header, then every vector of my chunks in every slot, until none holds the sentinel.
+  const uint64_t start = globaltimer_ns();
+  uint32_t spins = 0;
+  auto give_up = [&](int peer, int chunk) {  // true once the wait must end (timeout recorded, or aborted)
+    if ((++spins & 63) != 0) return false;
+    if (aborted(c)) return true;
+    if (globaltimer_ns() - start > c.timeout_ns) {
+      record_error(c, kErrTimeout, peer, id.epoch, chunk, id.sig, id.op, 0);
+      return true;
+    }
+    return false;
+  };
+  if (ok && threadIdx.x < W) {
+    const int s = threadIdx.x;
+    const Vec* hp = reinterpret_cast<const Vec*>(mine + uint64_t(s) * l.lamport_slot_bytes);
+    Vec h = ld_volatile(hp);
+    while (ok && has_sentinel(h)) {
+      if (give_up(s, -1)) ok = false;
+      h = ld_volatile(hp);
+    }
+    const Vec want = lamport_header(a.sig, seq);
+    if (ok && (h.x != want.x || h.y != want.y || h.z != want.z || h.w != want.w)) {
+      uint32_t peer_sig = 0;
+      const uint32_t hw[2] = {h.x, h.y};
+      for (int i = 0; i < 4; ++i) peer_sig |= ((hw[i / 2] >> (16 * (i % 2))) & 0xffu) << (8 * i);
+      record_error(c, kErrMismatch, s, id.epoch, -1, id.sig, id.op, uint64_t(peer_sig) << 32);
+      ok = false;
+    }
+  }
+  ok = __syncthreads_and(ok) != 0;
+  for (int i = 0; ok && i < n_mine; ++i) {
+    const int ch = chunk_at(i);
+    for (int s = 0; ok && s < W; ++s) {
+      const Vec* d = reinterpret_cast<const Vec*>(mine + uint64_t(s) * l.lamport_slot_bytes + 16);
+      for (int64_t k = row_begin(ch) * nvr + threadIdx.x; ok && k < row_end(ch) * nvr; k += kBlockThreads)
+        while (has_sentinel(ld_volatile(d + k)))
+          if (give_up(s, ch)) {
+            ok = false;
+            break;
+          }
+    }
+  }
+  ok = __syncthreads_and(ok) != 0;
+
+  if (ok) {
+    const RowArgs rows{(a.op & kOpNorm) ? a.weight : nullptr, a.hidden, a.group, a.eps};
+    const LamportSource<T, W> src{mine, l.lamport_slot_bytes,
+                                  (a.op & kOpResidual) ? reinterpret_cast<const Vec*>(a.residual) : nullptr, nvr};
+    const LocalSink sink{reinterpret_cast<Vec*>(a.out), reinterpret_cast<Vec*>(a.residual), nvr};
+    for (int i = 0; i < n_mine; ++i)
+      finish_rows<T, kBlockThreads, kMaxVecsPerThread, false>(src, sink, rows, row_begin(chunk_at(i)), row_end(chunk_at(i)), red);
+    // Re-arm the buffer the previous Lamport call used (see the header comment for why it is quiet):
+    // headers and the vectors it wrote, split evenly over this call's CTAs.
+    char* old = c.ws[c.rank] + lamport_slot_off(l, stale, 0);
+    const int64_t per_slot = 1 + int64_t(c.state->lamport_vecs[stale]);  // header + data
+    const int64_t total = per_slot * W;
+    const int64_t b0 = total * blockIdx.x / gridDim.x, b1 = total * (blockIdx.x + 1) / gridDim.x;
+    const Vec sentinel{kLamportSentinelWord, kLamportSentinelWord, kLamportSentinelWord, kLamportSentinelWord};
+    for (int64_t k = b0 + threadIdx.x; k < b1; k += kBlockThreads)
+      *reinterpret_cast<Vec*>(old + (k / per_slot) * l.lamport_slot_bytes + (k % per_slot) * 16) = sentinel;
+  } else {
+    for (int i = 0; i < n_mine; ++i) poison_rows<T, kBlockThreads>(a.out, a.hidden, row_begin(chunk_at(i)), row_end(chunk_at(i)));
+  }
+  finish_call(c, id.epoch, /*lamport=*/true);
+}
+
+}  // namespace tokenweave

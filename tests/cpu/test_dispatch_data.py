@@ -1,0 +1,64 @@
+"""Dispatch decisions as data (tokenweave/tuning.py + configs), the lean plan's traffic count, shard ranges."""
+import json
+
+import pytest
+
+from tokenweave import tuning
+from tokenweave.comm import shard_range, traffic_per_byte
+
+
+@pytest.mark.parametrize("algo,residual,hand", [
+    # W = 4, counted by hand from the kernels (DESIGN-NOTES.md's table for today's two-shot):
+    ("two_shot", "replicated", (3.25, 2.5, 1.5)),  # scatter 1 + 0.25 local; reduce 1.25; epilogue 1 read, 2 writes
+    ("lean", "sharded", (2.0, 0.5, 1.5)),          # 0.75 + 0.75 slots + 0.25 x + 0.25 residual; out/res 0.25 each
+    ("lean", "replicated", (2.0, 0.5, 2.25)),      # + the residual pushed to 3 peers (0.75)
+    ("one_shot", "replicated", (6, 3, 3)),         # x 1 + 4 slots + residual; own slot, residual, out; 3 peers
+    ("lamport", "replicated", (10, 7, 3)),         # + one poll of 4 slots, + re-filling 4 slots
+])
+def test_traffic_per_byte_matches_hand_count(algo, residual, hand):
+    t = traffic_per_byte(algo, 4, residual)
+    assert (t["local_reads"], t["local_writes"], t["remote_writes"]) == pytest.approx(hand)
+    assert t["total"] == pytest.approx(sum(hand))
+
+
+def test_lean_meets_issue_targets_at_every_world():
+    for w in range(2, 9):
+        assert traffic_per_byte("lean", w, "sharded")["total"] <= 4.0 + 1e-9
+        assert traffic_per_byte("lean", w, "replicated")["total"] <= 5.75 + 1e-9
+        assert traffic_per_byte("lean", w, "sharded")["total"] < traffic_per_byte("two_shot", w)["total"]
+    with pytest.raises(ValueError, match="sharded"):
+        traffic_per_byte("two_shot", 4, "sharded")
+
+
+@pytest.mark.parametrize("tokens,world", [(1, 4), (3, 4), (37, 8), (300, 2), (8, 8)])
+def test_shard_ranges_cover_every_row_once(tokens, world):
+    rows = []
+    for r in range(world):
+        first, n = shard_range(tokens, world, r)
+        assert n >= 0
+        rows += list(range(first, first + n))
+    assert rows == list(range(tokens))
+
+
+def test_config_entries_and_heuristic(tmp_path, monkeypatch):
+    tuning._all_entries.cache_clear()
+    monkeypatch.delenv("TOKENWEAVE_CONFIG", raising=False)
+    h200_tp4 = tuning.dispatch_config("h200", 4, 2, 8192)
+    assert h200_tp4.one_shot_max_bytes == 512 << 10 and "fused_allreduce_rmsnorm-h200-tp4" in h200_tp4.source
+    assert tuning.dispatch_config("h200", 8, 2, 8192) == tuning.HEURISTIC  # no TP8 entry
+    assert tuning.dispatch_config("unknown-card", 4, 2, 8192) == tuning.HEURISTIC
+    user = tmp_path / "mine.json"
+    user.write_text(json.dumps({"entries": [{"world_size": 4, "hidden": 4096, "one_shot_max_bytes": 1 << 20,
+                                             "source": "my run"}]}))
+    monkeypatch.setenv("TOKENWEAVE_CONFIG", str(user))
+    tuning._all_entries.cache_clear()
+    mine = tuning.dispatch_config("h200", 4, 2, 4096)
+    assert mine.one_shot_max_bytes == 1 << 20 and "my run" in mine.source   # the user's file first
+    assert tuning.dispatch_config("h200", 4, 2, 8192).one_shot_max_bytes == 512 << 10  # other hidden: shipped
+    tuning._all_entries.cache_clear()
+
+
+def test_every_shipped_entry_names_its_run():
+    for path in tuning.CONFIG_DIR.glob("*.json"):
+        for e in json.loads(path.read_text())["entries"]:
+            assert e.get("source") and "bench/results/" in e["source"], (path.name, e)

@@ -1,0 +1,197 @@
+"""Every algorithm's protocol in the emulated world: W ranks on one GPU (tokenweave.testing).
+
+Float64 references on fresh random data, outputs poisoned with NaN first (every element must be written),
+bitwise equality across ranks, CUDA-graph replays (Lamport buffer rotation), timeouts and mismatches.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenweave as tw
+from tokenweave.errors import CollectiveMismatchError, CollectiveTimeoutError
+
+pytestmark = pytest.mark.gpu
+
+if not (torch.cuda.is_available() and tw.HAS_EXTENSION):
+    pytest.skip("needs a CUDA GPU and the tokenweave extension", allow_module_level=True)
+
+from tokenweave.testing import EmulatedWorld  # noqa: E402
+
+EPS = 1e-5
+TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+ALGOS = ("one_shot", "two_shot", "lamport", "lean", "lean_sharded")
+SHAPES = ((1, 4096), (3, 1032), (37, 2056), (300, 8192))
+
+
+def _inputs(world, tokens, hidden, dtype, gen):
+    W = world.world_size
+    dev = world.device
+    xs = [torch.randn(tokens, hidden, generator=gen, device=dev).to(dtype) for _ in range(W)]
+    residual = torch.randn(tokens, hidden, generator=gen, device=dev).to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen, device=dev)).to(dtype)
+    return xs, residual, weight
+
+
+def _reference(xs, residual, weight):
+    z = torch.stack([x.double() for x in xs]).sum(0) + residual.double()
+    out = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS) * weight.double()
+    return z, out
+
+
+def _call(world, algo, xs, residual, weight, **kw):
+    """One fused call on every rank; returns (outs, residuals as full [tokens, hidden] per rank)."""
+    W, (tokens, hidden), dtype = world.world_size, xs[0].shape, xs[0].dtype
+    lean = algo.startswith("lean")
+    sharded = algo == "lean_sharded"
+    outs = world.empty(tokens, hidden, dtype=dtype) if lean else [torch.empty_like(residual) for _ in range(W)]
+    if sharded:
+        shards = [world.ranks[r].shard_rows(tokens) for r in range(W)]
+        res = [residual[a:a + n].clone() for a, n in shards]
+    elif lean:
+        res = world.empty(tokens, hidden, dtype=dtype)
+        for r in res:
+            r.copy_(residual)
+    else:
+        res = [residual.clone() for _ in range(W)]
+    for o in outs:
+        o.fill_(float("nan"))
+    world.run(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r],
+                                                         algo="lean" if lean else algo, sharded_residual=sharded, **kw))
+    world.synchronize()
+    if sharded:
+        res = [torch.cat(res)] * W  # the shards together are the whole residual
+    return outs, res
+
+
+@pytest.fixture(scope="module", params=(2, 4, 8), ids=lambda w: f"W{w}")
+def world(request):
+    w = EmulatedWorld(request.param, max_tokens=512, hidden=8192, dtype=torch.float32, timeout_ms=5000)
+    yield w
+    w.close()
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=str)
+@pytest.mark.parametrize("tokens,hidden", SHAPES)
+def test_matches_float64_and_ranks_agree(world, algo, dtype, tokens, hidden):
+    if algo == "lamport" and dtype == torch.float32:
+        pytest.skip("lamport takes 2-byte dtypes")
+    if algo == "lamport" and tokens * hidden * 2 > 2 << 20:
+        pytest.skip("lamport takes at most 2 MiB")
+    if algo == "one_shot" and tokens * hidden * dtype.itemsize > world.ranks[0]._layout["one_shot_bytes"]:
+        pytest.skip("one-shot limit")
+    gen = torch.Generator(world.device).manual_seed(hash((world.world_size, algo, str(dtype), tokens, hidden)) % 2**31)
+    xs, residual, weight = _inputs(world, tokens, hidden, dtype, gen)
+    outs, res = _call(world, algo, xs, residual, weight)
+    z_ref, out_ref = _reference(xs, residual, weight)
+    for r in range(world.world_size):
+        assert torch.isfinite(outs[r]).all(), f"rank {r}: unwritten (NaN) output elements"
+        assert torch.equal(outs[r], outs[0]), f"rank {r}: out differs from rank 0 (must be bitwise identical)"
+        assert torch.equal(res[r], res[0])
+    tol = TOL[dtype]
+    torch.testing.assert_close(res[0].double(), z_ref, rtol=tol, atol=tol * 4)
+    torch.testing.assert_close(outs[0].double(), out_ref, rtol=tol, atol=tol * 4)
+
+
+@pytest.mark.parametrize("algo", ("one_shot", "two_shot", "lean", "lean_sharded"))
+def test_same_values_as_lamport(algo):
+    """Every algorithm computes the same bits (Lamport: up to the sign of an exact zero)."""
+    with EmulatedWorld(4, max_tokens=64, hidden=4096, timeout_ms=5000) as world:
+        gen = torch.Generator(world.device).manual_seed(7)
+        xs, residual, weight = _inputs(world, 16, 4096, torch.bfloat16, gen)
+        ref_out, ref_res = _call(world, "lamport", xs, residual, weight)
+        outs, res = _call(world, algo, xs, residual, weight)
+        assert torch.equal(outs[0], ref_out[0]) and torch.equal(res[0], ref_res[0])
+
+
+def test_lamport_buffers_rotate_over_1000_graph_replays():
+    """Lamport calls interleaved with flagged ones, captured once, replayed 1000 times on fresh data."""
+    W, T, H = 4, 8, 4096
+    with EmulatedWorld(W, max_tokens=64, hidden=H, timeout_ms=5000) as world:
+        gen = torch.Generator(world.device).manual_seed(11)
+        bank = [_inputs(world, T, H, torch.bfloat16, gen) for _ in range(4)]
+        xs = [x.clone() for x in bank[0][0]]
+        residual0, weight = bank[0][1].clone(), bank[0][2]
+        res = [[residual0.clone() for _ in range(W)] for _ in range(3)]
+        outs = [[torch.empty_like(residual0) for _ in range(W)] for _ in range(3)]
+        algos = ("lamport", "two_shot", "lamport")
+
+        def step():
+            for k, algo in enumerate(algos):
+                world.run(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r], res[k][r], weight, EPS,
+                                                                     out=outs[k][r], algo=algo))
+
+        step()  # warm-up outside the graph
+        world.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        for i in range(1000):
+            bx, bres, _ = bank[i % len(bank)]
+            for r in range(W):
+                xs[r].copy_(bx[r])
+                for k in range(3):
+                    res[k][r].copy_(bres)
+                    outs[k][r].fill_(float("nan"))
+            graph.replay()
+            if i % 97 == 0 or i == 999:
+                world.synchronize()
+                z_ref, out_ref = _reference(bx, bres, weight)
+                for k in range(3):
+                    for r in range(W):
+                        assert torch.equal(outs[k][r], outs[0][0]), f"replay {i}, call {k}, rank {r} differs"
+                    torch.testing.assert_close(outs[k][0].double(), out_ref, rtol=2e-2, atol=8e-2)
+                    torch.testing.assert_close(res[k][0].double(), z_ref, rtol=2e-2, atol=8e-2)
+        world.synchronize()
+
+
+@pytest.mark.parametrize("algo", ("one_shot", "two_shot", "lamport", "lean"))
+def test_rank_that_never_launches_times_out(algo):
+    W = 4
+    with EmulatedWorld(W, max_tokens=64, hidden=4096, timeout_ms=300) as world:
+        gen = torch.Generator(world.device).manual_seed(3)
+        xs, residual, weight = _inputs(world, 8, 4096, torch.bfloat16, gen)
+        outs = world.empty(8, 4096, dtype=torch.bfloat16)
+        res = world.empty(8, 4096, dtype=torch.bfloat16)  # symmetric: lean writes every rank's residual
+        for r in res:
+            r.copy_(residual)
+        world.run(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r], algo=algo),
+                  ranks=range(W - 1))
+        torch.cuda.synchronize()
+        for r in range(W - 1):
+            with pytest.raises(CollectiveTimeoutError) as e:
+                world.ranks[r].check()
+            assert e.value.rank == r
+            assert torch.isnan(outs[r].float()).any(), "a call that gave up must leave NaN, not plausible output"
+        assert any(world.ranks[r]._error.peer == W - 1 for r in range(W - 1))
+
+
+@pytest.mark.parametrize("algo", ("two_shot", "lamport", "lean"))
+def test_ranks_making_different_calls_fail_as_mismatch(algo):
+    """Rank 0 calls with 8 tokens, rank 1 with 4: an error on both, a mismatch on at least one; no hang."""
+    W, tokens = 2, (8, 4)
+    with EmulatedWorld(W, max_tokens=64, hidden=4096, timeout_ms=2000) as world:
+        gen = torch.Generator(world.device).manual_seed(5)
+        xs, residual, weight = _inputs(world, 8, 4096, torch.bfloat16, gen)
+        outs = world.empty(8, 4096, dtype=torch.bfloat16)
+        res = world.empty(8, 4096, dtype=torch.bfloat16)
+        for r in res:
+            r.copy_(residual)
+        world.run(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r][:tokens[r]], res[r][:tokens[r]], weight, EPS,
+                                                             out=outs[r][:tokens[r]], algo=algo))
+        torch.cuda.synchronize()
+        errors = []
+        for comm in world.ranks:
+            with pytest.raises((CollectiveMismatchError, CollectiveTimeoutError)) as e:
+                comm.check()
+            errors.append(e.value)
+        assert any(isinstance(e, CollectiveMismatchError) for e in errors), errors
+
+
+def test_lean_needs_symmetric_out():
+    with EmulatedWorld(2, max_tokens=64, hidden=4096) as world:
+        x = torch.randn(8, 4096, device=world.device, dtype=torch.bfloat16)
+        w = torch.ones(4096, device=world.device, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="comm.empty"):
+            tw.fused_allreduce_rmsnorm(world.ranks[0], x, None, w, out=torch.empty_like(x), algo="lean")

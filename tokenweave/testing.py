@@ -1,0 +1,164 @@
+"""An emulated world: W tokenweave ranks on one GPU.
+
+Each emulated rank owns a workspace, device state and error record of its own, exactly like a rank of a
+real process group, and its peer table points at the other ranks' workspaces on the same device. Rank
+r's calls run on stream r; the W kernels of one collective run side by side and talk through the same
+flags, slots and Lamport buffers as on W GPUs, so every algorithm's protocol (one-shot, two-shot,
+Lamport, lean with a replicated or a sharded residual), its failure modes and its per-CTA throughput can
+be tested and measured without a multi-GPU machine. What it cannot show is the NVLink itself: peer
+stores land in local HBM.
+
+The W grids must be resident at once (every rank's CTAs wait for its peers' CTAs): the dispatcher of an
+emulated rank uses at most ``SMs // W`` CTAs, and an explicit ``ctas`` must keep ``W * ctas <= SMs``.
+
+Example
+-------
+>>> world = EmulatedWorld(4, max_tokens=1024, hidden=4096)
+>>> outs = world.run(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], w))
+>>> world.close()
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Callable, Sequence
+
+import torch
+
+from tokenweave import env
+from tokenweave._ext import _C
+from tokenweave.comm import Communicator, fill_lamport_sentinel
+
+_P2P = 0  # transport code (comm.py _TRANSPORT_CODE["p2p"])
+
+
+class EmulatedRank(Communicator):
+    """One rank of an :class:`EmulatedWorld`: a Communicator whose peers are on the same GPU.
+
+    Built by :class:`EmulatedWorld`, never directly. Works with every tokenweave op.
+    """
+
+    def __init__(self, world: "EmulatedWorld", rank: int, workspace: torch.Tensor, peer_ptrs: Sequence[int]):
+        # No process group: the fields Communicator's per-call methods use, set directly.
+        self.group = None
+        self.rank = rank
+        self.world_size = world.world_size
+        self.backend = "emulated"
+        self.device = world.device
+        self.capacity_bytes = world.capacity_bytes
+        self.timeout_ms = world.timeout_ms
+        self.transport, self.transport_reason = "p2p", "emulated world (W ranks on one GPU)"
+        self._closed = False
+        self._error = None
+        self._plans = {}
+        self._tracker = None
+        self._last_stream = None
+        self._last_raw_stream = None
+        self._symm_allocs = []
+        self._layout = world.layout
+        # Co-residency of the W grids: each rank gets its share of the SMs.
+        self._num_sms = world.num_sms // world.world_size
+        self._buffer = SimpleNamespace(tensor=workspace)
+        self._state = torch.zeros(int(_C.STATE_WORDS), dtype=torch.int32, device=self.device)
+        self._err = torch.zeros(8, dtype=torch.int64).pin_memory()
+        self._err_view = self._err.numpy()
+        self._id = _C.comm_create(self.device.index, rank, self.world_size, list(peer_ptrs), 0, self._state.data_ptr(),
+                                  self._err.data_ptr(), self.capacity_bytes, self.timeout_ms * 1_000_000, _P2P)
+
+    def close(self):
+        if self._closed:
+            return
+        if self._id is not None:
+            _C.comm_destroy(self._id)
+            self._id = None
+        self._closed = True
+
+
+class EmulatedWorld:
+    """W tokenweave ranks on one CUDA device, for tests and per-CTA measurements.
+
+    Parameters
+    ----------
+    world_size : int
+        2..8 emulated ranks.
+    max_tokens, hidden, dtype
+        Size every rank's workspace, as for :class:`tokenweave.Communicator`.
+    device : torch.device or int, optional
+        Default: the current CUDA device.
+    timeout_ms : int, optional
+        Bound of every wait (default ``TOKENWEAVE_TIMEOUT_MS`` or 30 s); tests of failures use a short one.
+    """
+
+    def __init__(self, world_size: int, max_tokens: int = 1024, hidden: int = 4096, dtype=torch.bfloat16,
+                 device=None, timeout_ms: int | None = None):
+        if _C is None:
+            raise RuntimeError("tokenweave.testing.EmulatedWorld needs the CUDA extension (tokenweave.HAS_EXTENSION)")
+        if not 2 <= world_size <= int(_C.MAX_WORLD):
+            raise ValueError(f"EmulatedWorld: world_size={world_size}; use 2..{int(_C.MAX_WORLD)}")
+        self.world_size = world_size
+        device = torch.cuda.current_device() if device is None else device
+        self.device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        self.capacity_bytes = int(max_tokens) * int(hidden) * torch.empty((), dtype=dtype).element_size()
+        self.timeout_ms = int(timeout_ms) if timeout_ms is not None else env.timeout_ms()
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self.layout = _C.layout(self.capacity_bytes, world_size)
+        self.workspaces = [_new_workspace(self.layout, self.device) for _ in range(world_size)]
+        peer_ptrs = [ws.data_ptr() for ws in self.workspaces]
+        self.ranks = [EmulatedRank(self, r, ws, peer_ptrs) for r, ws in enumerate(self.workspaces)]
+        self.streams = [torch.cuda.Stream(self.device) for _ in range(world_size)]
+        self._allocations: list[list[torch.Tensor]] = []
+
+    def empty(self, *shape, dtype=torch.bfloat16) -> list[torch.Tensor]:
+        """One symmetric tensor per rank (what ``Communicator.empty`` gives each rank of a real group)."""
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        nbytes = max(16, numel * torch.empty((), dtype=dtype).element_size())
+        bufs = [torch.empty(nbytes + 16, dtype=torch.uint8, device=self.device) for _ in range(self.world_size)]
+        peers = [b.data_ptr() for b in bufs]
+        for comm in self.ranks:
+            _C.comm_register(comm._id, peers[comm.rank], nbytes, peers, 0)
+            comm._symm_allocs.append(SimpleNamespace(tensor=bufs[comm.rank]))
+        self._allocations.append(bufs)
+        return [b[:numel * torch.empty((), dtype=dtype).element_size()].view(dtype).view(shape) for b in bufs]
+
+    def run(self, fn: Callable[[EmulatedRank, int], object], ranks: Sequence[int] | None = None) -> list:
+        """Call ``fn(comm, rank)`` for every rank (or those in ``ranks``), rank r on stream r.
+
+        Every rank's work is enqueued before any of it is waited for; the current stream then waits for
+        all of them. CUDA-graph capturable (the streams fork from and join the capturing stream).
+        """
+        current = torch.cuda.current_stream(self.device)
+        ranks = range(self.world_size) if ranks is None else ranks
+        results = [None] * self.world_size
+        for r in ranks:
+            self.streams[r].wait_stream(current)
+            with torch.cuda.stream(self.streams[r]):
+                results[r] = fn(self.ranks[r], r)
+        for r in ranks:
+            current.wait_stream(self.streams[r])
+        return results
+
+    def synchronize(self):
+        """Wait for every rank's work, then raise the first error a rank's kernels recorded."""
+        torch.cuda.synchronize(self.device)
+        for comm in self.ranks:
+            comm.check()
+
+    def close(self):
+        torch.cuda.synchronize(self.device)
+        for comm in self.ranks:
+            comm.close()
+        self._allocations.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _new_workspace(layout: dict, device: torch.device) -> torch.Tensor:
+    ws = torch.zeros(int(layout["total_bytes"]), dtype=torch.uint8, device=device)
+    fill_lamport_sentinel(ws, layout)
+    return ws
