@@ -69,6 +69,14 @@ def main() -> int:
                 if not re.search(r"LDG\.E\.128\.STRONG\.SYS|LD\.E\.128\.STRONG\.SYS|LDG\.E\.128\.VOLATILE", sass):
                     problems.append(f"{fn}: no volatile 16-byte polls of the Lamport buffer")
                 continue
+            if "lean_kernel" in fn:  # lean two-shot: stage, reduce (ld_reduce on multimem), store_all
+                counted[(transport, "lean")] = counted.get((transport, "lean"), 0) + 1
+                has_ld_reduce, has_mc_store = "LDGMC" in sass, "STG.E.128.STRONG.SYS" in sass
+                if transport == "Multimem" and not (has_ld_reduce and has_mc_store):
+                    problems.append(f"{fn}: multimem lean kernel without LDGMC/multicast store")
+                if transport == "P2P" and (has_ld_reduce or has_mc_store):
+                    problems.append(f"{fn}: P2P lean kernel contains multimem instructions")
+                continue
             if "allreduce_kernel" not in fn:
                 continue
             feed = FEEDS[int(re.search(r"FeedE(\d)E", fn).group(1))]  # the kFeed template argument
@@ -93,7 +101,8 @@ def main() -> int:
     # feed writes peers' unicast slots, so it exists for p2p only
     # Lamport: bf16, fp16 x 2..8 (its sentinel is a 2-byte -0.0), both transports
     expected = {("Multimem", "resident"): 21, ("P2P", "resident"): 21, ("Multimem", "tracked"): 14,
-                ("P2P", "tracked"): 14, ("P2P", "copy_engine"): 14, ("Multimem", "lamport"): 14, ("P2P", "lamport"): 14}
+                ("P2P", "tracked"): 14, ("P2P", "copy_engine"): 14, ("Multimem", "lamport"): 14, ("P2P", "lamport"): 14,
+                ("Multimem", "lean"): 21, ("P2P", "lean"): 21}  # lean: 3 dtypes x 2..8, resident only
     if counted != expected:
         print(f"  PROBLEM: expected {expected}")
         return 1

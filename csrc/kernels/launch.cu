@@ -65,9 +65,9 @@ cudaError_t allreduce(const CommDevice& c, const CallArgs& a, Transport t, cudaS
   return launch_allreduce_p2p(c, a, stream);
 }
 
-// Standalone add + RMSNorm: one pass of whole rows per CTA (no grid-stride loop), so several CTAs share
-// an SM and one CTA's loads overlap another's reduction and stores. Threads per CTA and vectors per thread
-// are compile-time (registers, not local memory); `add_rmsnorm_configs` lists the instantiations.
+// Standalone add + RMSNorm, one pass: whole rows per CTA (no grid-stride loop), so several CTAs share an SM
+// and one CTA's loads overlap another's reduction and stores. Threads per CTA and vectors per thread are
+// compile-time (registers, not local memory); kNormConfigs below lists the instantiations.
 template <typename T, int Threads, int VPT>
 __global__ void __launch_bounds__(Threads) add_rmsnorm_kernel(RowArgs ra, const Vec* x, Vec* residual, Vec* out,
                                                               int64_t tokens) {
@@ -79,23 +79,123 @@ __global__ void __launch_bounds__(Threads) add_rmsnorm_kernel(RowArgs ra, const 
   finish_rows<T, Threads, VPT>(src, sink, ra, r0, min(r0 + Threads / ra.group, tokens), red);
 }
 
-// (threads per CTA, target vectors per thread, most vectors per thread). Config 0 is the default; where a
-// row does not fit it, config 1 and then 2 take it. Measured on one H200 (bench/results/add_rmsnorm-h200-tp1.json):
-// register-capped arrays decide occupancy, so the smallest array that holds the row is the fastest.
+// Persistent rows: each CTA walks rows r, r + stride, ... with the weight kept in registers for all of them,
+// and issues the next row's x and residual loads before this row's reduction, so one row's barrier and
+// stores overlap the next row's memory latency. Same arithmetic as finish_rows (z rounded to T, then the sum
+// of squares of the rounded z): the same bits as the one-pass kernel.
+template <typename T, int Threads, int VPT>
+__global__ void __launch_bounds__(Threads, 2) add_rmsnorm_pipelined_kernel(RowArgs ra, const Vec* x, Vec* residual,
+                                                                          Vec* out, int64_t tokens) {
+  constexpr int L = Pack<T>::kLanes;
+  __shared__ float red[2][Threads / 32];
+  const int nvr = ra.hidden / L;
+  const int G = ra.group;
+  const int rows_per_pass = Threads / G;
+  const int lane = threadIdx.x % G;
+  const int64_t stride = int64_t(gridDim.x) * rows_per_pass;
+  const Vec* w = reinterpret_cast<const Vec*>(ra.weight);
+  Vec g[VPT], xa[VPT], ra_[VPT];
+  auto load = [&](int64_t r, Vec(&xv)[VPT], Vec(&rv)[VPT]) {
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int j = lane + k * G;
+      if (r < tokens && j < nvr) {
+        xv[k] = x[r * nvr + j];
+        if (residual) rv[k] = residual[r * nvr + j];
+      }
+    }
+  };
+#pragma unroll
+  for (int k = 0; k < VPT; ++k)
+    if (lane + k * G < nvr) g[k] = w[lane + k * G];
+  int64_t row = int64_t(blockIdx.x) * rows_per_pass + threadIdx.x / G;
+  load(row, xa, ra_);
+  int pass = 0;
+  for (int64_t base = int64_t(blockIdx.x) * rows_per_pass; base < tokens; base += stride, row += stride, ++pass) {
+    Vec xb[VPT], rb[VPT];
+    load(row + stride, xb, rb);  // in flight during this row's reduction and stores
+    const bool active = row < tokens;
+    Vec z[VPT];
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int j = lane + k * G;
+      if (active && j < nvr) {
+        float f[L];
+        Pack<T>::unpack(xa[k], f);
+        if (residual) {
+          float r[L];
+          Pack<T>::unpack(ra_[k], r);
+#pragma unroll
+          for (int i = 0; i < L; ++i) f[i] += r[i];
+          z[k] = Pack<T>::pack(f);
+          residual[row * nvr + j] = z[k];
+          Pack<T>::unpack(z[k], f);
+        } else {
+          z[k] = xa[k];
+        }
+#pragma unroll
+        for (int i = 0; i < L; ++i) ss += f[i] * f[i];
+      }
+    }
+    const float rstd = rsqrtf(group_sum(ss, G, red[pass & 1]) / float(ra.hidden) + ra.eps);
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int j = lane + k * G;
+      if (active && j < nvr) {
+        float f[L], gw[L];
+        Pack<T>::unpack(z[k], f);
+        Pack<T>::unpack(g[k], gw);
+#pragma unroll
+        for (int i = 0; i < L; ++i) f[i] = f[i] * rstd * gw[i];
+        out[row * nvr + j] = Pack<T>::pack(f);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      xa[k] = xb[k];
+      ra_[k] = rb[k];
+    }
+  }
+}
+
+// (threads per CTA, target vectors per thread, most vectors per thread, persistent + pipelined rows).
+// Config 0 picks per call (add_rmsnorm below); the others are fixed shapes that bench/add_rmsnorm.py times
+// side by side (tokenweave_cfgK): register-capped arrays decide occupancy, and persistence hides latency.
 struct NormConfig {
   int threads, target_vecs, max_vecs;
+  bool pipelined;
 };
-constexpr NormConfig kNormConfigs[] = {{256, 4, 4}, {256, 4, 8}, {512, 4, 8}, {128, 8, 16}, {256, 8, 16}};
+constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false}, {256, 4, 4, false}, {256, 4, 8, false},
+                                       {512, 4, 8, false}, {256, 4, 4, true},  {512, 2, 2, true},
+                                       {1024, 1, 2, false}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
 
-template <typename T, int Threads, int VPT>
+template <typename T, int Threads, int VPT, bool kPipelined>
 cudaError_t launch_add_rmsnorm(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
                                cudaStream_t stream) {
-  const int64_t blocks = (tokens + Threads / ra.group - 1) / (Threads / ra.group);
-  add_rmsnorm_kernel<T, Threads, VPT><<<blocks, Threads, 0, stream>>>(
-      ra, reinterpret_cast<const Vec*>(x), reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
+  const int rows_per_cta = Threads / ra.group;
+  int64_t blocks = (tokens + rows_per_cta - 1) / rows_per_cta;
+  const Vec* xv = reinterpret_cast<const Vec*>(x);
+  if constexpr (kPipelined) {
+    // Persistent: as many CTAs as are resident at once, no more (a second wave would only re-load the weight).
+    static int per_sm = 0;  // per instantiation; the occupancy does not depend on the call
+    if (per_sm == 0 &&
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, add_rmsnorm_pipelined_kernel<T, Threads, VPT>,
+                                                      Threads, 0) != cudaSuccess)
+      return cudaGetLastError();
+    int dev = 0, sms = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    blocks = blocks < int64_t(sms) * per_sm ? blocks : int64_t(sms) * per_sm;
+    add_rmsnorm_pipelined_kernel<T, Threads, VPT><<<blocks, Threads, 0, stream>>>(
+        ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
+  } else {
+    add_rmsnorm_kernel<T, Threads, VPT><<<blocks, Threads, 0, stream>>>(
+        ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
+  }
   return cudaGetLastError();
 }
 
@@ -103,11 +203,13 @@ template <typename T>
 cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void* residual, void* out,
                               int64_t tokens, cudaStream_t stream) {
   switch (config) {
-    case 0: return launch_add_rmsnorm<T, 256, 4>(ra, x, residual, out, tokens, stream);
-    case 1: return launch_add_rmsnorm<T, 256, 8>(ra, x, residual, out, tokens, stream);
-    case 2: return launch_add_rmsnorm<T, 512, 8>(ra, x, residual, out, tokens, stream);
-    case 3: return launch_add_rmsnorm<T, 128, 16>(ra, x, residual, out, tokens, stream);
-    case 4: return launch_add_rmsnorm<T, 256, 16>(ra, x, residual, out, tokens, stream);
+    case 0:
+    case 1: return launch_add_rmsnorm<T, 256, 4, false>(ra, x, residual, out, tokens, stream);
+    case 2: return launch_add_rmsnorm<T, 256, 8, false>(ra, x, residual, out, tokens, stream);
+    case 3: return launch_add_rmsnorm<T, 512, 8, false>(ra, x, residual, out, tokens, stream);
+    case 4: return launch_add_rmsnorm<T, 256, 4, true>(ra, x, residual, out, tokens, stream);
+    case 5: return launch_add_rmsnorm<T, 512, 2, true>(ra, x, residual, out, tokens, stream);
+    case 6: return launch_add_rmsnorm<T, 1024, 2, false>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -119,9 +221,17 @@ cudaError_t add_rmsnorm(const void* x, void* residual, const void* weight, void*
     const NormConfig& g = kNormConfigs[k];
     return plan_row_group(hidden, lanes_of(dtype), g.threads, g.target_vecs, g.max_vecs);
   };
-  // A row too long for the default shape (hidden > 8192 for 2-byte types) goes to the next that holds it.
   if (config == 0) {
-    while (config < 2 && group_of(config) < 0) ++config;
+    // The one-pass kernel while one wave of CTAs covers every row (latency-bound sizes); persistent, pipelined
+    // rows beyond (bandwidth-bound). A row too long for 4 vectors x 256 threads (hidden > 8192 for 2-byte
+    // types) takes the one-pass 8 vectors x 512 threads (pipelining it would need 160 registers a thread).
+    int dev = 0, sms = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    const int g4 = group_of(4);
+    const bool short_rows = g4 > 0;
+    const int64_t one_wave_rows = int64_t(sms) * 2 * (short_rows ? 256 / g4 : 1);
+    config = short_rows ? (tokens <= one_wave_rows ? 1 : 4) : 3;
   }
   const int group = group_of(config);
   if (group < 0) return cudaErrorInvalidValue;
