@@ -70,5 +70,6 @@ setup(
     install_requires=["torch", "numpy"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["tokenweave-bench = tokenweave.bench.cli:main"]},
+    entry_points={"console_scripts": ["tokenweave-bench = tokenweave.bench.cli:main",
+                                      "tokenweave-tune = tokenweave.tune:main"]},
 )

@@ -6,7 +6,7 @@
 Variants (us per call; one process, no communication):
 
 ``baseline``
-    The residual-add + RMSNorm in torch (:func:`tokenweave.bench.fused.add_rmsnorm_reference`) under
+    The residual-add + RMSNorm in torch (:func:`tokenweave.bench.fused.baseline_add_rmsnorm`) under
     ``torch.compile(fullgraph=True, dynamic=False)``, compiled afresh for every (tokens, hidden) and
     warmed up before anything is timed: the best a torch user gets, and the fused bench's baseline norm.
 ``tokenweave``
@@ -42,7 +42,7 @@ except ImportError:  # run from a source checkout without installing
 import torch
 
 from tokenweave.bench import harness
-from tokenweave.bench.fused import ATOL, EPS, RTOL, add_rmsnorm_reference
+from tokenweave.bench.fused import ATOL, EPS, RTOL, baseline_add_rmsnorm
 
 BENCH = "add_rmsnorm"
 DTYPE = torch.bfloat16
@@ -125,14 +125,14 @@ def main(argv=None) -> dict:
     tokens = sorted(args.tokens or (TOKENS if on_gpu else CPU_TOKENS))
     hiddens = sorted(args.hidden or (HIDDEN if on_gpu else CPU_HIDDEN))
     compiled = on_gpu and not args.no_compile  # inductor on CPU needs a C++ toolchain and minutes
-    norm = harness.StaticCompiled(add_rmsnorm_reference) if compiled else add_rmsnorm_reference
+    norm = harness.StaticCompiled(baseline_add_rmsnorm) if compiled else baseline_add_rmsnorm
     timer = harness.timer_for(device)
     notes = [] if on_gpu else [CPU_NOTE]
     if not compiled:
         notes.append("baseline ran eagerly (not torch.compile'd)")
     if on_gpu and not tw.HAS_EXTENSION:
         notes.append("tokenweave was built without its CUDA extension: 'tokenweave' is its torch fallback here")
-    print(f"[{BENCH}] {harness.device_name()}, tokens {tokens}, hidden {hiddens}; results go to "
+    print(f"[{BENCH}] {harness.device_slug()}, tokens {tokens}, hidden {hiddens}; results go to "
           f"{Path(args.out_dir).resolve()}", flush=True)
     for note in notes:
         print(note, flush=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests on 2 and 4 GPUs, benchmarks; everything lands under $OUT.
-# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [onegpu] [emubench] [norm] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
+# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [newalgos] [partgpu] [onegpu] [emubench] [norm] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
 # Never touches NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS.
 set -u
 OUT=${OUT:-/tmp/tokenweave-out}
@@ -28,6 +28,9 @@ if has build; then
 fi
 # One GPU is enough for these: the emulated world runs every protocol with W ranks on one device.
 has emulated && pytest_run tests_emulated ${T_EMULATED:-300} -m gpu tests/gpu/test_emulated_gpu.py ${EMULATED_K:+-k "$EMULATED_K"}
+# Real process groups (2+ GPUs): the lean / Lamport algorithms and the SM partitions
+has newalgos && pytest_run tests_newalgos ${T_NEWALGOS:-200} -m gpu tests/gpu/test_new_algos_gpu.py
+has partgpu && pytest_run tests_partition ${T_PARTGPU:-200} -m gpu tests/gpu/test_partition_gpu.py tests/gpu/test_world_one_gpu.py
 has onegpu && pytest_run tests_onegpu ${T_ONEGPU:-200} -m gpu tests/gpu --ignore=tests/gpu/test_emulated_gpu.py
 if has emubench; then
   t0=$(date +%s); timeout ${T_EMUBENCH:-240} python bench/emulated_world.py --out-dir bench/results ${EMUBENCH_ARGS:-} > "$OUT/emubench.log" 2>&1

@@ -44,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/targets.py, wh
 from targets import e2e_targets, format_targets  # noqa: E402
 
 from tokenweave.bench import harness
+from tokenweave.comm import max_across_ranks
 from tokenweave.models import llama
+from tokenweave.reference import add_rmsnorm_reference
 from tokenweave.models.llama import (LLAMA3_70B, MODES, LlamaShape, TPLlamaStack, prefill_sequences,
                                      relative_difference)
 
@@ -76,12 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     harness.add_out_dir_argument(parser)
 
 
-def _max_across_ranks(value: float, device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
 def _timers(on_gpu: bool, quick: bool, align):
     """``(prefill, decode, tune)`` timers: ``timer(fn) -> us per call``."""
     if not on_gpu:
@@ -111,11 +107,11 @@ def worker(args) -> None:
     comm = tw.Communicator(max_tokens=max(tokens), hidden=shape.hidden, dtype=DTYPE)
     norm = None
     if on_gpu:  # the baseline norm of the torch modes: one fresh static compile per shape (llama picks it up)
-        norm = llama._compiled_add_rmsnorm = harness.StaticCompiled(llama._add_rmsnorm_functional)
+        norm = llama._compiled_add_rmsnorm = harness.StaticCompiled(add_rmsnorm_reference)
     stack = TPLlamaStack(comm, shape, layers, dtype=DTYPE, seed=0)
     prefill_timer, decode_timer, tune_timer = _timers(on_gpu, args.quick, lambda: harness.align_ranks(device=device))
     if rank == 0:
-        print(f"[{BENCH}] TP{world} on {harness.device_name()}, transport {comm.transport!r}, {layers} layers of "
+        print(f"[{BENCH}] TP{world} on {harness.device_slug()}, transport {comm.transport!r}, {layers} layers of "
               f"hidden {shape.hidden}, tokens {tokens}; results go to {Path(args.out_dir).resolve()}", flush=True)
     rows = []
     for t in tokens:
@@ -134,12 +130,13 @@ def worker(args) -> None:
         for mode in MODES + (harness.BASELINE_REPEAT,):
             rows.append({
                 "tokens": t, "hidden": shape.hidden, "dtype": "bfloat16", "variant": mode,
-                "us": _max_across_ranks(result["us"][mode], device),
+                "us": max_across_ranks(result["us"][mode], device=device),
                 "phase": "decode" if decode else "prefill", "layers": layers,
                 "sequences": len(seq_lens),
                 "split": result["split"].point if mode == "tokenweave" else None,
                 "ctas": result["split"].ctas if mode == "tokenweave" else None,
-                "max_rel_diff": _max_across_ranks(relative_difference(result["outputs"][mode], reference), device),
+                "max_rel_diff": max_across_ranks(relative_difference(result["outputs"][mode], reference),
+                                                 device=device),
             })
         if rank == 0:
             line = ", ".join(f"{r['variant']} {r['us']:.0f} us" for r in rows[-len(MODES) - 1:])

@@ -114,8 +114,8 @@ def one_shot_rows(W: int, args) -> list[dict]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_out_dir_argument(parser)
-    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--one-shot-worlds", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--worlds", type=int, nargs="*", default=[2, 4], help="per-CTA table (none: skip)")
+    parser.add_argument("--one-shot-worlds", type=int, nargs="*", default=[2, 4, 8], help="one-shot table (none: skip)")
     parser.add_argument("--cta-tokens", type=int, default=CTA_TOKENS)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--replays", type=int, default=5)

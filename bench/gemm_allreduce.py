@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from tokenweave import trigger
 from tokenweave.bench import harness
-from tokenweave.bench.fused import add_rmsnorm_reference
+from tokenweave.bench.fused import baseline_add_rmsnorm
 
 BENCH = "gemm_allreduce"
 EPS = 1e-5
@@ -59,8 +59,8 @@ TRIGGERS = (tuple(f"tokenweave_{p}_{c}" for p, c in ROLES)
 SPIN_CTAS = tuple(f"tokenweave_{p}_{c}_ctas{n}" for n in (8, 16) for p, c in ROLES[:4])
 TRIGGER_NAME = re.compile(r"tokenweave_(cublas|triton)_(sm|copy_engine|stream)(?:_ctas(\d+))?(?:_g(\d+))?")
 # gemm_carveout32: cuBLAS told to leave 32 SMs free (what the stream consumer's _ctas32 costs the GEMM).
-# tokenweave_auto: the op as users call it (mode="auto": the overlap only where TRIGGER_WINS says it won,
-# else cuBLAS + the fused kernel), so the dispatcher itself is timed.
+# tokenweave_auto: the op as users call it (mode="auto": the overlap only where the card's config says it
+# won, tokenweave.tuning.trigger_config, else cuBLAS + the fused kernel), so the dispatcher itself is timed.
 VARIANTS = ("gemm_only", "gemm_carveout32", "sequential", "sequential_fused", "async_tp", "tokenweave_auto") + TRIGGERS
 ALL_VARIANTS = VARIANTS + SPIN_CTAS
 BASELINE = "sequential"
@@ -73,7 +73,7 @@ def worker(args) -> None:
     m_values = args.m or (QUICK_M if args.quick else M_VALUES)
     comm = tw.Communicator(max_tokens=max(m_values), hidden=HIDDEN, dtype=DTYPE)
     tracker = tw.Tracker(device)
-    norm = harness.StaticCompiled(add_rmsnorm_reference)  # one static compile per M: no symbolic-shape kernel
+    norm = harness.StaticCompiled(baseline_add_rmsnorm)  # one static compile per M: no symbolic-shape kernel
     group_name = dist.group.WORLD.group_name
     if rank == 0:
         print(f"[{BENCH}] TP{tp}; results go to {Path(args.out_dir).resolve()}", flush=True)
@@ -94,7 +94,7 @@ def worker(args) -> None:
                 torch.matmul(x, w.t(), out=y)
 
             def gemm_carveout32():
-                with trigger._sm_carveout(32):
+                with trigger.sm_carveout(32):
                     torch.matmul(x, w.t(), out=y)
 
             # The torch paths return the norm's own output tensor: copying it into `out` would add a pass over
@@ -115,13 +115,13 @@ def worker(args) -> None:
                 return norm(gathered, res, nw, EPS)
 
             def auto():
-                tw.matmul_allreduce_rmsnorm(x, w, res, nw, comm, EPS, mode="auto", tracker=tracker, out=out,
+                tw.matmul_allreduce_rmsnorm(comm, x, w, res, nw, EPS, mode="auto", tracker=tracker, out=out,
                                             partial=y)
 
             def overlapped(name):
                 producer, consumer, ctas, groups = TRIGGER_NAME.fullmatch(name).groups()
                 return lambda: tw.matmul_allreduce_rmsnorm(
-                    x, w, res, nw, comm, EPS, mode="trigger", tracker=tracker, out=out, partial=y, producer=producer,
+                    comm, x, w, res, nw, EPS, mode="trigger", tracker=tracker, out=out, partial=y, producer=producer,
                     consumer=consumer, ctas=ctas and int(ctas), groups=groups and int(groups))
 
             fns = dict(gemm_only=gemm_only, gemm_carveout32=gemm_carveout32, sequential=sequential, sequential_fused=sequential_fused,

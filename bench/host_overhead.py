@@ -55,10 +55,10 @@ def main(argv=None):
         "torch_rmsnorm": lambda: torch.nn.functional.rms_norm(x, (4096,), w, 1e-6),
     }
     rows = [{"variant": k, "us": round(per_call_us(f), 2)} for k, f in variants.items()]
-    doc = {"bench": "host_overhead", "device": harness.device_name(), "device_name": torch.cuda.get_device_name(),
+    doc = {"bench": "host_overhead", "device": harness.device_slug(), "device_name": torch.cuda.get_device_name(),
            "torch": torch.__version__, "git": harness.git_sha(), "rows": rows,
            "timing": "wall clock of 2000 back-to-back eager calls, median of 7, us per call"}
-    path = Path(args.out_dir) / f"host_overhead-{harness.device_name()}.json"
+    path = Path(args.out_dir) / f"host_overhead-{harness.device_slug()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
     for r in rows:

@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     result = run(args)
-    device = harness.device_name()
+    device = harness.device_slug()
     doc = {"bench": BENCH, "device": device, "torch": torch.__version__, "git": harness.git_sha(),
            "dtype": str(DTYPE).replace("torch.", ""), "model": LLAMA3_70B.signature,
            "timing": {"window_us": args.window_us, "samples": args.samples, "statistic": "median",

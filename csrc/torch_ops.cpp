@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -466,4 +467,43 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("BLOCK_THREADS") = tw::kBlockThreads;
   m.attr("MAX_WORLD") = tw::kMaxWorld;
   m.attr("MAX_CHUNKS") = tw::kMaxChunks;
+  // Codes, sizes and offsets Python would otherwise re-declare (tokenweave/_abi.py reads these where the
+  // extension is built; tests/cpu/test_abi.py checks its fallback values against them).
+  py::dict algos, feeds, dtypes, transports, errors, op_bits, header;
+  algos["one_shot"] = int(tw::Algo::kOneShot);
+  algos["two_shot"] = int(tw::Algo::kTwoShot);
+  algos["lamport"] = int(tw::Algo::kLamport);
+  algos["lean"] = int(tw::Algo::kLean);
+  feeds["resident"] = int(tw::Feed::kResident);
+  feeds["tracked"] = int(tw::Feed::kTracked);
+  feeds["copy_engine"] = int(tw::Feed::kCopyEngine);
+  dtypes["float32"] = int(tw::DType::kFloat32);
+  dtypes["float16"] = int(tw::DType::kFloat16);
+  dtypes["bfloat16"] = int(tw::DType::kBFloat16);
+  transports["p2p"] = int(tw::Transport::kP2P);
+  transports["multimem"] = int(tw::Transport::kMultimem);
+  errors["timeout"] = int(tw::kErrTimeout);
+  errors["mismatch"] = int(tw::kErrMismatch);
+  errors["producer_timeout"] = int(tw::kErrProducerTimeout);
+  op_bits["residual"] = int(tw::kOpResidual);
+  op_bits["norm"] = int(tw::kOpNorm);
+  op_bits["sharded_residual"] = int(tw::kOpShardedResidual);
+  header["sig"] = int(offsetof(tw::CallHeader, sig));
+  header["epoch"] = int(offsetof(tw::CallHeader, epoch));
+  header["op"] = int(offsetof(tw::CallHeader, op));
+  header["dtype"] = int(offsetof(tw::CallHeader, dtype));
+  header["tokens"] = int(offsetof(tw::CallHeader, tokens));
+  header["hidden"] = int(offsetof(tw::CallHeader, hidden));
+  header["ctas"] = int(offsetof(tw::CallHeader, ctas));
+  header["chunk_rows"] = int(offsetof(tw::CallHeader, chunk_rows));
+  header["algo"] = int(offsetof(tw::CallHeader, algo));
+  m.attr("ALGO_CODES") = algos;
+  m.attr("FEED_CODES") = feeds;
+  m.attr("DTYPE_CODES") = dtypes;
+  m.attr("TRANSPORT_CODES") = transports;
+  m.attr("ERROR_CODES") = errors;
+  m.attr("OP_BITS") = op_bits;
+  m.attr("CALL_HEADER_BYTES") = int(sizeof(tw::CallHeader));
+  m.attr("CALL_HEADER_OFFSETS") = header;
+  m.attr("ERROR_RECORD_BYTES") = int(sizeof(tw::ErrorRecord));
 }

@@ -103,7 +103,7 @@ def _compare(args, model_dir, rank, world, device, dtype) -> None:
         reference, base_us = results[0][2], results[0][1]
         tokens = args.batch * args.seq_len
         print(f"{model.config.model_type} ({args.size} dims, {args.layers} layers, {args.dtype}) TP{world} on "
-              f"{harness.device_name()}, {args.batch} x {args.seq_len} = {tokens} tokens, split at {split.point}")
+              f"{harness.device_slug()}, {args.batch} x {args.seq_len} = {tokens} tokens, split at {split.point}")
         for label, us, logits in results:
             diff = float((logits - reference).abs().max())
             print(f"{label:>26}: {us / 1e3:9.3f} ms  ({base_us / us:.2f}x)  max |logit diff| vs transformers TP "

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from tokenweave.reference import rms_norm
+
 # ||out - ref|| / ||ref|| bounds: bf16 / fp16 round z and out once each (unit roundoff 2^-9 / 2^-12).
 REL_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 
@@ -23,7 +25,7 @@ def reference(xs, residual, weight, eps):
         z = z + residual.double()
     out = None
     if weight is not None:
-        out = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+        out = rms_norm(z, weight, eps)
     return z, out
 
 

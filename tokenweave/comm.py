@@ -8,23 +8,24 @@ from __future__ import annotations
 
 import math
 import socket
-import struct
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from tokenweave import env
+from tokenweave import _abi, env
 from tokenweave._ext import HAS_EXTENSION, _C
 from tokenweave.errors import (CollectiveMismatchError, CollectiveTimeoutError, CommunicatorClosedError,
                                TokenweaveError)
 
-_TRANSPORT_CODE = {"p2p": 0, "multimem": 1}
-ALGOS = {"one_shot": 1, "two_shot": 2, "lamport": 3, "lean": 4}
-_ERR_TIMEOUT, _ERR_MISMATCH, _ERR_PRODUCER_TIMEOUT = 1, 2, 3
-_OP_RESIDUAL, _OP_NORM = 1, 2
-_DTYPE_NAMES = {0: "float32", 1: "float16", 2: "bfloat16"}
+# The kernels' codes, from the extension where it is built (tokenweave/_abi.py).
+_TRANSPORT_CODE = _abi.TRANSPORT_CODES
+ALGOS = _abi.ALGO_CODES
+_ERR_TIMEOUT, _ERR_MISMATCH, _ERR_PRODUCER_TIMEOUT = (_abi.ERROR_CODES[k] for k in ("timeout", "mismatch",
+                                                                                   "producer_timeout"))
+_OP_RESIDUAL, _OP_NORM = _abi.OP_BITS["residual"], _abi.OP_BITS["norm"]
+_DTYPE_NAMES = {code: name for name, code in _abi.DTYPE_CODES.items()}
 _ALGO_NAMES = {code: name for name, code in ALGOS.items()}
 _PROBE_MAGIC = 0x7EAF << 48
 
@@ -61,6 +62,27 @@ def plan_transport(requested, *, device_is_cuda, has_extension, world_size, same
     if blockers:
         return "p2p", f"multicast is disabled by {', '.join(blockers)}"
     return "multimem", "multicast allowed"
+
+
+def max_across_ranks(value: float, group=None, device=None) -> float:
+    """The largest ``value`` over the ranks of ``group`` (collective); ``value`` itself without a process group.
+
+    ``device``: where the one-element reduction lives (the group's device: CUDA for NCCL, CPU for gloo).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
+def all_ranks_true(flag: bool, group=None, device=None) -> bool:
+    """Whether ``flag`` holds on every rank of ``group`` (collective); ``flag`` itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
 
 
 def fill_lamport_sentinel(workspace: torch.Tensor, layout: dict) -> None:
@@ -195,11 +217,6 @@ class Communicator:
     def _same_host(self) -> bool:
         return len(set(self._all_gather_object(socket.gethostname()))) == 1
 
-    def _all_ranks_agree(self, ok: bool) -> bool:
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
-
     def _setup_device_transport(self, choice, reason):
         from tokenweave import _symm
 
@@ -212,9 +229,10 @@ class Communicator:
         fill_lamport_sentinel(ws, self._layout)
         self._state = torch.zeros(int(_C.STATE_WORDS), dtype=torch.int32, device=self.device)
         self._symm_allocs = []  # Communicator.empty: the handles keep the peer mappings alive
-        self._err = torch.zeros(8, dtype=torch.int64).pin_memory()  # mapped (UVA): the kernels write it
+        # mapped (UVA): the kernels write it (an ErrorRecord: int64 fields)
+        self._err = torch.zeros(_abi.ERROR_RECORD_BYTES // 8, dtype=torch.int64).pin_memory()
         self._err_view = self._err.numpy()
-        if choice == "multimem" and not self._all_ranks_agree(self._buffer.multicast_ptr != 0):
+        if choice == "multimem" and not all_ranks_true(self._buffer.multicast_ptr != 0, self.group, self.device):
             choice, reason = "p2p", "the symmetric-memory rendezvous gave no multicast address on every rank"
         torch.cuda.synchronize(self.device)
         dist.barrier(group=self.group)  # nobody signals before every rank zeroed its flags
@@ -223,7 +241,7 @@ class Communicator:
                                   self._state.data_ptr(), self._err.data_ptr(), self.capacity_bytes,
                                   self.timeout_ms * 1_000_000, _TRANSPORT_CODE[choice])
         problem = self._probe_peers()
-        if not self._all_ranks_agree(problem is None):
+        if not all_ranks_true(problem is None, self.group, self.device):
             _C.comm_destroy(self._id)
             self._id = None
             why = problem or "a peer's check failed"
@@ -326,11 +344,44 @@ class Communicator:
         return plan
 
     def _dispatch(self, itemsize: int, hidden: int):
-        from tokenweave.tuning import device_slug, dispatch_config
+        from tokenweave.tuning import dispatch_config
 
+        return dispatch_config(self.card, self.world_size, itemsize, hidden)
+
+    # ------------------------------------------------------------------ accessors (for tokenweave.trigger)
+    @property
+    def card(self) -> str:
+        """The card's short name keying the tuning configs (``"h200"``; ``"cpu"`` off the GPU)."""
         if not hasattr(self, "_card"):
+            from tokenweave.tuning import device_slug
+
             self._card = device_slug(self.device) if self.device.type == "cuda" else "cpu"
-        return dispatch_config(self._card, self.world_size, itemsize, hidden)
+        return self._card
+
+    @property
+    def num_sms(self) -> int | None:
+        """SMs a call's CTAs may use (one CTA per SM; the device's SM count, an emulated rank's share); None
+        on CPU."""
+        return getattr(self, "_num_sms", None)
+
+    @property
+    def comm_id(self) -> int | None:
+        """The extension's handle of this communicator (what the ops take as ``comm``); None on the torch
+        transport and once closed."""
+        return self._id
+
+    def default_tracker(self):
+        """The Communicator's own :class:`tokenweave.Tracker`, for track-and-trigger calls that pass none.
+
+        Made on first use and kept: a fresh Tracker per call would run every call producer-first (its
+        first-call state is empty) and free counters a captured graph still uses. One per Communicator
+        suffices because the Communicator already orders its calls across streams.
+        """
+        if self._tracker is None:
+            from tokenweave.trigger import Tracker
+
+            self._tracker = Tracker(self.device)
+        return self._tracker
 
     def is_symmetric(self, t: torch.Tensor) -> bool:
         """Whether ``t`` lies in memory from :meth:`empty` (peer-writable on every rank)."""
@@ -374,12 +425,12 @@ class Communicator:
         self._last_stream, self._last_raw_stream = stream, raw
 
     def _header(self, epoch: int, src: int) -> dict:
-        base = self._layout["headers_off"] + ((epoch & 1) * 8 + src) * 64
-        raw = bytes(self._buffer.tensor[base: base + 64].cpu().numpy().tobytes())
-        sig, ep, op, dtype, tokens, hidden, ctas, chunk_rows, algo = struct.unpack_from("<IIIiqiiii", raw)
-        return {"epoch": ep, "op": _op_name(op), "tokens": tokens, "hidden": hidden,
-                "dtype": _DTYPE_NAMES.get(dtype, dtype), "algo": _ALGO_NAMES.get(algo, algo), "ctas": ctas,
-                "chunk_rows": chunk_rows, "sig": sig}
+        base = _abi.call_header_offset(self._layout["headers_off"], epoch, src)
+        h = _abi.decode_call_header(bytes(self._buffer.tensor[base: base + _abi.CALL_HEADER_BYTES].cpu().numpy()
+                                          .tobytes()))
+        return {"epoch": h["epoch"], "op": _op_name(h["op"]), "tokens": h["tokens"], "hidden": h["hidden"],
+                "dtype": _DTYPE_NAMES.get(h["dtype"], h["dtype"]), "algo": _ALGO_NAMES.get(h["algo"], h["algo"]),
+                "ctas": h["ctas"], "chunk_rows": h["chunk_rows"], "sig": h["sig"]}
 
     def _decode_error(self) -> TokenweaveError:
         code, rank, peer, epoch, chunk, own_sig, peer_sig, op = (int(v) for v in self._err_view)

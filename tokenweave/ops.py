@@ -21,6 +21,7 @@ import torch.distributed as dist
 from tokenweave._ext import HAS_EXTENSION
 from tokenweave.comm import _DTYPE_NAMES, _OP_NORM, _OP_RESIDUAL, ALGOS, Communicator, _op_name
 from tokenweave.errors import CollectiveMismatchError, CollectiveTimeoutError, TokenweaveError
+from tokenweave.reference import add_rmsnorm_reference
 
 _SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_CODE = {getattr(torch, name): code for code, name in _DTYPE_NAMES.items()}  # as in the kernels' headers
@@ -114,19 +115,12 @@ def _validate(op, x, residual, weight, out, device, *, no_tokens_ok=False):
             raise ValueError(f"tokenweave.{op}: out must not be the residual tensor (both are written)")
 
 
-def _rmsnorm_torch(z, weight, eps):
-    zf = z.float()
-    return (zf * torch.rsqrt(zf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(z.dtype)
-
-
 def _finish_torch(summed, residual, weight, eps, out):
     """Residual add and norm from an fp32 sum, with the kernels' rounding points."""
-    if residual is not None:
-        summed += residual.float()
-    z = summed.to(out.dtype)
+    normed, z = add_rmsnorm_reference(summed, residual, weight, eps, dtype=out.dtype)
     if residual is not None:
         residual.copy_(z)
-    out.copy_(z if weight is None else _rmsnorm_torch(z, weight, eps))
+    out.copy_(normed)
     return out
 
 

@@ -32,6 +32,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from tokenweave.comm import all_ranks_true, max_across_ranks
+
 # cuBLAS / CUTLASS on Hopper mostly picks 128-row tiles with 128 or 256 columns for bf16 prefill
 # GEMMs; the cost model averages the two instead of guessing which one a given shape gets.
 DEFAULT_TILE_SHAPES: tuple[tuple[int, int], ...] = ((128, 256), (128, 128))
@@ -352,7 +354,7 @@ class SplitPolicy:
             Re-tune even when the bucket is cached.
         """
         distributed = dist.is_available() and dist.is_initialized()
-        if not force and _all_ranks_true(self.tuned(tokens) is not None, distributed, group, device):
+        if not force and all_ranks_true(self.tuned(tokens) is not None, group, device):
             return self.choose(tokens, boundaries)
         points = self.candidates(tokens, boundaries) if tokens >= MIN_TUNABLE_TOKENS else []
         if not points:  # nothing to choose between (and nothing worth caching for the bucket)
@@ -361,7 +363,7 @@ class SplitPolicy:
 
         def measure(label, split):
             us = time_fn(split)
-            timings[label] = _max_across_ranks(float(us), distributed, group, device)
+            timings[label] = max_across_ranks(float(us), group, device)
             return timings[label]
 
         best_rank, best_us = 0, math.inf
@@ -380,7 +382,7 @@ class SplitPolicy:
         point = points[best_rank]
         for comm_sms in self.partition_choices if partition_choices is None else partition_choices:
             ok = partition_ok is None or bool(partition_ok(int(comm_sms)))
-            if not _all_ranks_true(ok, distributed, group, device):
+            if not all_ranks_true(ok, group, device):
                 continue
             us = measure(f"point={point},ctas={best_ctas},comm_sms={comm_sms}",
                          Split(tokens, point, best_ctas, int(comm_sms)))
@@ -444,22 +446,6 @@ def _choice_from_entry(entry) -> TunedChoice | None:
         return TunedChoice(**entry)
     except TypeError:  # written by another version of the fields: treat as untuned
         return None
-
-
-def _max_across_ranks(value: float, distributed: bool, group, device) -> float:
-    if not distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return float(t.item())
-
-
-def _all_ranks_true(flag: bool, distributed: bool, group, device) -> bool:
-    if not distributed:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return bool(t.item())
 
 
 def _is_rank_zero(distributed: bool, group) -> bool:

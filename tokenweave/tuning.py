@@ -12,12 +12,16 @@ Fields of an entry (all optional; missing ones come from the heuristic):
 ``bytes_per_cta``        CTAs = ceil(bytes / bytes_per_cta), capped at the SM count
 ``pipeline_from_bytes``  from this size each CTA pipelines ``chunks_per_cta`` chunks
 ``chunks_per_cta``
+
+Track-and-trigger (:mod:`tokenweave.trigger`) has its own list, ``"trigger"``, in the same files: see
+:class:`TriggerConfig` and :func:`trigger_config`.
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -46,27 +50,40 @@ HEURISTIC = DispatchConfig(one_shot_max_bytes=256 << 10, lamport_max_bytes=0, le
 
 
 def device_slug(device: torch.device | int | None = None) -> str:
-    """Short lower-case card name used in config and result file names: 'NVIDIA H200' -> 'h200'."""
+    """The card's short name in config and results file names ("h100", "h200", "gh200"; "cpu" without CUDA).
+
+    'NVIDIA H200' -> 'h200', 'NVIDIA A100-SXM4-80GB' -> 'a100'; a name without a model number is lower-cased
+    with dashes ('NVIDIA GeForce RTX 4090' -> 'geforce-rtx-4090').
+    """
     if not torch.cuda.is_available():
         return "cpu"
-    name = torch.cuda.get_device_name(device).lower().replace("nvidia", "").strip()
-    return name.split()[0] if name else "gpu"
+    if isinstance(device, torch.device) and device.type != "cuda":
+        return "cpu"
+    return slug_of(torch.cuda.get_device_name(device))
 
 
-def _entries(path: Path) -> list[dict]:
+def slug_of(name: str) -> str:
+    """:func:`device_slug` of a device name string."""
+    match = re.search(r"\b([A-Z]{1,3}\d{2,4}[A-Z]?)\b", name.upper())
+    if match:
+        return match.group(1).lower()
+    return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-") or "gpu"
+
+
+def _entries(path: Path, section: str = "entries") -> list[dict]:
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         return []
-    return [dict(e, _file=str(path)) for e in doc.get("entries", [])]
+    return [dict(e, _file=str(path)) for e in doc.get(section, [])]
 
 
 @functools.lru_cache(maxsize=None)
-def _all_entries(card: str, user_file: str | None) -> tuple:
+def _all_entries(card: str, user_file: str | None, section: str = "entries") -> tuple:
     found = []
     if user_file:
-        found += [e for e in _entries(Path(user_file)) if e.get("device", card) == card]
-    found += _entries(CONFIG_DIR / f"{card}.json")
+        found += [e for e in _entries(Path(user_file), section) if e.get("device", card) == card]
+    found += _entries(CONFIG_DIR / f"{card}.json", section)
     return tuple(json.dumps(e, sort_keys=True) for e in found)
 
 
@@ -85,3 +102,91 @@ def dispatch_config(card: str, world_size: int, itemsize: int, hidden: int) -> D
         values = {k: v for k, v in e.items() if k in known and k != "source"}
         return replace(HEURISTIC, **values, source=f"{e['_file']}: {e.get('source', '?')}")
     return HEURISTIC
+
+
+# ------------------------------------------------------------------------------------------ track-and-trigger
+@dataclass(frozen=True)
+class TriggerConfig:
+    """Track-and-trigger decisions for one card, world size and row-parallel GEMM shape (:mod:`tokenweave.trigger`).
+
+    Attributes
+    ----------
+    auto_min_tokens : int or None
+        ``mode="auto"`` overlaps the GEMM with its all-reduce from this many rows (M) on, with
+        ``auto_producer`` and ``auto_consumer``; None: never (the sequential path: cuBLAS, then the fused op).
+    auto_producer : {"cublas", "triton"}
+    auto_consumer : {"sm", "copy_engine", "stream"}
+    default_consumer : {"sm", "copy_engine", "stream"}
+        The consumer of ``mode="trigger"`` without ``consumer=``.
+    stream_group_bytes, stream_max_groups : int
+        ``consumer="stream"`` without ``groups=``: one row group (one collective call) per
+        ``stream_group_bytes`` of GEMM output, 1..``stream_max_groups`` groups.
+    source : str
+        Where the fields came from: ``"<file>: <the entry's source>"`` for each entry that set one, joined by
+        ``"; "``, or ``"heuristic"``.
+    """
+
+    auto_min_tokens: int | None
+    auto_producer: str
+    auto_consumer: str
+    default_consumer: str
+    stream_group_bytes: int
+    stream_max_groups: int
+    source: str = "heuristic"
+
+
+# The fallback for a card, world size or shape no entry covers (including every card without a config file).
+# mode="auto" never overlaps there: across the 48 measured (card, world size, shape, M) points of
+# bench/results/gemm_allreduce-{h100,h200}-tp{2,4}.json the best overlap beat the sequential path by more
+# than 2% at one point (TP4 o_proj M = 16384 on 4 x H200, 1.07x) and took up to 1.64x as long elsewhere
+# (TP4 down_proj M = 512 on 4 x H100), so a crossover measured on one card is not carried to another.
+# mode="trigger" defaults to the stream consumer: with the cuBLAS producer it was the fastest of the three
+# consumers at all 36 shapes where all three were measured (2 x H100, 2 x H200, 4 x H200), and it spins on no
+# SMs while it waits. Stream groups: one per 16 MiB of output, at most 4 (each group is one collective with
+# its own barriers and tail: 4 groups beat 8 at 11 of the 12 (layer, M >= 4096) points measured on 2 x H100
+# and 2 x H200, and 16 lost at every point; configs/h100.json and h200.json cite the runs).
+TRIGGER_HEURISTIC = TriggerConfig(auto_min_tokens=None, auto_producer="cublas", auto_consumer="stream",
+                                  default_consumer="stream", stream_group_bytes=16 << 20, stream_max_groups=4)
+# What a "trigger" entry may be keyed by (world_size is required; the others match any value when absent).
+TRIGGER_KEYS = ("world_size", "K", "N", "itemsize", "transport")
+
+
+def trigger_config(card: str, world_size: int, K: int, N: int, itemsize: int, transport: str) -> TriggerConfig:
+    """The track-and-trigger decisions for ``y = x @ w.T`` (x [M, K], w [N, K]) on ``world_size`` ranks.
+
+    Entries of the ``"trigger"`` list (user file first, then ``configs/<card>.json``, each in file order)
+    match when their ``world_size`` equals and each of their optional ``K``, ``N``, ``itemsize`` and
+    ``transport`` equals. Fields are decided one by one: the first matching entry that sets a field decides
+    it (so an entry for one shape goes before the world size's general entry); fields no entry sets come
+    from :data:`TRIGGER_HEURISTIC`. Called on every call of the trigger ops, so cached per shape, and
+    ``TOKENWEAVE_CONFIG`` is read once: call :func:`clear_cache` after editing a config file or changing it.
+    """
+    return _trigger_config(card, world_size, K, N, itemsize, transport, _user_file())
+
+
+@functools.lru_cache(maxsize=1)
+def _user_file() -> str | None:
+    return os.environ.get("TOKENWEAVE_CONFIG") or None
+
+
+@functools.lru_cache(maxsize=4096)
+def _trigger_config(card, world_size, K, N, itemsize, transport, user_file) -> TriggerConfig:
+    wanted = {"world_size": world_size, "K": K, "N": N, "itemsize": itemsize, "transport": transport}
+    settable = {f.name for f in fields(TriggerConfig)} - {"source"}
+    values, sources = {}, []
+    for text in _all_entries(card, user_file, "trigger"):
+        e = json.loads(text)
+        if e.get("world_size") != world_size or any(e.get(k, v) != v for k, v in wanted.items()):
+            continue
+        new = {k: v for k, v in e.items() if k in settable and k not in values}
+        if new:
+            values.update(new)
+            sources.append(f"{e['_file']}: {e.get('source', '?')}")
+    return replace(TRIGGER_HEURISTIC, **values, source="; ".join(sources)) if values else TRIGGER_HEURISTIC
+
+
+def clear_cache() -> None:
+    """Forget the parsed config files (after editing one, or changing ``TOKENWEAVE_CONFIG``'s file)."""
+    _all_entries.cache_clear()
+    _trigger_config.cache_clear()
+    _user_file.cache_clear()

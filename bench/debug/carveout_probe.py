@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from tokenweave.bench import harness  # noqa: E402
-from tokenweave.trigger import _sm_carveout  # noqa: E402
+from tokenweave.trigger import sm_carveout as _sm_carveout  # noqa: E402
 
 CARVEOUTS = (0, 16, 32, 48, 64)
 SHAPES = [(tp, layer, k_total // tp) for tp in (2, 4) for layer, k_total in (("o_proj", 8192), ("down_proj", 28672))]

@@ -28,7 +28,10 @@
 
 namespace tokenweave {
 
-constexpr uint32_t kLamportSentinelWord = 0x80008000u;  // -0.0 in both 2-byte lanes (bf16 and fp16 alike)
+constexpr uint32_t kLamportSentinelWord = 0x80008000u;
+// Vectors per thread of a row: the W polled loads of each are live at once, so half of what the other
+// epilogues keep (4 x 16 B x 512 threads: hidden up to 16384 for the 2-byte types Lamport takes).
+constexpr int kLamportVecs = 4;  // -0.0 in both 2-byte lanes (bf16 and fp16 alike)
 
 __device__ __forceinline__ bool half_is_sentinel(uint32_t h) { return h == 0x8000u; }
 
@@ -73,21 +76,41 @@ __device__ __forceinline__ uint64_t lamport_slot_off(const Layout& l, int buf, i
   return l.lamport_off + (uint64_t(buf) * l.world + src) * l.lamport_slot_bytes;
 }
 
-// z from the W slots of this call's buffer (already polled complete): rank-order sum + residual.
+// z from the W slots of this call's buffer: each vector is polled until no lane holds the sentinel (my own
+// part is read from x, canonicalised the same way), then summed in rank order + residual. The poll is bounded:
+// past the deadline, or once another thread of the CTA or another CTA of this rank failed, it gives up and
+// marks `failed` (shared: the peer + 1); the caller then records the error and poisons the rows.
 template <typename T, int W>
 struct LamportSource {
   const char* slots;  // my buffer, slot 0's header
   uint64_t slot_bytes;
+  const Vec* x;
   const Vec* residual;
   int nvr;
+  int rank;
+  uint64_t deadline;  // globaltimer ns
+  const CommDevice* c;
+  int* failed;        // shared memory
   __device__ Vec load_z(int64_t row, int j) const {
     constexpr int L = Pack<T>::kLanes;
     const int64_t idx = row * nvr + j;
     Vec v[W];
 #pragma unroll
-    for (int s = 0; s < W; ++s) v[s] = ld_volatile(reinterpret_cast<const Vec*>(slots + s * slot_bytes + 16) + idx);
+    for (int s = 0; s < W; ++s)
+      v[s] = s == rank ? canonicalise(x[idx]) : ld_volatile(reinterpret_cast<const Vec*>(slots + s * slot_bytes + 16) + idx);
     Vec r;
     if (residual) r = residual[idx];
+#pragma unroll
+    for (int s = 0; s < W; ++s) {
+      for (uint32_t spin = 1; s != rank && has_sentinel(v[s]); ++spin) {
+        if ((spin & 63) == 0 && (*reinterpret_cast<volatile int*>(failed) != 0 || aborted(*c) ||
+                                 globaltimer_ns() > deadline)) {
+          atomicCAS(failed, 0, s + 1);
+          break;
+        }
+        v[s] = ld_volatile(reinterpret_cast<const Vec*>(slots + s * slot_bytes + 16) + idx);
+      }
+    }
     float acc[L];
 #pragma unroll
     for (int i = 0; i < L; ++i) acc[i] = 0.f;
@@ -106,6 +129,17 @@ struct LamportSource {
     }
     return Pack<T>::pack(acc);
   }
+};
+
+// The residual is written back only while no poll of this CTA gave up (a failed call must not leave a
+// residual built from stale data); out is poisoned afterwards anyway.
+struct LamportSink {
+  LocalSink local;
+  const int* failed;
+  __device__ void store_res(int64_t row, int j, const Vec& v) const {
+    if (*reinterpret_cast<const volatile int*>(failed) == 0) local.store_res(row, j, v);
+  }
+  __device__ void store_out(int64_t row, int j, const Vec& v) const { local.store_out(row, j, v); }
 };
 
 template <typename T, int W, template <typename, int> class TransportT>
@@ -142,24 +176,19 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lamport_kernel(const CommDev
     Tr::fence_before_signal();  // multimem: order the multicast stores before peers' unicast reads
   }
 
-  // Poll: every peer's header, then every vector of my chunks in every slot, until none holds the sentinel.
+  // Every peer's header first (W threads): a peer making another call is a mismatch before any data is read.
   const uint64_t start = globaltimer_ns();
-  uint32_t spins = 0;
-  auto give_up = [&](int peer, int chunk) {  // true once the wait must end (timeout recorded, or aborted)
-    if ((++spins & 63) != 0) return false;
-    if (aborted(c)) return true;
-    if (globaltimer_ns() - start > c.timeout_ns) {
-      record_error(c, kErrTimeout, peer, id.epoch, chunk, id.sig, id.op, 0);
-      return true;
-    }
-    return false;
-  };
-  if (ok && threadIdx.x < W) {
+  __shared__ int failed;  // peer + 1 of the first poll of this CTA that gave up
+  if (threadIdx.x == 0) failed = 0;
+  if (ok && threadIdx.x < W && threadIdx.x != c.rank) {
     const int s = threadIdx.x;
     const Vec* hp = reinterpret_cast<const Vec*>(mine + uint64_t(s) * l.lamport_slot_bytes);
     Vec h = ld_volatile(hp);
-    while (ok && has_sentinel(h)) {
-      if (give_up(s, -1)) ok = false;
+    for (uint32_t spin = 1; ok && has_sentinel(h); ++spin) {
+      if ((spin & 63) == 0 && (aborted(c) || globaltimer_ns() - start > c.timeout_ns)) {
+        if (!aborted(c)) record_error(c, kErrTimeout, s, id.epoch, -1, id.sig, id.op, 0);
+        ok = false;
+      }
       h = ld_volatile(hp);
     }
     const Vec want = lamport_header(a.sig, seq);
@@ -172,27 +201,22 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lamport_kernel(const CommDev
     }
   }
   ok = __syncthreads_and(ok) != 0;
-  for (int i = 0; ok && i < n_mine; ++i) {
-    const int ch = chunk_at(i);
-    for (int s = 0; ok && s < W; ++s) {
-      const Vec* d = reinterpret_cast<const Vec*>(mine + uint64_t(s) * l.lamport_slot_bytes + 16);
-      for (int64_t k = row_begin(ch) * nvr + threadIdx.x; ok && k < row_end(ch) * nvr; k += kBlockThreads)
-        while (has_sentinel(ld_volatile(d + k)))
-          if (give_up(s, ch)) {
-            ok = false;
-            break;
-          }
+
+  if (ok) {  // the data: polled vector by vector inside the row epilogue (one pass over the slots)
+    const RowArgs rows{(a.op & kOpNorm) ? a.weight : nullptr, a.hidden, a.group, a.eps};
+    const LamportSource<T, W> src{mine, l.lamport_slot_bytes, x,
+                                  (a.op & kOpResidual) ? reinterpret_cast<const Vec*>(a.residual) : nullptr, nvr,
+                                  c.rank, start + c.timeout_ns, &c, &failed};
+    const LamportSink sink{LocalSink{reinterpret_cast<Vec*>(a.out), reinterpret_cast<Vec*>(a.residual), nvr}, &failed};
+    for (int i = 0; i < n_mine; ++i)
+      finish_rows<T, kBlockThreads, kLamportVecs, false>(src, sink, rows, row_begin(chunk_at(i)), row_end(chunk_at(i)), red);
+    // finish_rows ends with a barrier: `failed` is final here
+    if (failed != 0) {
+      if (threadIdx.x == 0 && !aborted(c)) record_error(c, kErrTimeout, failed - 1, id.epoch, -1, id.sig, id.op, 0);
+      ok = false;
     }
   }
-  ok = __syncthreads_and(ok) != 0;
-
   if (ok) {
-    const RowArgs rows{(a.op & kOpNorm) ? a.weight : nullptr, a.hidden, a.group, a.eps};
-    const LamportSource<T, W> src{mine, l.lamport_slot_bytes,
-                                  (a.op & kOpResidual) ? reinterpret_cast<const Vec*>(a.residual) : nullptr, nvr};
-    const LocalSink sink{reinterpret_cast<Vec*>(a.out), reinterpret_cast<Vec*>(a.residual), nvr};
-    for (int i = 0; i < n_mine; ++i)
-      finish_rows<T, kBlockThreads, kMaxVecsPerThread, false>(src, sink, rows, row_begin(chunk_at(i)), row_end(chunk_at(i)), red);
     // Re-arm the buffer the previous Lamport call used (see the header comment for why it is quiet):
     // headers and the vectors it wrote, split evenly over this call's CTAs.
     char* old = c.ws[c.rank] + lamport_slot_off(l, stale, 0);

@@ -27,6 +27,7 @@ const char* plan_allreduce(CallArgs& a, const Layout& l, int ctas, int chunks_pe
     if (a.dtype == int(DType::kFloat32)) return "lamport takes bfloat16 or float16 (its sentinel is a 2-byte -0.0)";
     if (bytes > kLamportSlotBytes) return "x is too large for lamport (at most 2 MiB): use one_shot or two_shot";
     if (a.feed != int(Feed::kResident)) return "lamport takes a resident input (no track-and-trigger feed)";
+    if (plan_row_group(a.hidden, lanes, kBlockThreads, 4, 4) < 0) return "lamport takes hidden <= 16384: use one_shot";
   }
   // Rows each CTA-chunk covers: of all rows (one-shot, two-shot), or of each rank's shard (lean).
   int64_t span = a.tokens;

@@ -1,5 +1,7 @@
 """Track-and-trigger, the parts that run without a GPU: producer grouping, mode choice, and the
 sequential path of matmul_allreduce(_rmsnorm) on gloo against float64."""
+import json
+
 import pytest
 import torch
 
@@ -26,10 +28,10 @@ def _comm_for_mode(rank, world):
     x = torch.randn(8, 16)
     w = torch.randn(64, 16)
     big = torch.empty(100000, 16, dtype=torch.bfloat16)
-    results = {"auto": trigger._choose_mode("op", comm, "auto", big, w.to(torch.bfloat16))[0]}
+    results = {"auto": trigger.policy.choose_for("op", comm, "auto", big, w.to(torch.bfloat16))[0].mode}
     for mode, dtype in [("trigger", torch.bfloat16), ("bogus", torch.bfloat16)]:
         try:
-            trigger._choose_mode("op", comm, mode, x.to(dtype), w.to(dtype))
+            trigger.policy.choose_for("op", comm, mode, x.to(dtype), w.to(dtype))
             results[mode] = None
         except ValueError as e:
             results[mode] = str(e)
@@ -61,9 +63,9 @@ def _sequential(rank, world, dtype):
     comm = tw.Communicator(max_tokens=M, hidden=N, dtype=dtype)
     res = residual.clone()
     partial = torch.full((M, N), float("nan"), dtype=dtype)  # the GEMM must overwrite it
-    out = tw.matmul_allreduce_rmsnorm(xs[rank], ws[rank], res, norm_w, comm, 1e-5, partial=partial)
+    out = tw.matmul_allreduce_rmsnorm(comm, xs[rank], ws[rank], res, norm_w, 1e-5, partial=partial)
     partial_used = partial.isfinite().all().item()
-    summed = tw.matmul_allreduce(xs[rank], ws[rank], comm)
+    summed = tw.matmul_allreduce(comm, xs[rank], ws[rank])
     comm.close()
     assert partial_used, "the sequential path did not compute into partial"
     y = sum(x.double() @ w.double().t() for x, w in zip(xs, ws))
@@ -81,28 +83,34 @@ def test_sequential_path_matches_float64(dtype):
 
 
 def test_roles_are_checked_before_anything_runs():
-    from types import SimpleNamespace
-
-    p2p, torch_t = SimpleNamespace(transport="p2p"), SimpleNamespace(transport="torch")
-    trigger._choose_roles("op", p2p, "cublas", "copy_engine")  # fine
+    trigger.policy.check_roles("op", "p2p", "cublas", "copy_engine")  # fine
     with pytest.raises(ValueError, match="copy_engine' needs the p2p transport"):
-        trigger._choose_roles("op", torch_t, "cublas", "copy_engine")
+        trigger.policy.check_roles("op", "torch", "cublas", "copy_engine")
     with pytest.raises(ValueError, match="producer="):
-        trigger._choose_roles("op", p2p, "cutlass", "sm")
+        trigger.policy.check_roles("op", "p2p", "cutlass", "sm")
     with pytest.raises(ValueError, match="consumer="):
-        trigger._choose_roles("op", p2p, "cublas", "dma")
+        trigger.policy.check_roles("op", "p2p", "cublas", "dma")
 
 
 def test_auto_overlaps_only_where_measured_faster():
-    from tokenweave import producer_triton
+    from tokenweave import producer_triton, tuning
 
-    world, K, N = next(iter(trigger.TRIGGER_WINS))
-    min_m, producer, consumer = trigger.TRIGGER_WINS[(world, K, N)]
-    usable = producer != "triton" or producer_triton.HAS_TRITON
-    assert trigger._auto_roles(world, min_m, K, N) == ((producer, consumer) if usable else None)
-    assert trigger._auto_roles(world, min_m - 1, K, N) is None  # below the measured crossover
-    assert trigger._auto_roles(world, min_m, K + 8, N) is None  # an unmeasured shape stays sequential
-    assert trigger._auto_roles(world + 1, min_m, K, N) is None
+    tuning.clear_cache()
+    # every shipped entry that makes mode="auto" overlap: it does so from its M on, for its shape only
+    wins = [(path.stem, e) for path in tuning.CONFIG_DIR.glob("*.json")
+            for e in json.loads(path.read_text()).get("trigger", []) if e.get("auto_min_tokens")]
+    assert wins, "no shipped config makes mode='auto' overlap anywhere"
+    for card, e in wins:
+        world, K, N, min_m = e["world_size"], e["K"], e["N"], e["auto_min_tokens"]
+        transport = e.get("transport", "p2p")
+        cfg = tuning.trigger_config(card, world, K, N, 2, transport)
+        usable = e["auto_producer"] != "triton" or producer_triton.HAS_TRITON
+        roles = (e["auto_producer"], e["auto_consumer"]) if usable else None
+        assert trigger.policy.auto_roles(cfg, min_m) == roles
+        assert trigger.policy.auto_roles(cfg, min_m - 1) is None  # below the measured crossover
+        for other in [(card, world, K + 8, N, 2, transport), (card, world + 1, K, N, 2, transport),
+                      ("unknown-card", world, K, N, 2, transport)]:
+            assert trigger.policy.auto_roles(tuning.trigger_config(*other), min_m) is None  # unmeasured: sequential
 
 
 # (rows, bytes per row, groups=) -> (rows per group, groups): one group per 16 MiB of output, at most 4.
@@ -121,15 +129,27 @@ def test_stream_groups_cover_every_row_once(rows, row_bytes, groups, expected):
 def test_groups_only_with_the_stream_consumer():
     from types import SimpleNamespace
 
-    comm = SimpleNamespace(transport="p2p", capacity_bytes=1 << 30)
-    tracker = SimpleNamespace(broken=False)
+    from tokenweave import tuning
+
+    # no check() and no streams: every error below must come before the Communicator is touched
+    comm = SimpleNamespace(transport="p2p", capacity_bytes=1 << 30, device=torch.device("cpu"))
     x, w = torch.zeros(8, 16, dtype=torch.bfloat16), torch.zeros(64, 16, dtype=torch.bfloat16)
+
+    def call(consumer, groups, broken=False, **changes):
+        fields = dict(op="op", comm=comm, x=x, w=w, residual=None, norm_weight=None, eps=0.0, out=None, partial=None,
+                      ctas=None, tracker=SimpleNamespace(broken=broken), producer="cublas", consumer=consumer,
+                      groups=groups, part=None, config=tuning.TRIGGER_HEURISTIC)
+        return trigger.TriggerCall(**{**fields, **changes})
+
     for consumer, groups in [("sm", 2), ("stream", 0), ("stream", 65)]:
         with pytest.raises(ValueError, match="groups="):
-            trigger._trigger("op", comm, x, w, None, None, 0.0, None, None, tracker, None, "cublas", consumer, groups)
+            trigger.plan_call(call(consumer, groups))
     with pytest.raises(ValueError, match="make a new Tracker"):
-        trigger._trigger("op", comm, x, w, None, None, 0.0, None, None, SimpleNamespace(broken=True), None, "cublas",
-                         "stream", None)
+        trigger.plan_call(call("stream", None, broken=True))
+    with pytest.raises(ValueError, match="at most the workspace"):
+        trigger.plan_call(call("stream", None, comm=SimpleNamespace(**{**vars(comm), "capacity_bytes": 8 * 64})))
+    with pytest.raises(ValueError, match="but the Communicator is on"):
+        trigger.plan_call(call("stream", None, comm=SimpleNamespace(**{**vars(comm), "device": torch.device("meta")})))
 
 
 def test_sm_carveout_is_restored():
@@ -137,12 +157,12 @@ def test_sm_carveout_is_restored():
     if get is None:
         pytest.skip("this torch has no SM carveout hook")
     before = get()
-    with trigger._sm_carveout(24):
+    with trigger.sm_carveout(24):
         assert get() == 24
     assert get() == before
     with pytest.raises(RuntimeError, match="boom"):
-        with trigger._sm_carveout(16):
+        with trigger.sm_carveout(16):
             raise RuntimeError("boom")
     assert get() == before
-    with trigger._sm_carveout(0):  # 0 / None: untouched
+    with trigger.sm_carveout(0):  # 0 / None: untouched
         assert get() == before

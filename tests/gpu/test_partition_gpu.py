@@ -217,7 +217,7 @@ def _trigger_world(rank, world, comm_sms):
             norm_w = (1 + 0.3 * torch.randn(N, generator=g, device="cuda")).to(torch.bfloat16)
             partial = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
             res = residual.clone()
-            out = tw.matmul_allreduce_rmsnorm(xs[rank], ws[rank], res, norm_w, comm, EPS, mode="trigger",
+            out = tw.matmul_allreduce_rmsnorm(comm, xs[rank], ws[rank], res, norm_w, EPS, mode="trigger",
                                               tracker=tracker, partial=partial, consumer=consumer, ctas=32,
                                               sm_partition=comm_sms)
             comm.synchronize()

@@ -67,7 +67,7 @@ def _eager(rank, world, producer, consumer):
         # the stream consumer: its defaults on even calls; on odd ones 3 (ragged) groups of 24-CTA calls, with
         # 24 SMs carved out of the producer
         extra = ({} if i % 2 == 0 else {"groups": 3, "ctas": 24}) if consumer == "stream" else {}
-        out = tw.matmul_allreduce_rmsnorm(xs[rank], ws[rank], res, norm_w, comm, EPS, mode="trigger",
+        out = tw.matmul_allreduce_rmsnorm(comm, xs[rank], ws[rank], res, norm_w, EPS, mode="trigger",
                                           tracker=tracker, partial=partial, producer=producer, consumer=consumer,
                                           **extra)
         comm.synchronize()
@@ -89,7 +89,7 @@ def _graph(rank, world, replays, producer, consumer):
     out = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
     partial = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
     extra = {"groups": 3} if consumer == "stream" else {}  # several gated launches inside the graph
-    run = lambda: tw.matmul_allreduce_rmsnorm(x, w, res, nw, comm, EPS, mode="trigger", tracker=tracker,  # noqa: E731
+    run = lambda: tw.matmul_allreduce_rmsnorm(comm, x, w, res, nw, EPS, mode="trigger", tracker=tracker,  # noqa: E731
                                               out=out, partial=partial, producer=producer, consumer=consumer,
                                               **extra)
     side = torch.cuda.Stream()
@@ -128,7 +128,7 @@ def _interleaved(rank, world):
         M, K, N = 1000 + 97 * i, 512, 8192
         xs, ws, residual, norm_w = _inputs(700 + i, world, M, K, N)
         res = residual.clone()
-        out = tw.matmul_allreduce_rmsnorm(xs[rank], ws[rank], res, norm_w, comm, EPS, mode="trigger",
+        out = tw.matmul_allreduce_rmsnorm(comm, xs[rank], ws[rank], res, norm_w, EPS, mode="trigger",
                                           partial=torch.full((M, N), float("nan"), dtype=torch.bfloat16,
                                                              device="cuda"), consumer="copy_engine")
         comm.synchronize()

@@ -21,16 +21,28 @@ times exactly what its name says:
 ``symm_two_shot+norm`` / ``symm_one_shot+norm``
     The same all-reduce followed by the compiled norm.
 ``tokenweave``
-    ``tokenweave.fused_allreduce_rmsnorm`` at the dispatcher's settings (all-reduce + add + norm);
-    ``tokenweave_one_shot`` / ``tokenweave_two_shot`` force the algorithm, ``tokenweave_ctasN``
-    the CTA count (only from 1024 tokens, where few-CTA launches matter for overlap).
+    ``tokenweave.fused_allreduce_rmsnorm`` at the dispatcher's settings (all-reduce + add + norm) into
+    plain tensors (the dispatcher never picks lean there); ``tokenweave_one_shot`` /
+    ``tokenweave_two_shot`` force the algorithm, ``tokenweave_ctasN`` the CTA count at the dispatcher's
+    algorithm (only from 1024 tokens, where few-CTA launches matter for overlap).
+``tokenweave_symm``
+    The dispatcher's settings with ``out`` and ``residual`` from ``comm.empty``: what a user who allocates
+    with ``comm.empty`` gets (lean where the card's config says so).
+``tokenweave_lamport``
+    ``algo="lamport"`` (flag-free one-shot) where it applies (at most 2 MiB of x); skipped above, saying why.
+``tokenweave_lean`` / ``tokenweave_lean_sharded``
+    ``algo="lean"``, ``out`` from ``comm.empty``; the residual replicated (from ``comm.empty``) or sharded
+    (``sharded_residual=True``: only this rank's rows, ``comm.shard_rows``, fewer bytes per call).
+    The symmetric tensors are allocated once per size (collective, in the same order on every rank).
+    ``tokenweave_lean_ctasN``: ``tokenweave_lean`` at N CTAs (from 1024 tokens).
 
 The compiled norm is the best a user would get: ``torch.compile(fullgraph=True, dynamic=False)``
 afresh for every (tokens, hidden) (:class:`tokenweave.bench.harness.StaticCompiled`), compiled and
 warmed up before any timing. Compiling one function for hidden 4096 and then 8192 would leave a
 symbolic-shape kernel 1.5-2.8x slower at hidden 8192.
 
-Every tokenweave variant is also checked against the baseline's output and residual (``max_err``).
+Every tokenweave variant is also checked against the baseline's output and residual (``max_err``;
+the sharded variant: the full output and this rank's residual rows).
 Variants that need more than one rank skip at world size 1, saying why. Without GPUs the run uses 2
 gloo processes, tokenweave's torch reference path and wall-clock timing at small sizes: a smoke test
 of the pipeline, not a measurement. Performance targets live with the scripts (``bench/targets.py``,
@@ -47,6 +59,8 @@ import torch
 import torch.distributed as dist
 
 from tokenweave.bench import harness
+from tokenweave.comm import max_across_ranks
+from tokenweave.reference import add_rmsnorm_reference
 
 BENCH = "fused_allreduce_rmsnorm"
 DTYPE = torch.bfloat16
@@ -59,12 +73,16 @@ CPU_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 CPU_HIDDEN = (512,)
 CPU_WORLD_SIZE = 2
 CTAS = (2, 4, 8, 16, 32, 64)
+LEAN_CTAS = (4, 8, 16)  # the few-CTA range lean is built for (<= 16 CTAs within 90% of the best)
 CTAS_MIN_TOKENS = 1024
 BASELINE, BASELINE_REPEAT = harness.BASELINE, harness.BASELINE_REPEAT
+# Column order of the table: baselines and references, the dispatched calls, forced algorithms, CTA sweeps.
 BASE_VARIANTS = (BASELINE, "norm", "nccl", "symm_two_shot", "symm_one_shot", "symm_two_shot+norm",
-                 "symm_one_shot+norm", "tokenweave", "tokenweave_one_shot", "tokenweave_two_shot")
+                 "symm_one_shot+norm", "tokenweave", "tokenweave_symm", "tokenweave_one_shot", "tokenweave_two_shot",
+                 "tokenweave_lamport", "tokenweave_lean", "tokenweave_lean_sharded")
 # baseline_repeat comes last so the noise it measures spans everything timed at that size
-VARIANTS = BASE_VARIANTS + tuple(f"tokenweave_ctas{n}" for n in CTAS) + (BASELINE_REPEAT,)
+VARIANTS = (BASE_VARIANTS + tuple(f"tokenweave_ctas{n}" for n in CTAS)
+            + tuple(f"tokenweave_lean_ctas{n}" for n in LEAN_CTAS) + (BASELINE_REPEAT,))
 # Variants that need a collective: they skip at world size 1.
 MULTI_RANK_VARIANTS = ("nccl", "symm_two_shot", "symm_one_shot", "symm_two_shot+norm", "symm_one_shot+norm")
 # bf16 tolerance of tokenweave vs the baseline: NCCL rounds partial sums to bf16 along its ring while
@@ -85,19 +103,20 @@ class Skip(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- pieces
-def add_rmsnorm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The baseline's residual-add + RMSNorm, written in torch (compiled into one kernel on GPU).
+def baseline_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The baseline's residual-add + RMSNorm as a serving layer calls it: ``residual`` updated in place.
 
-    ``residual`` is updated in place to ``round(x + residual)``; the norm is taken of the fp32 sum.
+    :func:`tokenweave.reference.add_rmsnorm_reference` (the kernels' rounding points) plus the write-back,
+    compiled into one kernel on GPU. Returns the normalised output.
     """
-    z = x.float() + residual.float()
-    residual.copy_(z.to(residual.dtype))
-    return (z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+    out, z = add_rmsnorm_reference(x, residual, weight, eps)
+    residual.copy_(z)
+    return out
 
 
 def make_norm(compile: bool):
     """The baseline norm: compiled per static shape (:class:`~tokenweave.bench.harness.StaticCompiled`) or eager."""
-    return harness.StaticCompiled(add_rmsnorm_reference) if compile else add_rmsnorm_reference
+    return harness.StaticCompiled(baseline_add_rmsnorm) if compile else baseline_add_rmsnorm
 
 
 def _symm_ops():
@@ -150,6 +169,11 @@ class Context:
         harness.align_ranks(self.group, self.device)
 
 
+# Where a tokenweave variant's out and residual live (Case.destinations).
+PLAIN, SYMMETRIC, SHARDED = "plain", "symmetric", "sharded"
+_CTA_SWEEPS = ("tokenweave_ctas", "tokenweave_lean_ctas")
+
+
 class Case:
     """Inputs and scratch buffers of one (tokens, hidden); fresh random data, never zeros."""
 
@@ -165,16 +189,48 @@ class Case:
         self.res_work = torch.empty_like(self.residual)
         self.out = torch.empty_like(self.x)
         self.symm_x = ctx.symm[1][: tokens * hidden].view(tokens, hidden) if ctx.symm else None
+        # comm.empty tensors of the lean / symmetric variants, allocated on first use (see destinations)
+        self.sym_out = self.sym_res = self.res_shard = None
+        self.shard = (0, tokens)  # (first_row, n_rows) of this rank's residual rows
+
+    def destinations(self, comm, kind: str) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        """``(out, residual, rows of the full residual it holds)`` for destinations ``kind``.
+
+        ``"symmetric"``: out and residual from ``comm.empty``; ``"sharded"``: out from ``comm.empty`` and this
+        rank's residual rows (``comm.shard_rows``); ``"plain"``: the case's own tensors. The symmetric
+        tensors are allocated once per size, at the first variant that needs them: a collective, reached in
+        the same variant order on every rank. They live until ``comm.close()``.
+        """
+        if kind == PLAIN:
+            return self.out, self.res_work, slice(None)
+        if self.sym_out is None:
+            self.sym_out = comm.empty(self.tokens, self.hidden, dtype=DTYPE)
+            self.sym_res = comm.empty(self.tokens, self.hidden, dtype=DTYPE)
+            self.shard = comm.shard_rows(self.tokens)
+            self.res_shard = torch.empty(self.shard[1], self.hidden, dtype=DTYPE, device=self.x.device)
+        if kind == SYMMETRIC:
+            return self.sym_out, self.sym_res, slice(None)
+        first, n = self.shard
+        return self.sym_out, self.res_shard, slice(first, first + n)
 
 
-def _tokenweave_kwargs(variant: str) -> dict:
+def _tokenweave_spec(variant: str) -> tuple[dict, str]:
+    """``(keyword arguments of fused_allreduce_rmsnorm, destinations kind)`` of a tokenweave variant."""
     if variant == "tokenweave":
-        return {}
+        return {}, PLAIN
     suffix = variant[len("tokenweave_"):]
-    if suffix in ("one_shot", "two_shot"):
-        return {"algo": suffix}
+    if suffix == "symm":
+        return {}, SYMMETRIC
+    if suffix in ("one_shot", "two_shot", "lamport"):
+        return {"algo": suffix}, PLAIN
+    if suffix == "lean":
+        return {"algo": "lean"}, SYMMETRIC
+    if suffix == "lean_sharded":
+        return {"algo": "lean", "sharded_residual": True}, SHARDED
+    if suffix.startswith("lean_ctas"):
+        return {"algo": "lean", "ctas": int(suffix[len("lean_ctas"):])}, SYMMETRIC
     if suffix.startswith("ctas"):
-        return {"ctas": int(suffix[len("ctas"):])}
+        return {"ctas": int(suffix[len("ctas"):])}, PLAIN
     raise ValueError(f"unknown tokenweave variant {variant!r}")
 
 
@@ -236,28 +292,35 @@ def build(ctx: Context, case: Case, variant: str):
             raise ValueError(f"unknown variant {variant!r}")
         return fns[variant], reset_symm
     if variant.startswith("tokenweave"):
-        kwargs = _tokenweave_kwargs(variant)
+        kwargs, kind = _tokenweave_spec(variant)
         if kwargs and ctx.world_size == 1:
             raise Skip("world size 1 runs no collective: there is no algorithm or CTA count to force")
+        if kind != PLAIN and ctx.world_size == 1:
+            raise Skip("world size 1: comm.empty gives a plain tensor, so this is the 'tokenweave' call")
         if kwargs and ctx.comm.transport == "torch":
             raise Skip("the 'torch' transport has no algo or CTA choice")
         if "ctas" in kwargs and c.tokens < CTAS_MIN_TOKENS:
             raise Skip(f"CTA sweeps start at {CTAS_MIN_TOKENS} tokens")
-        return (lambda: tw.fused_allreduce_rmsnorm(ctx.comm, c.x, c.res_work, c.weight, EPS, out=c.out,
-                                                   **kwargs)), reset_residual
+        if kwargs.get("algo") == "lamport":
+            try:  # the dispatcher's own limits (2-byte dtypes, at most 2 MiB of x): skipped where they say no
+                ctx.comm.plan(c.tokens, c.hidden, DTYPE.itemsize, "lamport")
+            except ValueError as e:
+                raise Skip(str(e)) from None
+        out, res, rows = c.destinations(ctx.comm, kind)
+
+        def reset_destination():
+            res.copy_(c.residual[rows])
+
+        return (lambda: tw.fused_allreduce_rmsnorm(ctx.comm, c.x, res, c.weight, EPS, out=out,
+                                                   **kwargs)), reset_destination
     raise ValueError(f"unknown variant {variant!r}")
-
-
-def _max_across_ranks(ctx: Context, value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group)
-    return float(t.item())
 
 
 def check(ctx: Context, case: Case, variants) -> dict[str, dict]:
     """Run each tokenweave variant once and compare output and residual with the baseline's.
 
-    Returns ``{variant: {"max_err": float, "ok": bool}}`` (max over ranks) for those that ran.
+    The sharded-residual variant: its full output and this rank's residual rows. Returns
+    ``{variant: {"max_err": float, "ok": bool}}`` (max over ranks) for those that ran.
     """
     baseline, _ = build(ctx, case, "baseline")
     case.x_work.copy_(case.x)
@@ -277,25 +340,32 @@ def check(ctx: Context, case: Case, variants) -> dict[str, dict]:
         except VALIDATION_ERRORS as e:  # raised identically on every rank before any communication
             results[v] = {"error": f"{type(e).__name__}: {e}"}
             continue
+        _, res, rows = case.destinations(ctx.comm, _tokenweave_spec(v)[1])  # allocated by build: no collective
         err, bad = 0.0, False
-        for got, ref in ((out, ref_out), (case.res_work, ref_res)):
+        for got, ref in ((out, ref_out), (res, ref_res[rows])):
             diff = (got.float() - ref.float()).abs().nan_to_num(nan=float("inf"))
-            err = max(err, float(diff.max()))
+            err = max(err, float(diff.max())) if diff.numel() else err  # a rank may own no residual rows
             bad |= not bool((diff <= ATOL + RTOL * ref.float().abs()).all())
-        results[v] = {"max_err": _max_across_ranks(ctx, err), "ok": _max_across_ranks(ctx, float(bad)) == 0.0}
+        results[v] = {"max_err": max_across_ranks(err, ctx.group, ctx.device),
+                      "ok": max_across_ranks(float(bad), ctx.group, ctx.device) == 0.0}
     return results
 
 
-def dispatched_plan(ctx: Context, tokens: int, hidden: int) -> dict:
-    """The dispatcher's (algo, ctas) for this size, when the transport has a choice."""
+def dispatched_plan(ctx: Context, tokens: int, hidden: int, lean_ok: bool = False) -> dict:
+    """The dispatcher's (algo, ctas) for this size, when the transport has a choice.
+
+    ``lean_ok``: out and residual come from ``comm.empty`` (``tokenweave_symm``), so lean may be chosen.
+    """
+    from tokenweave.comm import ALGOS
+
     plan = getattr(ctx.comm, "plan", None)
     if ctx.comm.transport == "torch" or plan is None:
         return {}
     try:
-        p = plan(tokens, hidden, DTYPE.itemsize)
+        p = plan(tokens, hidden, DTYPE.itemsize, lean_ok=lean_ok)
     except Exception:  # the plan is annotation only
         return {}
-    return {"algo": {1: "one_shot", 2: "two_shot"}.get(p.algo, p.algo), "ctas": p.ctas}
+    return {"algo": {code: name for name, code in ALGOS.items()}.get(p.algo, p.algo), "ctas": p.ctas}
 
 
 # ---------------------------------------------------------------------------------------------- runner
@@ -371,7 +441,7 @@ def worker(args) -> None:
     elif any(v.startswith("symm_") for v in variants):
         ctx.setup_symm(max(tokens) * max(hiddens))
     ctx.copy = harness.CopyBandwidth(device)  # once per run, before anything is timed
-    _say(ctx, f"fused bench: TP{ctx.world_size} on {harness.device_name()}, tokenweave transport {comm.transport!r}, "
+    _say(ctx, f"fused bench: TP{ctx.world_size} on {harness.device_slug()}, tokenweave transport {comm.transport!r}, "
               f"tokens {tokens}, hidden {hiddens}; device copy {ctx.copy.peak_gbps:.0f} GB/s "
               f"({ctx.copy.peak_bytes >> 20} MiB read + written)")
     rows: list[dict] = []
@@ -403,7 +473,7 @@ def run_size(ctx: Context, case: Case, variants) -> list[dict]:
         try:
             fn, reset = build(ctx, case, v)
         except Skip as e:
-            if not (v.startswith("tokenweave_ctas") and case.tokens < CTAS_MIN_TOKENS):
+            if not (v.startswith(_CTA_SWEEPS) and case.tokens < CTAS_MIN_TOKENS):
                 row["skipped"] = str(e)
                 rows.append(row)
             continue
@@ -422,8 +492,8 @@ def run_size(ctx: Context, case: Case, variants) -> list[dict]:
                 case.tokens, case.hidden, DTYPE.itemsize), ctx.copy))
         harness.barrier(ctx.group, ctx.device)
         row.update(checks.get(v, {}))
-        if v == "tokenweave":
-            row.update(dispatched_plan(ctx, case.tokens, case.hidden))
+        if v in ("tokenweave", "tokenweave_symm"):
+            row.update(dispatched_plan(ctx, case.tokens, case.hidden, lean_ok=v == "tokenweave_symm"))
         rows.append(row)
         bandwidth = harness.format_bandwidth(row)
         line.append((f"{v} {row['us']:.1f}" + (f" ({bandwidth})" if bandwidth else ""))
@@ -502,14 +572,26 @@ def _legend(variant: str) -> str:
         "symm_one_shot": "torch symm_mem one_shot_all_reduce alone (no norm)",
         "symm_two_shot+norm": "torch symm_mem two_shot_all_reduce_ + compiled add+RMSNorm",
         "symm_one_shot+norm": "torch symm_mem one_shot_all_reduce + compiled add+RMSNorm",
-        "tokenweave": "tokenweave.fused_allreduce_rmsnorm, dispatcher's algo and CTAs",
+        "tokenweave": "tokenweave.fused_allreduce_rmsnorm into plain tensors, dispatcher's algo (never lean) and CTAs",
+        "tokenweave_symm": "tokenweave.fused_allreduce_rmsnorm, dispatcher's algo and CTAs, out and residual from "
+                           "comm.empty (lean where the card's config says so)",
         "tokenweave_one_shot": "tokenweave.fused_allreduce_rmsnorm, algo='one_shot'",
         "tokenweave_two_shot": "tokenweave.fused_allreduce_rmsnorm, algo='two_shot'",
+        "tokenweave_lamport": "tokenweave.fused_allreduce_rmsnorm, algo='lamport' (flag-free one-shot; skipped "
+                              "above its 2 MiB limit)",
+        "tokenweave_lean": "tokenweave.fused_allreduce_rmsnorm, algo='lean', out and (replicated) residual from "
+                           "comm.empty",
+        "tokenweave_lean_sharded": "tokenweave.fused_allreduce_rmsnorm, algo='lean', sharded_residual=True: out from "
+                                   "comm.empty, residual = this rank's rows (comm.shard_rows)",
     }
     if variant in fixed:
         return fixed[variant]
+    if variant.startswith("tokenweave_lean_ctas"):
+        return (f"tokenweave.fused_allreduce_rmsnorm, algo='lean', out and (replicated) residual from comm.empty, "
+                f"ctas={variant[len('tokenweave_lean_ctas'):]}")
     if variant.startswith("tokenweave_ctas"):
-        return f"tokenweave.fused_allreduce_rmsnorm, ctas={variant[len('tokenweave_ctas'):]}"
+        return (f"tokenweave.fused_allreduce_rmsnorm into plain tensors, dispatcher's algo (never lean), "
+                f"ctas={variant[len('tokenweave_ctas'):]}")
     return variant
 
 

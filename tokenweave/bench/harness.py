@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import statistics
 import subprocess
@@ -21,6 +20,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
+
+from tokenweave.tuning import device_slug
 
 BASELINE = "baseline"
 # The baseline timed a second time, last at each size: |baseline - baseline_repeat| / baseline is the run's noise.
@@ -310,17 +311,6 @@ def run_to_run_noise(rows: Sequence[dict], *, x_key: str = "tokens", panel_keys:
 
 
 # ---------------------------------------------------------------------------------------------- where
-def device_name(index: int | None = None) -> str:
-    """Short slug of the GPU model ("h100", "h200", "gh200", ...), or "cpu" without CUDA."""
-    if not torch.cuda.is_available():
-        return "cpu"
-    name = torch.cuda.get_device_name(index)
-    match = re.search(r"\b([A-Z]{1,3}\d{2,4}[A-Z]?)\b", name.upper())
-    if match:
-        return match.group(1).lower()
-    return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-") or "gpu"
-
-
 def git_sha() -> str:
     """``TOKENWEAVE_GIT_SHA`` when set (the lent GPU machines get a copy of the tree whose .git, if any, is a
     stale snapshot: the device script sets it); else ``git describe --always --dirty``; else "unknown"."""
@@ -476,7 +466,7 @@ def add_out_dir_argument(parser) -> None:
 
 def result_stem(bench: str, tp: int, device: str | None = None) -> str:
     """``<bench>-<card>-tp<N>``: the file name (without suffix) of a results file."""
-    return f"{bench}-{device or device_name()}-tp{tp}"
+    return f"{bench}-{device or device_slug()}-tp{tp}"
 
 
 def write_results(bench: str, tp: int, rows: list[dict], out_dir: str | os.PathLike = DEFAULT_OUT_DIR,
@@ -498,7 +488,7 @@ def write_results(bench: str, tp: int, rows: list[dict], out_dir: str | os.PathL
     extra : dict, optional
         More top-level JSON keys (e.g. "targets", "notes"); may not replace the fixed ones.
     device : str, optional
-        Card slug; :func:`device_name` by default.
+        Card slug; :func:`tokenweave.tuning.device_slug` by default (the name the card's config file has).
     x_key, panel_keys
         Plot axes: latency against ``x_key`` (log-log), a line per variant, a subplot per panel.
     baseline : str
@@ -514,7 +504,7 @@ def write_results(bench: str, tp: int, rows: list[dict], out_dir: str | os.PathL
     The JSON holds "bench", "device", "tp", "torch", "git" (:func:`git_sha`), "rows", the ``extra`` keys,
     and "noise" (:func:`run_to_run_noise`) when the rows time the baseline twice.
     """
-    device = device or device_name()
+    device = device or device_slug()
     doc = {"bench": bench, "device": device, "tp": tp, "torch": torch.__version__, "git": git_sha(), "rows": rows}
     noise = run_to_run_noise(rows, x_key=x_key, panel_keys=panel_keys, first=baseline, repeat=f"{baseline}_repeat")
     if noise is not None:

@@ -38,6 +38,7 @@ import tokenweave as tw
 from tokenweave.split import (GemmShape, Split, SplitPolicy, TuningCache, device_name, device_sm_count,
                               policy_key, time_call_us)
 from tokenweave import partition as sm_partitions
+from tokenweave.reference import add_rmsnorm_reference, rms_norm
 from tokenweave.weave import StreamPair, run_stages
 
 MODES = ("baseline", "fuse_only", "tokenweave", "comm_removed")
@@ -249,13 +250,6 @@ def _rope_for(device: torch.device):
 
 
 # --------------------------------------------------------------------------- norms for the torch modes
-def _add_rmsnorm_functional(x, residual, weight, eps: float):
-    """``(RMSNorm(z) * weight, z)`` with ``z = x + residual``, rounded where the fused kernel rounds."""
-    z = (x.float() + residual.float()).to(x.dtype)
-    zf = z.float()
-    return (zf * torch.rsqrt(zf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype), z
-
-
 _compiled_add_rmsnorm = None
 # Static shapes compile one kernel per token count; a benchmark sweeps ~15 of them, more than
 # dynamo's default recompile limit (8), after which it would silently fall back to eager.
@@ -266,7 +260,7 @@ def _add_rmsnorm_for(device: torch.device):
     """The torch.compile'd add+RMSNorm on CUDA (one fused Triton kernel per shape), eager elsewhere."""
     global _compiled_add_rmsnorm
     if device.type != "cuda":
-        return _add_rmsnorm_functional
+        return add_rmsnorm_reference
     if _compiled_add_rmsnorm is None:
         import torch._dynamo.config as dynamo_config
 
@@ -274,7 +268,7 @@ def _add_rmsnorm_for(device: torch.device):
             if hasattr(dynamo_config, name):
                 setattr(dynamo_config, name, max(getattr(dynamo_config, name), _RECOMPILE_LIMIT))
                 break
-        _compiled_add_rmsnorm = torch.compile(_add_rmsnorm_functional, fullgraph=True, dynamic=False)
+        _compiled_add_rmsnorm = torch.compile(add_rmsnorm_reference, fullgraph=True, dynamic=False)
     return _compiled_add_rmsnorm
 
 
@@ -521,9 +515,6 @@ def reference_forward(shape: LlamaShape, num_layers: int, tp: int, seed: int, x:
     def full(layer, name, dim):
         return torch.cat([s[name] for s in shards[layer]], dim=dim).to(f64)
 
-    def rmsnorm(z, w):
-        return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + shape.eps) * w.to(f64)
-
     positions = torch.cat([torch.arange(n, device=device) for n in seq_lens]).to(f64)
     inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=f64) / d))
     angles = positions[:, None] * inv_freq[None, :]
@@ -532,7 +523,7 @@ def reference_forward(shape: LlamaShape, num_layers: int, tp: int, seed: int, x:
     groups = shape.heads // shape.kv_heads
 
     residual = x.to(f64)
-    h = rmsnorm(residual, shards[0][0]["input_norm"])
+    h = rms_norm(residual, shards[0][0]["input_norm"], shape.eps)
     for i in range(num_layers):
         t = h.shape[0]
         q = (h @ full(i, "q", 0).t()).view(t, shape.heads, d)
@@ -549,9 +540,9 @@ def reference_forward(shape: LlamaShape, num_layers: int, tp: int, seed: int, x:
             outs.append((probs @ vs).transpose(0, 1).reshape(n, -1))
             start += n
         residual = residual + torch.cat(outs) @ full(i, "o", 1).t()
-        h = rmsnorm(residual, shards[i][0]["post_norm"])
+        h = rms_norm(residual, shards[i][0]["post_norm"], shape.eps)
         gate, up = h @ full(i, "gate", 0).t(), h @ full(i, "up", 0).t()
         residual = residual + (F.silu(gate) * up) @ full(i, "down", 1).t()
         after = shards[i + 1][0]["input_norm"] if i + 1 < num_layers else final_norm_weight(shape, seed, device, dtype)
-        h = rmsnorm(residual, after)
+        h = rms_norm(residual, after, shape.eps)
     return h
