@@ -30,7 +30,7 @@ fi
 has emulated && pytest_run tests_emulated ${T_EMULATED:-300} -m gpu tests/gpu/test_emulated_gpu.py ${EMULATED_K:+-k "$EMULATED_K"}
 # Real process groups (2+ GPUs): the lean / Lamport algorithms and the SM partitions
 has newalgos && pytest_run tests_newalgos ${T_NEWALGOS:-200} -m gpu tests/gpu/test_new_algos_gpu.py
-has partgpu && pytest_run tests_partition ${T_PARTGPU:-200} -m gpu tests/gpu/test_partition_gpu.py tests/gpu/test_world_one_gpu.py
+has partgpu && pytest_run tests_partition ${T_PARTGPU:-200} -m gpu tests/gpu/test_partition_gpu.py tests/gpu/test_world_one_gpu.py tests/gpu/test_abi_gpu.py tests/gpu/test_tune_gpu.py
 has onegpu && pytest_run tests_onegpu ${T_ONEGPU:-200} -m gpu tests/gpu --ignore=tests/gpu/test_emulated_gpu.py
 if has emubench; then
   t0=$(date +%s); timeout ${T_EMUBENCH:-240} python bench/emulated_world.py --out-dir bench/results ${EMUBENCH_ARGS:-} > "$OUT/emubench.log" 2>&1
