@@ -223,16 +223,11 @@ cudaError_t add_rmsnorm(const void* x, void* residual, const void* weight, void*
     return plan_row_group(hidden, lanes_of(dtype), g.threads, g.target_vecs, g.max_vecs);
   };
   if (config == 0) {
-    // The one-pass kernel while one wave of CTAs covers every row (latency-bound sizes); persistent, pipelined
-    // rows beyond (bandwidth-bound). A row too long for 4 vectors x 256 threads (hidden > 8192 for 2-byte
-    // types) takes the one-pass 8 vectors x 512 threads (pipelining it would need 160 registers a thread).
-    int dev = 0, sms = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    const int g4 = group_of(4);
-    const bool short_rows = g4 > 0;
-    const int64_t one_wave_rows = int64_t(sms) * 2 * (short_rows ? 256 / g4 : 1);
-    config = short_rows ? (tokens <= one_wave_rows ? 1 : 4) : 3;
+    // The one-pass shape that holds the row in the fewest registers: 4 vectors x 256 threads, else 8 x 256
+    // (hidden up to 16384 for 2-byte types), else 8 x 512 (256 x 8 beat 512 x 8: 177.5 vs 186.7 us at 8192 x 8192). Measured on one H200 (add_rmsnorm-h200-tp1.json, 29599f5):
+    // the persistent, pipelined shape (config 4) was slower at every bandwidth-bound size (143.5 vs 140.4 us at
+    // 8192 x 8192 bf16), so it is not chosen.
+    config = group_of(1) > 0 ? 1 : group_of(2) > 0 ? 2 : 3;
   }
   const int group = group_of(config);
   if (group < 0) return cudaErrorInvalidValue;
