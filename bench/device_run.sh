@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests on 2 and 4 GPUs, benchmarks; everything lands under $OUT.
-# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [newalgos] [partgpu] [onegpu] [emubench] [norm] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
+# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [newalgos] [partgpu] [onegpu] [emubench] [norm] [ncu] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
 # Never touches NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS.
 set -u
 OUT=${OUT:-/tmp/tokenweave-out}
@@ -39,6 +39,11 @@ fi
 if has norm; then
   t0=$(date +%s); timeout ${T_NORM:-200} python bench/add_rmsnorm.py --out-dir bench/results ${NORM_ARGS:-} > "$OUT/norm.log" 2>&1
   log "norm: rc=$? in $(( $(date +%s) - t0 )) s"; tail -25 "$OUT/norm.log"
+fi
+if has ncu; then  # the standalone norm against the compiled one, under Nsight Compute (clocks left alone)
+  t0=$(date +%s); timeout ${T_NCU:-150} ncu --clock-control none --csv --page details --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section WarpStateStats -k regex:"add_rmsnorm|triton" python bench/debug/norm_profile.py > "$OUT/ncu_norm.csv" 2> "$OUT/ncu_norm.err"
+  log "ncu: rc=$? in $(( $(date +%s) - t0 )) s"
 fi
 if has partition; then
   t0=$(date +%s); timeout ${T_PARTITION:-200} python bench/partition_costs.py --out-dir bench/results > "$OUT/partition.log" 2>&1
