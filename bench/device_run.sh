@@ -41,7 +41,8 @@ if has norm; then
   log "norm: rc=$? in $(( $(date +%s) - t0 )) s"; tail -25 "$OUT/norm.log"
 fi
 if has ncu; then  # the standalone norm against the compiled one, under Nsight Compute (clocks left alone)
-  t0=$(date +%s); timeout ${T_NCU:-150} ncu --clock-control none --csv --page details --section SpeedOfLight --section Occupancy \
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  t0=$(date +%s); timeout ${T_NCU:-150} "$NCU" --clock-control none --csv --page details --section SpeedOfLight --section Occupancy \
     --section LaunchStats --section WarpStateStats -k regex:"add_rmsnorm|triton" python bench/debug/norm_profile.py > "$OUT/ncu_norm.csv" 2> "$OUT/ncu_norm.err"
   log "ncu: rc=$? in $(( $(date +%s) - t0 )) s"
 fi
