@@ -69,9 +69,10 @@ cudaError_t allreduce(const CommDevice& c, const CallArgs& a, Transport t, cudaS
 // Standalone add + RMSNorm, one pass: whole rows per CTA (no grid-stride loop), so several CTAs share an SM
 // and one CTA's loads overlap another's reduction and stores. Threads per CTA and vectors per thread are
 // compile-time (registers, not local memory); kNormConfigs below lists the instantiations.
-template <typename T, int Threads, int VPT>
-__global__ void __launch_bounds__(Threads) add_rmsnorm_kernel(RowArgs ra, const Vec* x, Vec* residual, Vec* out,
-                                                              int64_t tokens) {
+// MinBlocks > 1 caps the registers so that many CTAs share an SM (occupancy is what the compiled norm wins by).
+template <typename T, int Threads, int VPT, int MinBlocks = 1>
+__global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_kernel(RowArgs ra, const Vec* x, Vec* residual,
+                                                                         Vec* out, int64_t tokens) {
   __shared__ float red[2][Threads / 32];
   const int nvr = ra.hidden / Pack<T>::kLanes;
   const int64_t r0 = int64_t(blockIdx.x) * (Threads / ra.group);
@@ -169,12 +170,12 @@ struct NormConfig {
 };
 constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false}, {256, 4, 4, false}, {256, 4, 8, false},
                                        {512, 4, 8, false}, {256, 4, 4, true},  {512, 2, 2, true},
-                                       {1024, 1, 2, false}};
+                                       {1024, 1, 2, false}, {512, 2, 2, false}, {512, 2, 2, false}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
 
-template <typename T, int Threads, int VPT, bool kPipelined>
+template <typename T, int Threads, int VPT, bool kPipelined, int MinBlocks = 1>
 cudaError_t launch_add_rmsnorm(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
                                cudaStream_t stream) {
   const int rows_per_cta = Threads / ra.group;
@@ -194,7 +195,7 @@ cudaError_t launch_add_rmsnorm(const RowArgs& ra, const void* x, void* residual,
     add_rmsnorm_pipelined_kernel<T, Threads, VPT><<<blocks, Threads, 0, stream>>>(
         ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
   } else {
-    add_rmsnorm_kernel<T, Threads, VPT><<<blocks, Threads, 0, stream>>>(
+    add_rmsnorm_kernel<T, Threads, VPT, MinBlocks><<<blocks, Threads, 0, stream>>>(
         ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
   }
   return cudaGetLastError();
@@ -211,6 +212,9 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     case 4: return launch_add_rmsnorm<T, 256, 4, true>(ra, x, residual, out, tokens, stream);
     case 5: return launch_add_rmsnorm<T, 512, 2, true>(ra, x, residual, out, tokens, stream);
     case 6: return launch_add_rmsnorm<T, 1024, 2, false>(ra, x, residual, out, tokens, stream);
+    // 512 threads x 2 vectors capped at 32 registers: 4 CTAs (2048 threads) per SM, as the compiled norm runs
+    case 7: return launch_add_rmsnorm<T, 512, 2, false, 4>(ra, x, residual, out, tokens, stream);
+    case 8: return launch_add_rmsnorm<T, 512, 2, false, 3>(ra, x, residual, out, tokens, stream);  // 40 registers
   }
   return cudaErrorInvalidValue;
 }
