@@ -56,12 +56,7 @@ struct SlotsSource {
     const int64_t idx = row * nvr + j;
     float acc[L];
     sum_slots<T, W>(slots, slot_bytes, idx, acc);
-    if (residual) {
-      float r[L];
-      Pack<T>::unpack(residual[idx], r);
-#pragma unroll
-      for (int i = 0; i < L; ++i) acc[i] += r[i];
-    }
+    if (residual) add_vec<T>(acc, residual[idx]);
     return Pack<T>::pack(acc);
   }
 };

@@ -112,21 +112,8 @@ struct LamportSource {
       }
     }
     float acc[L];
-#pragma unroll
-    for (int i = 0; i < L; ++i) acc[i] = 0.f;
-#pragma unroll
-    for (int s = 0; s < W; ++s) {
-      float f[L];
-      Pack<T>::unpack(v[s], f);
-#pragma unroll
-      for (int i = 0; i < L; ++i) acc[i] += f[i];
-    }
-    if (residual) {
-      float f[L];
-      Pack<T>::unpack(r, f);
-#pragma unroll
-      for (int i = 0; i < L; ++i) acc[i] += f[i];
-    }
+    sum_in_rank_order<T, W>(v, acc);
+    if (residual) add_vec<T>(acc, r);
     return Pack<T>::pack(acc);
   }
 };

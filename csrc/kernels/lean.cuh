@@ -47,12 +47,7 @@ struct LeanSource {
     if (residual) r = residual[(res_base + lrow) * nvr + j];
     float acc[L];
     Tr::reduce_own(c, half, uint64_t(li), own, acc);
-    if (residual) {
-      float f[L];
-      Pack<T>::unpack(r, f);
-#pragma unroll
-      for (int i = 0; i < L; ++i) acc[i] += f[i];
-    }
+    if (residual) add_vec<T>(acc, r);
     return Pack<T>::pack(acc);
   }
 };

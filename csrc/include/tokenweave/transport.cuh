@@ -23,14 +23,10 @@ __device__ __forceinline__ uint64_t gather_off(const Layout& l, int half) {
   return l.data_off + uint64_t(half) * l.half_bytes + uint64_t(l.world) * l.slot_bytes;
 }
 
-// fp32 sum of vector `idx` over the W slots starting at `slots` (slot s at s * slot_bytes), in rank
-// order: the same bits on every rank. All W loads are issued before the first add.
+// fp32 sum of W vectors in rank order: the same bits on every rank that sums the same vectors.
 template <typename T, int W>
-__device__ __forceinline__ void sum_slots(const char* slots, uint64_t slot_bytes, uint64_t idx, float* acc) {
+__device__ __forceinline__ void sum_in_rank_order(const Vec (&v)[W], float* acc) {
   constexpr int L = Pack<T>::kLanes;
-  Vec v[W];
-#pragma unroll
-  for (int s = 0; s < W; ++s) v[s] = reinterpret_cast<const Vec*>(slots + s * slot_bytes)[idx];
 #pragma unroll
   for (int i = 0; i < L; ++i) acc[i] = 0.f;
 #pragma unroll
@@ -40,6 +36,25 @@ __device__ __forceinline__ void sum_slots(const char* slots, uint64_t slot_bytes
 #pragma unroll
     for (int i = 0; i < L; ++i) acc[i] += f[i];
   }
+}
+
+// acc += v (the residual, in fp32).
+template <typename T>
+__device__ __forceinline__ void add_vec(float* acc, const Vec& v) {
+  float f[Pack<T>::kLanes];
+  Pack<T>::unpack(v, f);
+#pragma unroll
+  for (int i = 0; i < Pack<T>::kLanes; ++i) acc[i] += f[i];
+}
+
+// fp32 sum of vector `idx` over the W slots starting at `slots` (slot s at s * slot_bytes), in rank
+// order. All W loads are issued before the first add.
+template <typename T, int W>
+__device__ __forceinline__ void sum_slots(const char* slots, uint64_t slot_bytes, uint64_t idx, float* acc) {
+  Vec v[W];
+#pragma unroll
+  for (int s = 0; s < W; ++s) v[s] = reinterpret_cast<const Vec*>(slots + s * slot_bytes)[idx];
+  sum_in_rank_order<T, W>(v, acc);
 }
 
 // P2P: 16-byte loads and stores through the peer-mapped workspaces. Rank s stages rank q's piece into
@@ -58,21 +73,12 @@ struct P2P {
 
   // Slots s != rank hold rank s's copy of my rows; my own part is `own`. Summed in rank order.
   __device__ static void reduce_own(const CommDevice& c, int half, uint64_t slot_vec, const Vec& own, float* acc) {
-    constexpr int L = Pack<T>::kLanes;
     const char* slots = slot_ptr(c.ws[c.rank], c.layout, half, 0);
     Vec v[W];
 #pragma unroll
     for (int s = 0; s < W; ++s)
       v[s] = s == c.rank ? own : reinterpret_cast<const Vec*>(slots + s * c.layout.slot_bytes)[slot_vec];
-#pragma unroll
-    for (int i = 0; i < L; ++i) acc[i] = 0.f;
-#pragma unroll
-    for (int s = 0; s < W; ++s) {
-      float f[L];
-      Pack<T>::unpack(v[s], f);
-#pragma unroll
-      for (int i = 0; i < L; ++i) acc[i] += f[i];
-    }
+    sum_in_rank_order<T, W>(v, acc);
   }
 
   __device__ static void broadcast(const CommDevice& c, uint64_t byte_off, const Vec& v) {
