@@ -52,6 +52,10 @@ MAX_CHUNKS: int = _value("MAX_CHUNKS")
 CALL_HEADER_BYTES: int = _value("CALL_HEADER_BYTES")
 CALL_HEADER_OFFSETS: dict[str, int] = _value("CALL_HEADER_OFFSETS")
 ERROR_RECORD_BYTES: int = _value("ERROR_RECORD_BYTES")
+# The row epilogue holds a row in at most kBlockThreads threads x kMaxVecsPerThread 16-byte vectors (types.h;
+# checked against the header in tests/cpu/test_abi.py): the largest hidden size per element size follows.
+ROW_THREADS, ROW_VECS = 512, 8
+MAX_HIDDEN: dict[int, int] = {itemsize: ROW_THREADS * ROW_VECS * 16 // itemsize for itemsize in (2, 4)}
 SOURCE = "extension" if _C is not None and hasattr(_C, "ALGO_CODES") else "python"
 
 

@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from tokenweave import _abi
 from tokenweave._ext import HAS_EXTENSION
 from tokenweave.comm import _DTYPE_NAMES, _OP_NORM, _OP_RESIDUAL, ALGOS, Communicator, _op_name
 from tokenweave.errors import CollectiveMismatchError, CollectiveTimeoutError, TokenweaveError
@@ -25,9 +26,8 @@ from tokenweave.reference import add_rmsnorm_reference
 
 _SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_CODE = {getattr(torch, name): code for code, name in _DTYPE_NAMES.items()}  # as in the kernels' headers
-# The kernels' row epilogue keeps a row in at most 512 threads x 8 16-byte vectors (csrc plan_row_group),
-# so hidden is bounded per element size; every transport and add_rmsnorm enforce it.
-_MAX_HIDDEN = {2: 32768, 4: 16384}
+# Hidden is bounded per element size by the kernels' row epilogue; every transport and add_rmsnorm enforce it.
+_MAX_HIDDEN = _abi.MAX_HIDDEN
 
 if HAS_EXTENSION:
     # Fake (meta) implementations: the ops only mutate their arguments, so there is nothing to compute.
