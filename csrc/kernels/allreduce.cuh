@@ -197,53 +197,40 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
   finish_call(c, id.epoch);
 }
 
-// World size: the one switch from the runtime value to the template parameter.
+// The one switch from the runtime world size to the template parameter: f(std::integral_constant<int, W>).
+template <class F>
+cudaError_t with_world(int world, const F& f) {
+  switch (world) {
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// The algorithm picks the kernel; with_world the world size.
 template <typename T, template <typename, int> class TransportT, Feed kFeed>
 cudaError_t launch_world(const CommDevice& c, const CallArgs& a, cudaStream_t stream) {
   auto go = [&](auto kernel) {
     kernel<<<a.ctas, kBlockThreads, 0, stream>>>(c, a);
     return cudaGetLastError();
   };
-  if (a.algo == int(Algo::kLean)) {  // its own kernel: its register budget is not the other algorithms'
-    if constexpr (kFeed == Feed::kResident) {
-      switch (c.world) {
-        case 2: return go(lean_kernel<T, 2, TransportT>);
-        case 3: return go(lean_kernel<T, 3, TransportT>);
-        case 4: return go(lean_kernel<T, 4, TransportT>);
-        case 5: return go(lean_kernel<T, 5, TransportT>);
-        case 6: return go(lean_kernel<T, 6, TransportT>);
-        case 7: return go(lean_kernel<T, 7, TransportT>);
-        case 8: return go(lean_kernel<T, 8, TransportT>);
-        default: return cudaErrorInvalidValue;
-      }
+  return with_world(c.world, [&](auto w) -> cudaError_t {
+    constexpr int W = decltype(w)::value;
+    if (a.algo == int(Algo::kLean)) {  // its own kernel: its register budget is not the other algorithms'
+      if constexpr (kFeed == Feed::kResident) return go(lean_kernel<T, W, TransportT>);
+      return cudaErrorInvalidValue;
     }
-    return cudaErrorInvalidValue;
-  }
-  if (a.algo == int(Algo::kLamport)) {  // its own kernel: the flag protocol above has no part in it
-    if constexpr (kFeed == Feed::kResident && sizeof(T) == 2) {
-      switch (c.world) {
-        case 2: return go(lamport_kernel<T, 2, TransportT>);
-        case 3: return go(lamport_kernel<T, 3, TransportT>);
-        case 4: return go(lamport_kernel<T, 4, TransportT>);
-        case 5: return go(lamport_kernel<T, 5, TransportT>);
-        case 6: return go(lamport_kernel<T, 6, TransportT>);
-        case 7: return go(lamport_kernel<T, 7, TransportT>);
-        case 8: return go(lamport_kernel<T, 8, TransportT>);
-        default: return cudaErrorInvalidValue;
-      }
+    if (a.algo == int(Algo::kLamport)) {  // its own kernel: the flag protocol above has no part in it
+      if constexpr (kFeed == Feed::kResident && sizeof(T) == 2) return go(lamport_kernel<T, W, TransportT>);
+      return cudaErrorInvalidValue;
     }
-    return cudaErrorInvalidValue;
-  }
-  switch (c.world) {
-    case 2: return go(allreduce_kernel<T, 2, TransportT, kFeed>);
-    case 3: return go(allreduce_kernel<T, 3, TransportT, kFeed>);
-    case 4: return go(allreduce_kernel<T, 4, TransportT, kFeed>);
-    case 5: return go(allreduce_kernel<T, 5, TransportT, kFeed>);
-    case 6: return go(allreduce_kernel<T, 6, TransportT, kFeed>);
-    case 7: return go(allreduce_kernel<T, 7, TransportT, kFeed>);
-    case 8: return go(allreduce_kernel<T, 8, TransportT, kFeed>);
-    default: return cudaErrorInvalidValue;
-  }
+    return go(allreduce_kernel<T, W, TransportT, kFeed>);
+  });
 }
 
 // Launches the kernels of one (dtype, transport): the feed, algorithm and world size are dispatched here.
