@@ -59,6 +59,10 @@ def main() -> int:
     for name, obj in sorted(objs.items()):
         for fn, sass in sass_by_function(cuobjdump, obj).items():
             transport = "Multimem" if "Multimem" in fn else "P2P"
+            # griddepcontrol.wait assembles to ACQBULK: without it a kernel launched with PDL (pdl.cuh)
+            # could read x before the kernel that writes it has finished
+            if re.search(r"lamport_kernel|lean_kernel|allreduce_kernel|add_rmsnorm", fn) and "ACQBULK" not in sass:
+                problems.append(f"{fn}: no griddepcontrol.wait (ACQBULK): unsafe under programmatic launch")
             if "lamport_kernel" in fn:  # flag-free one-shot: pushes through the transport, polls with volatile loads
                 counted[(transport, "lamport")] = counted.get((transport, "lamport"), 0) + 1
                 has_mc_store = "STG.E.128.STRONG.SYS" in sass

@@ -52,7 +52,7 @@ CPU_TOKENS = (1, 4, 16)
 CPU_HIDDEN = (64, 256)
 # tokenweave_cfgK: the same kernel with block shape K of csrc/kernels/launch.cu kNormConfigs (config 0 is what
 # tokenweave.add_rmsnorm runs); measured side by side so the default is chosen from data.
-NORM_CONFIGS = (1, 4, 7, 8)
+NORM_CONFIGS = (1, 4, 7, 8, 9, 10)
 VARIANTS = (harness.BASELINE, "tokenweave") + tuple(f"tokenweave_cfg{k}" for k in NORM_CONFIGS) + (harness.BASELINE_REPEAT,)
 CPU_NOTE = ("NOTE: no CUDA GPU here: tiny sizes, eager torch on both sides, wall-clock timing. It checks the "
             "script; it is NOT a measurement.")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests on 2 and 4 GPUs, benchmarks; everything lands under $OUT.
-# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [newalgos] [partgpu] [onegpu] [emubench] [norm] [ncu] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
+# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [newalgos] [partgpu] [onegpu] [emubench] [launch] [pdl] [ab] [norm] [ncu] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
 # Never touches NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS.
 set -u
 OUT=${OUT:-/tmp/tokenweave-out}
@@ -35,6 +35,21 @@ has onegpu && pytest_run tests_onegpu ${T_ONEGPU:-200} -m gpu tests/gpu --ignore
 if has emubench; then
   t0=$(date +%s); timeout ${T_EMUBENCH:-240} python bench/emulated_world.py --out-dir bench/results ${EMUBENCH_ARGS:-} > "$OUT/emubench.log" 2>&1
   log "emubench: rc=$? in $(( $(date +%s) - t0 )) s"; tail -25 "$OUT/emubench.log"
+fi
+has launch && pytest_run tests_launch ${T_LAUNCH:-200} -m gpu tests/gpu/test_launch_gpu.py
+if has pdl; then
+  t0=$(date +%s); timeout ${T_PDL:-200} python bench/pdl.py --out-dir bench/results ${PDL_ARGS:-} > "$OUT/pdl.log" 2>&1
+  log "pdl: rc=$? in $(( $(date +%s) - t0 )) s"; tail -30 "$OUT/pdl.log"
+fi
+if has ab; then  # A/B in this run: the same tree with the collective kernels' row groups back on __syncthreads
+  t0=$(date +%s); rm -rf /tmp/ab && mkdir -p /tmp/ab && cp -r setup.py csrc tokenweave bench /tmp/ab/
+  sed -i 's/if (kSync == RowSync::kGroup \&\& int(blockDim.x) \/ G <= kGroupBarriers) {/if (false) {/' /tmp/ab/csrc/include/tokenweave/rownorm.cuh
+  grep -c "if (false) {" /tmp/ab/csrc/include/tokenweave/rownorm.cuh | sed 's/^/ab: patched lines: /' | tee -a "$OUT/summary.txt"
+  (cd /tmp/ab && MAX_JOBS=${MAX_JOBS:-16} python setup.py build_ext --inplace > "$OUT/ab_build.log" 2>&1)
+  log "ab build: rc=$? in $(( $(date +%s) - t0 )) s"
+  (cd /tmp/ab && PYTHONPATH=/tmp/ab timeout ${T_AB:-240} python bench/emulated_world.py --one-shot-worlds --out-dir /tmp/ab/results ${AB_ARGS:-} > "$OUT/ab_emubench.log" 2>&1)
+  log "ab emubench: rc=$? in $(( $(date +%s) - t0 )) s"; tail -12 "$OUT/ab_emubench.log"
+  mkdir -p bench/results/ab_cta_sync && cp /tmp/ab/results/*.json bench/results/ab_cta_sync/ 2>/dev/null
 fi
 if has norm; then
   t0=$(date +%s); timeout ${T_NORM:-200} python bench/add_rmsnorm.py --out-dir bench/results ${NORM_ARGS:-} > "$OUT/norm.log" 2>&1

@@ -132,6 +132,7 @@ void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& residual
 }
 
 struct Tracking {
+  int64_t chunk_rows = 0;             // > 0: the trigger plan's geometry (tracked and copy-engine feeds)
   const at::Tensor* ready = nullptr;  // Feed::kTracked
   at::Tensor* consumed = nullptr;
   int64_t pieces_full = 0, pieces_last = 0;
@@ -149,7 +150,8 @@ void check_counters(std::initializer_list<const at::Tensor*> ts, const at::Tenso
 // The call as the kernel will see it: checks, then plan_allreduce.
 tw::CallArgs plan_call(const char* op, const CommEntry& e, const at::Tensor& x, const std::optional<at::Tensor>& residual,
                        const std::optional<at::Tensor>& weight, const at::Tensor& out, double eps, int64_t algo,
-                       int64_t ctas, int64_t chunks_per_cta, tw::Feed feed, tw::CallArgs a = {}) {
+                       int64_t ctas, int64_t chunks_per_cta, tw::Feed feed, tw::CallArgs a = {},
+                       int64_t chunk_rows = 0) {
   TORCH_CHECK_VALUE(x.device().index() == e.device, op, ": x is on ", dev(x.device()), " but the communicator's workspace is on cuda:",
                     num(e.device), "; call torch.cuda.set_device before creating the Communicator, or move x");
   a.x = x.data_ptr();
@@ -167,7 +169,8 @@ tw::CallArgs plan_call(const char* op, const CommEntry& e, const at::Tensor& x, 
                    ": track-and-trigger takes bfloat16 or float16");
   TORCH_CHECK_VALUE(feed != tw::Feed::kCopyEngine || e.transport == tw::Transport::kP2P, op,
                     ": the copy-engine feed needs the p2p transport; use the SM consumer");
-  const char* err = tw::plan_allreduce(a, e.dev.layout, int(ctas), int(chunks_per_cta));
+  TORCH_CHECK_VALUE(chunk_rows >= 0 && chunk_rows <= x.size(0), op, ": chunk_rows must be in [1, tokens] (0: plan here)");
+  const char* err = tw::plan_allreduce(a, e.dev.layout, int(ctas), int(chunks_per_cta), int(chunk_rows));
   TORCH_CHECK_VALUE(err == nullptr, op, ": ", err);
   return a;
 }
@@ -178,7 +181,7 @@ void launch_collective(const char* op, const at::Tensor& x, const std::optional<
   check_inputs(x, residual, weight, out, op);
   const CommEntry e = lookup(comm, op);
   const tw::Feed feed = track.ready ? tw::Feed::kTracked : track.go ? tw::Feed::kCopyEngine : tw::Feed::kResident;
-  tw::CallArgs a = plan_call(op, e, x, residual, weight, out, eps, algo, ctas, chunks_per_cta, feed);
+  tw::CallArgs a = plan_call(op, e, x, residual, weight, out, eps, algo, ctas, chunks_per_cta, feed, {}, track.chunk_rows);
   if (track.ready) {
     check_counters({track.ready, track.consumed}, x, a.n_chunks, op);
     TORCH_CHECK_VALUE(track.pieces_full >= 1 && track.pieces_last >= 1, op, ": pieces per chunk must be >= 1");
@@ -235,30 +238,34 @@ void allreduce_lean_cuda(const at::Tensor& x, const std::optional<at::Tensor>& r
 
 void allreduce_tracked_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                             const std::optional<at::Tensor>& weight, at::Tensor& out, double eps, int64_t comm,
-                            int64_t algo, int64_t ctas, int64_t chunks_per_cta, const at::Tensor& ready,
+                            int64_t algo, int64_t ctas, int64_t chunk_rows, const at::Tensor& ready,
                             at::Tensor& consumed, int64_t pieces_full, int64_t pieces_last) {
-  launch_collective("tokenweave.allreduce_tracked", x, residual, weight, out, eps, comm, algo, ctas, chunks_per_cta,
-                    Tracking{&ready, &consumed, pieces_full, pieces_last});
+  TORCH_CHECK_VALUE(chunk_rows >= 1, "tokenweave.allreduce_tracked: chunk_rows must be >= 1 (the trigger plan's)");
+  launch_collective("tokenweave.allreduce_tracked", x, residual, weight, out, eps, comm, algo, ctas, 1,
+                    Tracking{chunk_rows, &ready, &consumed, pieces_full, pieces_last});
 }
 
 void allreduce_staged_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                            const std::optional<at::Tensor>& weight, at::Tensor& out, double eps, int64_t comm,
-                           int64_t ctas, int64_t chunks_per_cta, at::Tensor& go) {
+                           int64_t ctas, int64_t chunk_rows, at::Tensor& go) {
+  TORCH_CHECK_VALUE(chunk_rows >= 1, "tokenweave.allreduce_staged: chunk_rows must be >= 1 (the trigger plan's)");
   Tracking t;
+  t.chunk_rows = chunk_rows;
   t.go = &go;
   launch_collective("tokenweave.allreduce_staged", x, residual, weight, out, eps, comm, int64_t(tw::Algo::kTwoShot),
-                    ctas, chunks_per_cta, t);
+                    ctas, 1, t);
 }
 
-void copy_engine_stage_cuda(const at::Tensor& x, int64_t comm, int64_t ctas, int64_t chunks_per_cta,
+void copy_engine_stage_cuda(const at::Tensor& x, int64_t comm, int64_t ctas, int64_t chunk_rows,
                             at::Tensor& group_ready, int64_t group_chunks, int64_t pieces_full, int64_t pieces_last,
                             at::Tensor& go, const at::Tensor& ones) {
   constexpr const char* op = "tokenweave.copy_engine_stage";
   check_inputs(x, std::nullopt, std::nullopt, x, op);
   const CommEntry e = lookup(comm, op);
-  // Planned exactly like the consumer's call (the plan does not depend on residual/weight).
-  const tw::CallArgs a = plan_call(op, e, x, std::nullopt, std::nullopt, x, 0.0, int64_t(tw::Algo::kTwoShot), ctas,
-                                   chunks_per_cta, tw::Feed::kCopyEngine);
+  // The consumer's geometry, from the same trigger plan (the plan does not depend on residual/weight).
+  TORCH_CHECK_VALUE(chunk_rows >= 1, op, ": chunk_rows must be >= 1 (the trigger plan's)");
+  const tw::CallArgs a = plan_call(op, e, x, std::nullopt, std::nullopt, x, 0.0, int64_t(tw::Algo::kTwoShot), ctas, 1,
+                                   tw::Feed::kCopyEngine, {}, chunk_rows);
   TORCH_CHECK_VALUE(group_chunks >= 1, op, ": group_chunks must be >= 1");
   check_counters({&group_ready}, x, (a.n_chunks + group_chunks - 1) / group_chunks, op);
   check_counters({&go}, x, 1, op);
@@ -430,12 +437,12 @@ TORCH_LIBRARY(tokenweave, m) {
         "int ctas, int chunks_per_cta) -> ()");
   m.def("add_rmsnorm(Tensor x, Tensor(a!)? residual, Tensor weight, Tensor(b!) out, float eps) -> ()");
   m.def("allreduce_tracked(Tensor x, Tensor(a!)? residual, Tensor? weight, Tensor(b!) out, float eps, int comm, "
-        "int algo, int ctas, int chunks_per_cta, Tensor ready, Tensor(c!) consumed, int pieces_full, "
+        "int algo, int ctas, int chunk_rows, Tensor ready, Tensor(c!) consumed, int pieces_full, "
         "int pieces_last) -> ()");
   m.def("mark_ready(Tensor(a!) ready, int begin, int end, int pieces) -> ()");
   m.def("allreduce_staged(Tensor x, Tensor(a!)? residual, Tensor? weight, Tensor(b!) out, float eps, int comm, "
-        "int ctas, int chunks_per_cta, Tensor(c!) go) -> ()");
-  m.def("copy_engine_stage(Tensor x, int comm, int ctas, int chunks_per_cta, Tensor(a!) group_ready, "
+        "int ctas, int chunk_rows, Tensor(c!) go) -> ()");
+  m.def("copy_engine_stage(Tensor x, int comm, int ctas, int chunk_rows, Tensor(a!) group_ready, "
         "int group_chunks, int pieces_full, int pieces_last, Tensor(b!) go, Tensor ones) -> ()");
   m.def("gate_on_counter(Tensor(a!) counters, int index, int target) -> ()");
   m.def("allreduce_lean(Tensor x, Tensor(a!)? residual, Tensor? weight, Tensor(b!) out, float eps, int comm, "
@@ -463,6 +470,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("comm_register", &comm_register);
   m.def("add_rmsnorm_config", &add_rmsnorm_config);
   m.def("add_rmsnorm_configs", &tw::add_rmsnorm_configs);
+  m.def("set_programmatic_launch", &tw::set_programmatic_launch);
+  m.def("programmatic_launch", &tw::programmatic_launch);
   m.attr("STATE_WORDS") = int(sizeof(tw::LocalState) / 4);
   m.attr("BLOCK_THREADS") = tw::kBlockThreads;
   m.attr("MAX_WORLD") = tw::kMaxWorld;

@@ -11,12 +11,14 @@ from tokenweave._ext import HAS_EXTENSION
 from tokenweave.comm import Communicator, plan_transport
 from tokenweave.errors import (CollectiveMismatchError, CollectiveTimeoutError, CommunicatorClosedError,
                                TokenweaveError)
-from tokenweave.ops import add_rmsnorm, all_reduce, fused_allreduce_rmsnorm
+from tokenweave.ops import (add_rmsnorm, all_reduce, fused_allreduce_rmsnorm, programmatic_launch,
+                            set_programmatic_launch)
 from tokenweave.trigger import Tracker, matmul_allreduce, matmul_allreduce_rmsnorm
 
 __version__ = "0.1.0"
 __all__ = [
     "Communicator", "plan_transport", "fused_allreduce_rmsnorm", "all_reduce", "add_rmsnorm", "HAS_EXTENSION",
+    "set_programmatic_launch", "programmatic_launch",
     "Tracker", "matmul_allreduce", "matmul_allreduce_rmsnorm", "matmul_mark_ready",
     "TokenweaveError", "CollectiveTimeoutError", "CollectiveMismatchError", "CommunicatorClosedError",
 ]

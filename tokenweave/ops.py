@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from tokenweave import _abi
-from tokenweave._ext import HAS_EXTENSION
+from tokenweave._ext import HAS_EXTENSION, _C
 from tokenweave.comm import _DTYPE_NAMES, _OP_NORM, _OP_RESIDUAL, ALGOS, Communicator, _op_name
 from tokenweave.errors import CollectiveMismatchError, CollectiveTimeoutError, TokenweaveError
 from tokenweave.reference import add_rmsnorm_reference
@@ -40,7 +40,7 @@ if HAS_EXTENSION:
         return None
 
     @torch.library.register_fake("tokenweave::allreduce_tracked")
-    def _allreduce_tracked_fake(x, residual, weight, out, eps, comm, algo, ctas, chunks_per_cta, ready, consumed,
+    def _allreduce_tracked_fake(x, residual, weight, out, eps, comm, algo, ctas, chunk_rows, ready, consumed,
                                 pieces_full, pieces_last):
         return None
 
@@ -49,11 +49,11 @@ if HAS_EXTENSION:
         return None
 
     @torch.library.register_fake("tokenweave::allreduce_staged")
-    def _allreduce_staged_fake(x, residual, weight, out, eps, comm, ctas, chunks_per_cta, go):
+    def _allreduce_staged_fake(x, residual, weight, out, eps, comm, ctas, chunk_rows, go):
         return None
 
     @torch.library.register_fake("tokenweave::copy_engine_stage")
-    def _copy_engine_stage_fake(x, comm, ctas, chunks_per_cta, group_ready, group_chunks, pieces_full, pieces_last,
+    def _copy_engine_stage_fake(x, comm, ctas, chunk_rows, group_ready, group_chunks, pieces_full, pieces_last,
                                 go, ones):
         return None
 
@@ -332,8 +332,30 @@ _OPS = None
 def _ops() -> _Ops:
     global _OPS
     if _OPS is None:
+        from tokenweave import tuning
+
+        on, _ = tuning.programmatic_launch(tuning.device_slug())
+        set_programmatic_launch(on)  # the card's measured default, once, before the first launch
         _OPS = _Ops()
     return _OPS
+
+
+def set_programmatic_launch(enabled: bool) -> None:
+    """Launch every tokenweave kernel with programmatic dependent launch (PDL), or not, in this process.
+
+    With PDL a kernel may start while the previous kernel in its stream is finishing (its CTAs prefetch the
+    norm weight, then wait for that kernel's results in hardware), which hides the launch gap; inside CUDA
+    graphs the dependency becomes a programmatic edge. The default comes from the card's tuning config
+    (``"launch"``; ``TOKENWEAVE_PDL=0|1`` overrides) when the first op runs. Needs the CUDA extension.
+    """
+    if not HAS_EXTENSION:
+        raise RuntimeError("tokenweave.set_programmatic_launch: the CUDA extension is not built")
+    _C.set_programmatic_launch(bool(enabled))
+
+
+def programmatic_launch() -> bool:
+    """Whether tokenweave kernels are launched with PDL in this process (:func:`set_programmatic_launch`)."""
+    return bool(HAS_EXTENSION and _C.programmatic_launch())
 
 
 def fused_allreduce_rmsnorm(comm: Communicator, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

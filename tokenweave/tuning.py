@@ -14,7 +14,8 @@ Fields of an entry (all optional; missing ones come from the heuristic):
 ``chunks_per_cta``
 
 Track-and-trigger (:mod:`tokenweave.trigger`) has its own list, ``"trigger"``, in the same files: see
-:class:`TriggerConfig` and :func:`trigger_config`.
+:class:`TriggerConfig` and :func:`trigger_config`. The ``"launch"`` list says whether kernels use programmatic
+dependent launch on the card (:func:`programmatic_launch`).
 """
 from __future__ import annotations
 
@@ -102,6 +103,23 @@ def dispatch_config(card: str, world_size: int, itemsize: int, hidden: int) -> D
         values = {k: v for k, v in e.items() if k in known and k != "source"}
         return replace(HEURISTIC, **values, source=f"{e['_file']}: {e.get('source', '?')}")
     return HEURISTIC
+
+
+# ------------------------------------------------------------------------------------------------ launches
+def programmatic_launch(card: str) -> tuple[bool, str]:
+    """Whether kernels are launched with programmatic dependent launch (PDL) on this card, and why.
+
+    ``TOKENWEAVE_PDL=0|1`` decides when set; else the ``"launch"`` section's ``programmatic`` (user file
+    first, then ``configs/<card>.json``); else off (the heuristic: PDL only where a run measured it).
+    """
+    env = os.environ.get("TOKENWEAVE_PDL")
+    if env in ("0", "1"):
+        return env == "1", "TOKENWEAVE_PDL"
+    for text in _all_entries(card, os.environ.get("TOKENWEAVE_CONFIG") or None, "launch"):
+        e = json.loads(text)
+        if "programmatic" in e:
+            return bool(e["programmatic"]), f"{e['_file']}: {e.get('source', '?')}"
+    return False, "heuristic"
 
 
 # ------------------------------------------------------------------------------------------ track-and-trigger

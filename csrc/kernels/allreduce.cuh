@@ -19,6 +19,7 @@
 #pragma once
 
 #include "tokenweave/common.cuh"
+#include "tokenweave/pdl.cuh"
 #include "tokenweave/plan.h"
 #include "tokenweave/rownorm.cuh"
 #include "tokenweave/sync.cuh"
@@ -78,6 +79,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
   constexpr int VPT = kMaxVecsPerThread;
   __shared__ float red[2][kBlockThreads / 32];
 
+  prefetch_l2((a.op & kOpNorm) ? a.weight : nullptr, int64_t(a.hidden) * int64_t(sizeof(T)));
+  wait_for_prior_grid();  // PDL (pdl.cuh): nothing above touches what the previous kernel writes
   const CallId id{c.state->epoch + 1, a.sig, a.op};
   const int half = id.epoch & 1;
   const int nvr = a.hidden / L;
@@ -126,7 +129,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
       if (step >= 1) {
         const int ch = chunk_at(step - 1);
         if (!(ok = wait_all<W>(c, id, kPhaseA, ch))) break;
-        finish_rows<T, kBlockThreads, VPT, false>(src, local, rows, row_begin(ch), row_end(ch), red);
+        finish_rows<T, kBlockThreads, VPT, false, RowSync::kGroup>(src, local, rows, row_begin(ch), row_end(ch), red);
       }
     }
   } else if (ok) {
@@ -185,7 +188,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
       if (step >= 2) {  // C: epilogue of chunk step-2
         const int ch = chunk_at(step - 2);
         if (!(ok = wait_all<W>(c, id, kPhaseB, ch))) break;
-        finish_rows<T, kBlockThreads, VPT, false>(src, local, rows, row_begin(ch), row_end(ch), red);
+        finish_rows<T, kBlockThreads, VPT, false, RowSync::kGroup>(src, local, rows, row_begin(ch), row_end(ch), red);
       }
     }
   }
@@ -215,10 +218,7 @@ cudaError_t with_world(int world, const F& f) {
 // The algorithm picks the kernel; with_world the world size.
 template <typename T, template <typename, int> class TransportT, Feed kFeed>
 cudaError_t launch_world(const CommDevice& c, const CallArgs& a, cudaStream_t stream) {
-  auto go = [&](auto kernel) {
-    kernel<<<a.ctas, kBlockThreads, 0, stream>>>(c, a);
-    return cudaGetLastError();
-  };
+  auto go = [&](auto kernel) { return launch_kernel(kernel, dim3(a.ctas), dim3(kBlockThreads), stream, c, a); };
   return with_world(c.world, [&](auto w) -> cudaError_t {
     constexpr int W = decltype(w)::value;
     if (a.algo == int(Algo::kLean)) {  // its own kernel: its register budget is not the other algorithms'

@@ -20,6 +20,7 @@
 #pragma once
 
 #include "tokenweave/common.cuh"
+#include "tokenweave/pdl.cuh"
 #include "tokenweave/plan.h"
 #include "tokenweave/rownorm.cuh"
 #include "tokenweave/sync.cuh"
@@ -135,6 +136,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lamport_kernel(const CommDev
   constexpr int L = Pack<T>::kLanes;
   __shared__ float red[2][kBlockThreads / 32];
   const Layout& l = c.layout;
+  prefetch_l2((a.op & kOpNorm) ? a.weight : nullptr, int64_t(a.hidden) * int64_t(sizeof(T)));
+  wait_for_prior_grid();  // PDL (pdl.cuh): nothing above touches what the previous kernel writes
   const CallId id{c.state->epoch + 1, a.sig, a.op};
   const uint32_t seq = c.state->lamport_seq + 1;
   const int buf = int(seq % 3), stale = int((seq + 2) % 3);
@@ -196,7 +199,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lamport_kernel(const CommDev
                                   c.rank, start + c.timeout_ns, &c, &failed};
     const LamportSink sink{LocalSink{reinterpret_cast<Vec*>(a.out), reinterpret_cast<Vec*>(a.residual), nvr}, &failed};
     for (int i = 0; i < n_mine; ++i)
-      finish_rows<T, kBlockThreads, kLamportVecs, false>(src, sink, rows, row_begin(chunk_at(i)), row_end(chunk_at(i)), red);
+      finish_rows<T, kBlockThreads, kLamportVecs, false, RowSync::kGroup>(src, sink, rows, row_begin(chunk_at(i)), row_end(chunk_at(i)), red);
     // finish_rows ends with a barrier: `failed` is final here
     if (failed != 0) {
       if (threadIdx.x == 0 && !aborted(c)) record_error(c, kErrTimeout, failed - 1, id.epoch, -1, id.sig, id.op, 0);

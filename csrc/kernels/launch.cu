@@ -1,13 +1,23 @@
 // Torch-free launchers: planning, transport dispatch, the standalone add + RMSNorm, the peer probe.
+#include <atomic>
+
+#include "tokenweave/pdl.cuh"
 #include "tokenweave/rownorm.cuh"
 #include "tokenweave/tokenweave.h"
 
 namespace tokenweave {
 
+namespace {
+std::atomic<bool> g_programmatic_launch{false};
+}  // namespace
+
+void set_programmatic_launch(bool on) { g_programmatic_launch.store(on, std::memory_order_relaxed); }
+bool programmatic_launch() { return g_programmatic_launch.load(std::memory_order_relaxed); }
+
 cudaError_t launch_allreduce_p2p(const CommDevice& c, const CallArgs& a, cudaStream_t s);
 cudaError_t launch_allreduce_multimem(const CommDevice& c, const CallArgs& a, cudaStream_t s);
 
-const char* plan_allreduce(CallArgs& a, const Layout& l, int ctas, int chunks_per_cta) {
+const char* plan_allreduce(CallArgs& a, const Layout& l, int ctas, int chunks_per_cta, int chunk_rows) {
   const int lanes = lanes_of(DType(a.dtype));
   const uint64_t elem = 16 / lanes;
   if (a.tokens < 1) return "tokens must be >= 1";
@@ -42,6 +52,10 @@ const char* plan_allreduce(CallArgs& a, const Layout& l, int ctas, int chunks_pe
   int64_t rows = (span + int64_t(ctas) * chunks_per_cta - 1) / (int64_t(ctas) * chunks_per_cta);
   rows = rows < 1 ? 1 : rows;
   if ((span + rows - 1) / rows > kMaxChunks) rows = (span + kMaxChunks - 1) / kMaxChunks;
+  if (chunk_rows > 0) {  // the caller's plan: checked, not re-derived
+    if ((span + chunk_rows - 1) / chunk_rows > kMaxChunks) return "chunk_rows is too small: more than 4096 chunks";
+    rows = chunk_rows;
+  }
   a.chunk_rows = int(rows);
   a.n_chunks = int((span + rows - 1) / rows);
   a.ctas = ctas < a.n_chunks ? ctas : a.n_chunks;
@@ -76,6 +90,8 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_kernel(RowArgs
   __shared__ float red[2][Threads / 32];
   const int nvr = ra.hidden / Pack<T>::kLanes;
   const int64_t r0 = int64_t(blockIdx.x) * (Threads / ra.group);
+  prefetch_l2(ra.weight, int64_t(ra.hidden) * int64_t(sizeof(T)));
+  wait_for_prior_grid();  // PDL (pdl.cuh): only the weight is touched above
   const LocalSource<T> src{x, residual, nvr};
   const LocalSink sink{out, residual, nvr};
   finish_rows<T, Threads, VPT>(src, sink, ra, r0, min(r0 + Threads / ra.group, tokens), red);
@@ -110,6 +126,7 @@ __global__ void __launch_bounds__(Threads, 2) add_rmsnorm_pipelined_kernel(RowAr
 #pragma unroll
   for (int k = 0; k < VPT; ++k)
     if (lane + k * G < nvr) g[k] = w[lane + k * G];
+  wait_for_prior_grid();  // PDL (pdl.cuh): only the weight is read above
   int64_t row = int64_t(blockIdx.x) * rows_per_pass + threadIdx.x / G;
   load(row, xa, ra_);
   int pass = 0;
@@ -161,6 +178,52 @@ __global__ void __launch_bounds__(Threads, 2) add_rmsnorm_pipelined_kernel(RowAr
   }
 }
 
+// Two passes over each row, few registers: pass 1 computes z = round_T(x + residual), writes it back to the
+// residual and sums its squares; pass 2 reads z again (the residual just written, from L2; x when there is
+// no residual) with the weight and writes out. A thread holds one or two vectors at a time instead of the
+// whole row, so MinBlocks CTAs fit on an SM (the compiled norm's trade: occupancy for an L2 re-read).
+// Same arithmetic and order as finish_rows (per thread j = lane, lane + G, ...; then group_sum): same bits.
+template <typename T, int Threads, int MinBlocks>
+__global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kernel(RowArgs ra, const Vec* x,
+                                                                                Vec* residual, Vec* out,
+                                                                                int64_t tokens) {
+  constexpr int L = Pack<T>::kLanes;
+  __shared__ float red[2][Threads / 32];
+  const int nvr = ra.hidden / L;
+  const int G = ra.group;
+  const int lane = threadIdx.x % G;
+  const int64_t row = int64_t(blockIdx.x) * (Threads / G) + threadIdx.x / G;
+  const Vec* w = reinterpret_cast<const Vec*>(ra.weight);
+  prefetch_l2(ra.weight, int64_t(ra.hidden) * int64_t(sizeof(T)));
+  wait_for_prior_grid();  // PDL (pdl.cuh): only the weight is touched above
+  const bool active = row < tokens;
+  const LocalSource<T> src{x, residual, nvr};
+  float ss = 0.f;
+  if (active) {
+#pragma unroll 2
+    for (int j = lane; j < nvr; j += G) {
+      const Vec z = src.load_z(row, j);
+      if (residual) residual[row * nvr + j] = z;
+      float f[L];
+      Pack<T>::unpack(z, f);
+#pragma unroll
+      for (int i = 0; i < L; ++i) ss += f[i] * f[i];
+    }
+  }
+  const float rstd = rsqrtf(group_sum(ss, G, red[0]) / float(ra.hidden) + ra.eps);
+  if (!active) return;
+  const Vec* zs = residual ? residual : x;  // this thread's own stores of pass 1: program order
+#pragma unroll 2
+  for (int j = lane; j < nvr; j += G) {
+    float f[L], gw[L];
+    Pack<T>::unpack(zs[row * nvr + j], f);
+    Pack<T>::unpack(w[j], gw);
+#pragma unroll
+    for (int i = 0; i < L; ++i) f[i] = f[i] * rstd * gw[i];
+    out[row * nvr + j] = Pack<T>::pack(f);
+  }
+}
+
 // (threads per CTA, target vectors per thread, most vectors per thread, persistent + pipelined rows).
 // Config 0 picks per call (add_rmsnorm below); the others are fixed shapes that bench/add_rmsnorm.py times
 // side by side (tokenweave_cfgK): register-capped arrays decide occupancy, and persistence hides latency.
@@ -168,9 +231,12 @@ struct NormConfig {
   int threads, target_vecs, max_vecs;
   bool pipelined;
 };
-constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false}, {256, 4, 4, false}, {256, 4, 8, false},
-                                       {512, 4, 8, false}, {256, 4, 4, true},  {512, 2, 2, true},
-                                       {1024, 1, 2, false}, {512, 2, 2, false}, {512, 2, 2, false}};
+// Two-pass shapes (9, 10) keep no row in registers: any row length fits (kTwoPassVecs bounds nothing).
+constexpr int kTwoPassVecs = 1 << 20;
+constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false},           {256, 4, 8, false},
+                                       {512, 4, 8, false},  {256, 4, 4, true},            {512, 2, 2, true},
+                                       {1024, 1, 2, false}, {512, 2, 2, false},           {512, 2, 2, false},
+                                       {256, 4, kTwoPassVecs, false}, {128, 8, kTwoPassVecs, false}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
@@ -192,13 +258,21 @@ cudaError_t launch_add_rmsnorm(const RowArgs& ra, const void* x, void* residual,
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     blocks = blocks < int64_t(sms) * per_sm ? blocks : int64_t(sms) * per_sm;
-    add_rmsnorm_pipelined_kernel<T, Threads, VPT><<<blocks, Threads, 0, stream>>>(
-        ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
-  } else {
-    add_rmsnorm_kernel<T, Threads, VPT, MinBlocks><<<blocks, Threads, 0, stream>>>(
-        ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
+    return launch_kernel(add_rmsnorm_pipelined_kernel<T, Threads, VPT>, dim3(unsigned(blocks)), dim3(Threads), stream,
+                         ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
   }
-  return cudaGetLastError();
+  return launch_kernel(add_rmsnorm_kernel<T, Threads, VPT, MinBlocks>, dim3(unsigned(blocks)), dim3(Threads), stream,
+                       ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
+}
+
+template <typename T, int Threads, int MinBlocks>
+cudaError_t launch_add_rmsnorm_two_pass(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
+                                        cudaStream_t stream) {
+  const int rows_per_cta = Threads / ra.group;
+  const int64_t blocks = (tokens + rows_per_cta - 1) / rows_per_cta;
+  return launch_kernel(add_rmsnorm_two_pass_kernel<T, Threads, MinBlocks>, dim3(unsigned(blocks)), dim3(Threads), stream,
+                       ra, reinterpret_cast<const Vec*>(x), reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out),
+                       tokens);
 }
 
 template <typename T>
@@ -215,6 +289,9 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     // 512 threads x 2 vectors capped at 32 registers: 4 CTAs (2048 threads) per SM, as the compiled norm runs
     case 7: return launch_add_rmsnorm<T, 512, 2, false, 4>(ra, x, residual, out, tokens, stream);
     case 8: return launch_add_rmsnorm<T, 512, 2, false, 3>(ra, x, residual, out, tokens, stream);  // 40 registers
+    // two passes, 32 registers: 8 x 256 and 16 x 128 threads per SM (2048, the compiled norm's occupancy)
+    case 9: return launch_add_rmsnorm_two_pass<T, 256, 8>(ra, x, residual, out, tokens, stream);
+    case 10: return launch_add_rmsnorm_two_pass<T, 128, 16>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }

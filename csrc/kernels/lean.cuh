@@ -17,6 +17,7 @@
 #pragma once
 
 #include "tokenweave/common.cuh"
+#include "tokenweave/pdl.cuh"
 #include "tokenweave/plan.h"
 #include "tokenweave/rownorm.cuh"
 #include "tokenweave/sync.cuh"
@@ -80,6 +81,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lean_kernel(const CommDevice
   constexpr int L = Pack<T>::kLanes;
   constexpr int kPhaseA = 0, kPhaseB = 1;
   __shared__ float red[2][kBlockThreads / 32];
+  prefetch_l2((a.op & kOpNorm) ? a.weight : nullptr, int64_t(a.hidden) * int64_t(sizeof(T)));
+  wait_for_prior_grid();  // PDL (pdl.cuh): nothing above touches what the previous kernel writes
   const CallId id{c.state->epoch + 1, a.sig, a.op};
   const int half = id.epoch & 1;
   const int nvr = a.hidden / L;
@@ -120,7 +123,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lean_kernel(const CommDevice
       if (step >= 1 && step - 1 < n_mine) {  // B: finish my rows of chunk step-1 and write them everywhere
         const int ch = chunk_at(step - 1);
         if (!(ok = wait_all<W>(c, id, kPhaseA, ch))) break;
-        finish_rows<T, kBlockThreads, kLeanVecs, false>(src, sink, rows, lrow_begin(c.rank, ch), lrow_end(c.rank, ch), red);
+        finish_rows<T, kBlockThreads, kLeanVecs, false, RowSync::kGroup>(src, sink, rows, lrow_begin(c.rank, ch), lrow_end(c.rank, ch), red);
         signal_all<Tr, W>(c, id, kPhaseB, ch);
       }
       if (step >= 2) {  // C: every owner's rows of chunk step-2 are in my out (and residual)

@@ -62,3 +62,22 @@ def test_every_shipped_entry_names_its_run():
     for path in tuning.CONFIG_DIR.glob("*.json"):
         for e in json.loads(path.read_text())["entries"]:
             assert e.get("source") and "bench/results/" in e["source"], (path.name, e)
+
+
+def test_programmatic_launch_from_env_then_config_then_heuristic(tmp_path, monkeypatch):
+    tuning._all_entries.cache_clear()
+    monkeypatch.delenv("TOKENWEAVE_PDL", raising=False)
+    user = tmp_path / "mine.json"
+    user.write_text(json.dumps({"launch": [{"programmatic": True, "source": "my chained run"}]}))
+    monkeypatch.setenv("TOKENWEAVE_CONFIG", str(user))
+    tuning._all_entries.cache_clear()
+    assert tuning.programmatic_launch("unknown-card") == (True, f"{user}: my chained run")  # the user's file
+    monkeypatch.setenv("TOKENWEAVE_PDL", "0")
+    assert tuning.programmatic_launch("unknown-card") == (False, "TOKENWEAVE_PDL")  # the variable decides
+    monkeypatch.delenv("TOKENWEAVE_PDL")
+    monkeypatch.delenv("TOKENWEAVE_CONFIG")
+    tuning._all_entries.cache_clear()
+    assert tuning.programmatic_launch("unknown-card") == (False, "heuristic")  # unmeasured: off
+    on, source = tuning.programmatic_launch("h200")  # the shipped file: measured, and says where
+    assert source == "heuristic" or "bench/results/" in source
+    tuning._all_entries.cache_clear()

@@ -47,14 +47,15 @@ class Recorder:
     def allreduce(self, x, residual, weight, out, eps, comm_id, algo, ctas, chunks_per_cta):
         self._add("allreduce", rows=x.shape[0], first=x.data_ptr(), ctas=ctas, comm=comm_id)
 
-    def allreduce_tracked(self, x, residual, weight, out, eps, comm_id, algo, ctas, cpc, ready, consumed, full, last):
-        self._add("tracked", ctas=ctas, algo=algo, comm=comm_id, targets=(full, last))
+    def allreduce_tracked(self, x, residual, weight, out, eps, comm_id, algo, ctas, chunk_rows, ready, consumed, full,
+                          last):
+        self._add("tracked", ctas=ctas, algo=algo, comm=comm_id, targets=(full, last), chunk_rows=chunk_rows)
 
-    def allreduce_staged(self, x, residual, weight, out, eps, comm_id, ctas, cpc, go):
-        self._add("staged", ctas=ctas, comm=comm_id)
+    def allreduce_staged(self, x, residual, weight, out, eps, comm_id, ctas, chunk_rows, go):
+        self._add("staged", ctas=ctas, comm=comm_id, chunk_rows=chunk_rows)
 
-    def copy_engine_stage(self, x, comm_id, ctas, cpc, group_ready, group_chunks, full, last, go, ones):
-        self._add("stage", ctas=ctas, group_chunks=group_chunks)
+    def copy_engine_stage(self, x, comm_id, ctas, chunk_rows, group_ready, group_chunks, full, last, go, ones):
+        self._add("stage", ctas=ctas, group_chunks=group_chunks, chunk_rows=chunk_rows)
 
 
 @pytest.fixture
@@ -152,9 +153,13 @@ def test_chunked_consumers_first_call_produces_first_then_overlaps(world, consum
             assert kernel_at < first_mark and ("wait_stream", "consumer", "compute") not in world.log[:kernel_at]
         assert all(e[1] == "compute" for e in _ops_on(world.log, "mark_ready"))
         assert _ops_on(world.log, kernel)[0][1] == "consumer"
+        # the plan's geometry is handed to C++ as is (never re-derived there), to every role alike
+        assert _ops_on(world.log, kernel)[0][2]["chunk_rows"] == p.chunk_rows
+        assert _ops_on(world.log, kernel)[0][2]["ctas"] == p.ctas
         if consumer == "copy_engine":  # the stage is enqueued last, on the copy stream, and joined
             assert names.index("stage") > max(i for i, n in enumerate(names) if n == "mark_ready")
             assert _ops_on(world.log, "stage")[0][1] == "copy"
+            assert _ops_on(world.log, "stage")[0][2]["chunk_rows"] == p.chunk_rows
             assert ("wait_stream", "compute", "copy") in world.log
             assert [e[2]["begin"] for e in _ops_on(world.log, "mark_ready")] == list(range(len(p.marks)))
         else:

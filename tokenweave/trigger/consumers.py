@@ -31,10 +31,10 @@ def _consume(plan) -> None:
         c.comm.order_stream()
         if c.consumer == "copy_engine":
             _ops().allreduce_staged(plan.y, c.residual, c.norm_weight, plan.out, float(c.eps), c.comm.comm_id,
-                                    plan.ctas, plan.chunks_per_cta, c.tracker.go)
+                                    plan.ctas, plan.chunk_rows, c.tracker.go)
         else:
             _ops().allreduce_tracked(plan.y, c.residual, c.norm_weight, plan.out, float(c.eps), c.comm.comm_id,
-                                     _abi.ALGO_CODES["two_shot"], plan.ctas, plan.chunks_per_cta, c.tracker.ready,
+                                     _abi.ALGO_CODES["two_shot"], plan.ctas, plan.chunk_rows, c.tracker.ready,
                                      c.tracker.consumed, *plan.targets)
 
 
@@ -49,7 +49,7 @@ def _stage(plan, inputs_ready) -> None:
     tracker.copy_stream.wait_event(inputs_ready)
     with torch.cuda.stream(tracker.copy_stream):
         try:
-            _ops().copy_engine_stage(plan.y, c.comm.comm_id, plan.ctas, plan.chunks_per_cta, tracker.group_ready,
+            _ops().copy_engine_stage(plan.y, c.comm.comm_id, plan.ctas, plan.chunk_rows, tracker.group_ready,
                                      plan.ctas, *plan.targets, tracker.go, tracker.ones)
         except Exception:
             tracker.broken = True  # `go` and the group counters may be left armed: never reuse them

@@ -121,8 +121,10 @@ def producer_groups(tokens: int, chunk_rows: int, n_chunks: int, ctas: int) -> l
 @functools.lru_cache(maxsize=1024)
 def _geometry(comm_id: int, tokens: int, hidden: int, dtype_code: int, algo: int, ctas: int,
               chunks_per_cta: int) -> tuple[int, int, int]:
-    """(ctas, chunk_rows, n_chunks) as the kernel will plan them (csrc plan_allreduce); a pure function of its
-    arguments (a communicator's layout never changes and ids are never reused), so asked once per shape."""
+    """(ctas, chunk_rows, n_chunks) from csrc plan_allreduce: the call's one geometry decision. It is handed
+    to the consumer and copy-engine ops as is (their ``chunk_rows`` argument; C++ checks it, never re-derives
+    it). A pure function of its arguments (a communicator's layout never changes and ids are never reused),
+    so asked once per shape."""
     geo = _C.plan(comm_id, tokens, hidden, dtype_code, algo, ctas, chunks_per_cta)
     return int(geo["ctas"]), int(geo["chunk_rows"]), int(geo["n_chunks"])
 

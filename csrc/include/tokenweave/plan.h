@@ -70,6 +70,9 @@ inline uint32_t call_signature(const CallArgs& a) {
 // Fills algo-dependent fields of `a` (ctas, chunk_rows, n_chunks, group, sig) from the request.
 // Returns nullptr on success or a message saying what to change.
 // chunks_per_cta > 1 lets each CTA pipeline its chunks (scatter of chunk k+1 while waiting for k).
-const char* plan_allreduce(CallArgs& a, const Layout& l, int ctas, int chunks_per_cta);
+// chunk_rows > 0: the rows per chunk were decided already (a track-and-trigger call plans its geometry
+// once, with this function, and hands it to the producer, the copy engines and the consumer alike); they
+// are then only checked here, never re-derived, so every role of the call sees the same chunks.
+const char* plan_allreduce(CallArgs& a, const Layout& l, int ctas, int chunks_per_cta, int chunk_rows = 0);
 
 }  // namespace tokenweave

@@ -34,14 +34,32 @@ inline int plan_row_group(int hidden, int lanes, int threads = kBlockThreads, in
   return (vecs + g - 1) / g <= max_vecs ? g : -1;
 }
 
+// How the threads of a row group meet to sum the row's squares:
+//   kCta    __syncthreads(): one barrier per CTA, for kernels that run several CTAs per SM (their CTAs
+//           drift apart on their own; a named barrier id chosen at run time makes ptxas reserve all 16
+//           of the CTA's barriers, which the occupancy of a many-CTA kernel can be limited by)
+//   kGroup  a named barrier per group (1 + group index, G threads; barrier 0 is __syncthreads), for the
+//           one-CTA-per-SM collective kernels: a row's reduction never waits for another row's loads, so
+//           the groups of a pass drift apart and one group's stores overlap another's loads. Safe for the
+//           double buffer: a group's next write to red[p & 1] follows its own barrier of pass p + 1, which
+//           each of its threads reaches only after reading pass p's values.
+// Either way the sum is the same, in the same order.
+enum class RowSync { kCta, kGroup };
+constexpr int kGroupBarriers = 15;  // barriers 1..15; more groups than that fall back to __syncthreads
+
 // Sum of v over the G threads of each group. `red` is one of two shared buffers, alternated by the
 // caller, so a single barrier per pass suffices.
+template <RowSync kSync = RowSync::kCta>
 __device__ __forceinline__ float group_sum(float v, int G, float* red) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   if (G <= 32) return v;
   if ((threadIdx.x & 31) == 0) red[threadIdx.x / 32] = v;
-  __syncthreads();
+  if (kSync == RowSync::kGroup && int(blockDim.x) / G <= kGroupBarriers) {
+    asm volatile("bar.sync %0, %1;" ::"r"(1 + int(threadIdx.x) / G), "r"(G) : "memory");
+  } else {
+    __syncthreads();
+  }
   const int first = (threadIdx.x / G) * (G / 32);
   float s = 0.f;
   for (int w = 0; w < G / 32; ++w) s += red[first + w];
@@ -62,7 +80,8 @@ __device__ __forceinline__ Vec nan_vec() {
 // this with the same arguments (it contains barriers). Threads = blockDim.x; VPT bounds vectors per thread.
 // kPrefetchWeight: load the weight with z (one latency per row) at the cost of VPT x 4 more registers; the
 // collective kernels, already at their register cap, load it after the reduction instead.
-template <typename T, int Threads, int VPT, bool kPrefetchWeight = true, class Source, class Sink>
+template <typename T, int Threads, int VPT, bool kPrefetchWeight = true, RowSync kSync = RowSync::kCta, class Source,
+          class Sink>
 __device__ __forceinline__ void finish_rows(const Source& src, const Sink& sink, const RowArgs& a, int64_t r0, int64_t r1,
                             float (&red)[2][Threads / 32]) {
   constexpr int L = Pack<T>::kLanes;
@@ -104,7 +123,7 @@ __device__ __forceinline__ void finish_rows(const Source& src, const Sink& sink,
       }
       continue;
     }
-    const float rstd = rsqrtf(group_sum(ss, G, red[pass & 1]) / float(a.hidden) + a.eps);
+    const float rstd = rsqrtf(group_sum<kSync>(ss, G, red[pass & 1]) / float(a.hidden) + a.eps);
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
       const int j = lane + k * G;

@@ -19,6 +19,11 @@ cudaError_t add_rmsnorm(const void* x, void* residual, const void* weight, void*
                         float eps, DType dtype, cudaStream_t stream, int config = 0);
 int add_rmsnorm_configs();
 
+// Programmatic dependent launch (pdl.cuh), process-wide, off by default: when on, every kernel above is
+// launched so that it may start while the previous kernel in its stream finishes.
+void set_programmatic_launch(bool on);
+bool programmatic_launch();
+
 // Track-and-trigger producer side: ready[c] += pieces for c in [begin, end), with release at gpu scope,
 // after whatever the stream ran before (the GEMM that wrote those chunks).
 cudaError_t mark_ready(uint32_t* ready, int begin, int end, uint32_t pieces, cudaStream_t stream);

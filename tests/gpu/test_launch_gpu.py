@@ -1,0 +1,159 @@
+"""One GPU: every add + RMSNorm block shape, and programmatic dependent launch (PDL).
+
+- Every block shape of csrc/kernels/launch.cu (``_C.add_rmsnorm_config``) matches float64 and writes every
+  element (outputs are NaN-poisoned first); the two-pass shape gives the bits of the one-pass shape it replaces.
+- With PDL on, a kernel may start while the one before it in its stream finishes. A chain in which a torch
+  kernel rewrites x right before each tokenweave call (captured in a CUDA graph and replayed) must give the
+  same bits as with PDL off: a kernel that read x before its wait would see the old x. The same for every
+  collective algorithm in the emulated world (W ranks on this GPU).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenweave as tw
+
+pytestmark = pytest.mark.gpu
+
+if not (torch.cuda.is_available() and tw.HAS_EXTENSION):
+    pytest.skip("needs a CUDA GPU and the tokenweave extension", allow_module_level=True)
+
+from tokenweave._ext import _C  # noqa: E402
+from tokenweave.testing import EmulatedWorld  # noqa: E402
+
+EPS = 1e-5
+TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+@pytest.fixture
+def pdl():
+    """Restores the process's PDL setting after the test."""
+    before = tw.programmatic_launch()
+    yield
+    tw.set_programmatic_launch(before)
+
+
+def _norm_inputs(tokens, hidden, dtype, seed):
+    gen = torch.Generator("cuda").manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen, device="cuda").to(dtype)
+    residual = torch.randn(tokens, hidden, generator=gen, device="cuda").to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen, device="cuda")).to(dtype)
+    return x, residual, weight
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=str)
+@pytest.mark.parametrize("tokens,hidden", ((1, 4096), (5, 1032), (37, 8192), (1000, 2056), (300, 16384)))
+def test_every_norm_shape_matches_float64(dtype, tokens, hidden):
+    """Each shape within tolerance of float64, every element written; the two-pass shape 9 (256 threads,
+    the default's row groups) with the bits of shape 1, the one-pass shape it replaces."""
+    x, residual, weight = _norm_inputs(tokens, hidden, dtype, tokens * 7 + hidden)
+    z = x.double() + residual.double()
+    ref = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS) * weight.double()
+    got = {}
+    for k in range(_C.add_rmsnorm_configs()):
+        res = residual.clone()
+        out = torch.full_like(x, float("nan"))
+        try:
+            _C.add_rmsnorm_config(x, res, weight, out, EPS, k)
+            torch.cuda.synchronize()
+        except RuntimeError as e:  # this shape cannot hold the row (hidden too large for its registers)
+            assert "invalid argument" in str(e), e
+            continue
+        assert not out.isnan().any() and not res.isnan().any(), f"config {k}: elements left unwritten"
+        err = ((out.double() - ref).abs() / (ref.abs() + 1)).max().item()
+        assert err < TOL[dtype], f"config {k}: rel err {err:.3g}"
+        res_err = ((res.double() - z).abs() / (z.abs() + 1)).max().item()
+        assert res_err < TOL[dtype], f"config {k}: residual rel err {res_err:.3g}"
+        got[k] = out
+    assert 0 in got and 9 in got and 10 in got
+    if 1 in got:
+        assert torch.equal(got[9], got[1]), "two-pass shape 9: other bits than one-pass shape 1"
+
+
+def test_pdl_chain_in_a_graph_gives_the_same_bits(pdl):
+    """x is rewritten by a torch kernel right before each add_rmsnorm: the norm must wait for it."""
+    tokens, hidden, dtype = 64, 8192, torch.bfloat16
+    x, residual, weight = _norm_inputs(tokens, hidden, dtype, 3)
+    results = {}
+    for on in (False, True):
+        tw.set_programmatic_launch(on)
+        xs, res, out = x.clone(), residual.clone(), torch.empty_like(x)
+        outs = []
+
+        def chain():
+            for i in range(8):
+                xs.mul_(1.0 + 1.0 / 64).add_(0.25 * (i + 1))  # the previous kernel writes x ...
+                tw.add_rmsnorm(xs, res, weight, EPS, out=out)  # ... which this call reads after its wait
+                outs.append(out.clone())
+
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            chain()  # warm-up (eager), then capture from the same starting values
+            xs.copy_(x), res.copy_(residual), outs.clear()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph, stream=stream):
+                chain()
+        for _ in range(3):  # replays from the same starting values
+            xs.copy_(x), res.copy_(residual)
+            graph.replay()
+        torch.cuda.synchronize()
+        results[on] = torch.stack(outs), res.clone()
+    assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][1], results[False][1])
+    assert not results[True][0].isnan().any()
+
+
+@pytest.mark.parametrize("W", (2, 4))
+@pytest.mark.parametrize("algo", ("one_shot", "two_shot", "lamport", "lean"))
+def test_pdl_collectives_in_the_emulated_world(pdl, W, algo):
+    """Every rank's stream: a torch kernel rewrites x, then the fused call, 6 times; graph-replayed."""
+    tokens, hidden, dtype = 40, 4096, torch.bfloat16
+    with EmulatedWorld(W, max_tokens=512, hidden=hidden, dtype=dtype, timeout_ms=5000) as world:
+        gen = torch.Generator("cuda").manual_seed(W * 10 + len(algo))
+        xs0 = [torch.randn(tokens, hidden, generator=gen, device="cuda").to(dtype) for _ in range(W)]
+        residual = torch.randn(tokens, hidden, generator=gen, device="cuda").to(dtype)
+        weight = (1 + 0.1 * torch.randn(hidden, generator=gen, device="cuda")).to(dtype)
+        lean = algo == "lean"
+        results = {}
+        for on in (False, True):
+            tw.set_programmatic_launch(on)
+            xs = [x.clone() for x in xs0]
+            outs = world.empty(tokens, hidden, dtype=dtype) if lean else [torch.empty_like(residual) for _ in xs]
+            res = world.empty(tokens, hidden, dtype=dtype) if lean else [residual.clone() for _ in xs]
+            snaps = [[] for _ in range(W)]
+
+            def step(comm, r):
+                for i in range(6):
+                    xs[r].mul_(1.0 + 1.0 / 32).add_(0.125 * (i + 1))
+                    tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r], algo=algo)
+                    snaps[r].append(outs[r].clone())
+
+            def reset():
+                for r in range(W):
+                    xs[r].copy_(xs0[r])
+                    res[r].copy_(residual)
+                    snaps[r].clear()
+
+            reset()
+            world.run(step)  # eager first: loads every kernel
+            world.synchronize()
+            eager = [torch.stack(s) for s in snaps]
+            reset()
+            world.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                world.run(step)
+            for _ in range(3):
+                for r in range(W):
+                    xs[r].copy_(xs0[r])
+                    res[r].copy_(residual)
+                graph.replay()
+                world.synchronize()
+            replayed = [torch.stack(s) for s in snaps]
+            for r in range(W):
+                assert torch.equal(replayed[r], eager[r]), f"PDL {on}: rank {r} graph replay differs from eager"
+                assert torch.equal(replayed[r], replayed[0]), f"PDL {on}: rank {r} differs from rank 0"
+            results[on] = replayed[0]
+        assert not results[True].isnan().any()
+        assert torch.equal(results[True], results[False]), "PDL on gives other bits than PDL off"
