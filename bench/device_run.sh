@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests on 2 and 4 GPUs, benchmarks; everything lands under $OUT.
-# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [newalgos] [partgpu] [onegpu] [emubench] [launch] [pdl] [ab] [norm] [ncu] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
+# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [newalgos] [partgpu] [onegpu] [emubench] [launch] [pdl] [variants] [norm] [ncu] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
 # Never touches NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS.
 set -u
 OUT=${OUT:-/tmp/tokenweave-out}
@@ -19,6 +19,14 @@ pytest_run() {  # name, seconds, pytest args...
   timeout "$limit" python -m pytest -q -p no:cacheprovider "$@" > "$OUT/$name.log" 2>&1
   log "$name: rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/$name.log")"
 }
+if has variants; then  # A/B copies of this tree, built in the background while the main build runs
+  vt0=$(date +%s)
+  MAX_JOBS=6 bash bench/debug/variant.sh cta_sync csrc/include/tokenweave/rownorm.cuh \
+    's/if (kSync == RowSync::kGroup \&\& int(blockDim.x) \/ G <= kGroupBarriers) {/if (false) {/' build > "$OUT/var_build_cta_sync.log" 2>&1 &
+  MAX_JOBS=6 bash bench/debug/variant.sh lean_unroll4 csrc/kernels/lean.cuh \
+    's/constexpr int kLeanUnroll = 8;/constexpr int kLeanUnroll = 4;/' build > "$OUT/var_build_unroll4.log" 2>&1 &
+  MAX_JOBS=6 NVCC_APPEND_FLAGS=-DTOKENWEAVE_PHASE_TIMERS bash bench/debug/variant.sh timers - - build > "$OUT/var_build_timers.log" 2>&1 &
+fi
 if has build; then
   t0=$(date +%s)
   { which nvcc; echo "CUDA_HOME=${CUDA_HOME:-unset}"; ls -d /usr/local/cuda* ; python -c "import torch, torch.utils.cpp_extension as c; print(torch.__version__, torch.version.cuda, c.CUDA_HOME)"; } > "$OUT/build.log" 2>&1
@@ -41,15 +49,18 @@ if has pdl; then
   t0=$(date +%s); timeout ${T_PDL:-200} python bench/pdl.py --out-dir bench/results ${PDL_ARGS:-} > "$OUT/pdl.log" 2>&1
   log "pdl: rc=$? in $(( $(date +%s) - t0 )) s"; tail -30 "$OUT/pdl.log"
 fi
-if has ab; then  # A/B in this run: the same tree with the collective kernels' row groups back on __syncthreads
-  t0=$(date +%s); rm -rf /tmp/ab && mkdir -p /tmp/ab && cp -r setup.py csrc tokenweave bench /tmp/ab/
-  sed -i 's/if (kSync == RowSync::kGroup \&\& int(blockDim.x) \/ G <= kGroupBarriers) {/if (false) {/' /tmp/ab/csrc/include/tokenweave/rownorm.cuh
-  grep -c "if (false) {" /tmp/ab/csrc/include/tokenweave/rownorm.cuh | sed 's/^/ab: patched lines: /' | tee -a "$OUT/summary.txt"
-  (cd /tmp/ab && MAX_JOBS=${MAX_JOBS:-16} python setup.py build_ext --inplace > "$OUT/ab_build.log" 2>&1)
-  log "ab build: rc=$? in $(( $(date +%s) - t0 )) s"
-  (cd /tmp/ab && PYTHONPATH=/tmp/ab timeout ${T_AB:-240} python bench/emulated_world.py --one-shot-worlds --out-dir /tmp/ab/results ${AB_ARGS:-} > "$OUT/ab_emubench.log" 2>&1)
-  log "ab emubench: rc=$? in $(( $(date +%s) - t0 )) s"; tail -12 "$OUT/ab_emubench.log"
-  mkdir -p bench/results/ab_cta_sync && cp /tmp/ab/results/*.json bench/results/ab_cta_sync/ 2>/dev/null
+if has variants; then  # the A/B builds started above: measured here, in the same call, on the same GPU
+  wait
+  log "variant builds: done in $(( $(date +%s) - vt0 )) s: $(cat "$OUT"/var_build_*.log | grep -c built) of 3 built"
+  for v in cta_sync lean_unroll4; do
+    t0=$(date +%s)
+    bash bench/debug/variant.sh $v - - run timeout ${T_VARIANT:-150} python bench/emulated_world.py --one-shot-worlds \
+      --out-dir /tmp/variants/$v/results > "$OUT/var_$v.log" 2>&1
+    log "variant $v emubench: rc=$? in $(( $(date +%s) - t0 )) s"
+    mkdir -p bench/results/variants/$v && cp /tmp/variants/$v/results/*.json bench/results/variants/$v/ 2>/dev/null
+  done
+  bash bench/debug/variant.sh timers - - run timeout 120 python bench/debug/lean_phases.py > "$OUT/lean_phases.log" 2>&1
+  log "variant timers: rc=$?"; grep -A4 measured "$OUT/lean_phases.log" | head -12
 fi
 if has norm; then
   t0=$(date +%s); timeout ${T_NORM:-200} python bench/add_rmsnorm.py --out-dir bench/results ${NORM_ARGS:-} > "$OUT/norm.log" 2>&1

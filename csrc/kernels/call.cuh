@@ -1,6 +1,8 @@
 // Pieces every collective kernel shares: streaming loops, the call header, the end-of-call epoch advance.
 #pragma once
 
+#include <cstdio>
+
 #include "tokenweave/common.cuh"
 #include "tokenweave/plan.h"
 
@@ -9,24 +11,49 @@ namespace tokenweave {
 // Independent 16-byte vectors each thread keeps in flight in the streaming phases.
 constexpr int kUnroll = 4;
 
-// For i in [begin, end) spread over the CTA: v = load(i) for kUnroll indices, then store(i, v) for them,
+// For i in [begin, end) spread over the CTA: v = load(i) for Unroll indices, then store(i, v) for them,
 // so the loads are in flight together (the compiler cannot reorder them across possibly-aliasing stores).
-template <class Load, class Store>
+template <int Unroll = kUnroll, class Load, class Store>
 __device__ __forceinline__ void stream_vecs(int64_t begin, int64_t end, const Load& load, const Store& store) {
-  for (int64_t i = begin + threadIdx.x; i < end; i += int64_t(kUnroll) * kBlockThreads) {
-    Vec v[kUnroll];
+  for (int64_t i = begin + threadIdx.x; i < end; i += int64_t(Unroll) * kBlockThreads) {
+    Vec v[Unroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < Unroll; ++u) {
       const int64_t k = i + int64_t(u) * kBlockThreads;
       if (k < end) v[u] = load(k);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < Unroll; ++u) {
       const int64_t k = i + int64_t(u) * kBlockThreads;
       if (k < end) store(k, v[u]);
     }
   }
 }
+
+// Diagnostics of where a CTA's time goes, compiled in only with -DTOKENWEAVE_PHASE_TIMERS (never in a
+// release build; bench/debug/lean_phases.py builds and runs it): thread 0 of each CTA adds the cycles since
+// its previous tick to phase k; thread 0 of CTA 0 prints the totals when the call ends.
+struct PhaseTimers {
+#ifdef TOKENWEAVE_PHASE_TIMERS
+  unsigned long long cycles[6] = {};
+  unsigned long long last;
+  __device__ PhaseTimers() : last(clock64()) {}
+  __device__ void tick(int k) {
+    if (threadIdx.x != 0) return;
+    const unsigned long long now = clock64();
+    cycles[k] += now - last;
+    last = now;
+  }
+  __device__ void report(const char* kernel, int rank, int ctas) const {
+    if (threadIdx.x == 0 && blockIdx.x == 0)
+      printf("phase_timers %s rank %d ctas %d cycles: stream %llu signal_a %llu wait_a %llu finish %llu signal_b %llu "
+             "wait_b %llu\n", kernel, rank, ctas, cycles[0], cycles[1], cycles[2], cycles[3], cycles[4], cycles[5]);
+  }
+#else
+  __device__ void tick(int) {}
+  __device__ void report(const char*, int, int) const {}
+#endif
+};
 
 // Diagnostics: tell every rank what this rank is calling (Python decodes it on a mismatch). The first
 // flag release (barrier + fence) orders it; Lamport calls have no flag and publish it best-effort.
