@@ -10,7 +10,10 @@ Variants (us per call; one process, no communication):
     ``torch.compile(fullgraph=True, dynamic=False)``, compiled afresh for every (tokens, hidden) and
     warmed up before anything is timed: the best a torch user gets, and the fused bench's baseline norm.
 ``tokenweave``
-    ``tokenweave.add_rmsnorm`` (the CUDA kernel; world size 1 of the fused op runs it too).
+    ``tokenweave.add_rmsnorm`` (the CUDA kernel in the block shape the card's tuning config picks for the size;
+    world size 1 of the fused op runs it too).
+``tokenweave_cfgK``
+    The same kernel in block shape K (``torch.ops.tokenweave.add_rmsnorm(..., shape=K)``).
 ``baseline_repeat``
     The baseline timed again, last at each size: ``|baseline - baseline_repeat| / baseline`` is the
     run-to-run noise every ratio carries (table column ``noise``, JSON key ``noise``).
@@ -50,8 +53,9 @@ TOKENS = (1, 16, 128, 1024, 4096, 8192, 16384)
 HIDDEN = (4096, 8192)
 CPU_TOKENS = (1, 4, 16)
 CPU_HIDDEN = (64, 256)
-# tokenweave_cfgK: the same kernel with block shape K of csrc/kernels/launch.cu kNormConfigs (config 0 is what
-# tokenweave.add_rmsnorm runs); measured side by side so the default is chosen from data.
+# tokenweave_cfgK: the same kernel with block shape K of csrc/kernels/launch.cu kNormConfigs (the op's `shape`
+# argument); measured side by side so that the card's "norm" config (tokenweave.tuning.norm_shape, which
+# ``tokenweave`` runs as dispatched) is chosen from data.
 NORM_CONFIGS = (1, 4, 7, 8, 9, 10)
 VARIANTS = (harness.BASELINE, "tokenweave") + tuple(f"tokenweave_cfg{k}" for k in NORM_CONFIGS) + (harness.BASELINE_REPEAT,)
 CPU_NOTE = ("NOTE: no CUDA GPU here: tiny sizes, eager torch on both sides, wall-clock timing. It checks the "
@@ -81,10 +85,9 @@ def calls_of(case: Case, norm) -> dict:
     calls = {harness.BASELINE: baseline, harness.BASELINE_REPEAT: baseline,
              "tokenweave": lambda: tw.add_rmsnorm(c.x, c.res_work, c.weight, EPS, out=c.out)}
     if c.x.is_cuda and tw.HAS_EXTENSION:
-        from tokenweave._ext import _C
-
+        op = torch.ops.tokenweave.add_rmsnorm.default
         for k in NORM_CONFIGS:
-            calls[f"tokenweave_cfg{k}"] = lambda k=k: _C.add_rmsnorm_config(c.x, c.res_work, c.weight, c.out, EPS, k)
+            calls[f"tokenweave_cfg{k}"] = lambda k=k: op(c.x, c.res_work, c.weight, c.out, EPS, k)
     return calls
 
 

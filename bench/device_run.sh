@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests on 2 and 4 GPUs, benchmarks; everything lands under $OUT.
-# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [newalgos] [partgpu] [onegpu] [emubench] [launch] [pdl] [variants] [norm] [ncu] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
+# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [newalgos] [partgpu] [onegpu] [emubench] [launch] [pdl] [phases] [norm] [ncu] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
 # Never touches NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS.
 set -u
 OUT=${OUT:-/tmp/tokenweave-out}
@@ -19,13 +19,9 @@ pytest_run() {  # name, seconds, pytest args...
   timeout "$limit" python -m pytest -q -p no:cacheprovider "$@" > "$OUT/$name.log" 2>&1
   log "$name: rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/$name.log")"
 }
-if has variants; then  # A/B copies of this tree, built in the background while the main build runs
+if has phases; then  # the lean kernel with its phase timers (bench/debug/variant.sh), built while the main build runs
   vt0=$(date +%s)
-  MAX_JOBS=6 bash bench/debug/variant.sh cta_sync csrc/include/tokenweave/rownorm.cuh \
-    's/if (kSync == RowSync::kGroup \&\& int(blockDim.x) \/ G <= kGroupBarriers) {/if (false) {/' build > "$OUT/var_build_cta_sync.log" 2>&1 &
-  MAX_JOBS=6 bash bench/debug/variant.sh lean_unroll4 csrc/kernels/lean.cuh \
-    's/constexpr int kLeanUnroll = 8;/constexpr int kLeanUnroll = 4;/' build > "$OUT/var_build_unroll4.log" 2>&1 &
-  MAX_JOBS=6 NVCC_APPEND_FLAGS=-DTOKENWEAVE_PHASE_TIMERS bash bench/debug/variant.sh timers - - build > "$OUT/var_build_timers.log" 2>&1 &
+  MAX_JOBS=8 NVCC_APPEND_FLAGS=-DTOKENWEAVE_PHASE_TIMERS bash bench/debug/variant.sh timers - - build > "$OUT/var_build_timers.log" 2>&1 &
 fi
 if has build; then
   t0=$(date +%s)
@@ -49,18 +45,11 @@ if has pdl; then
   t0=$(date +%s); timeout ${T_PDL:-200} python bench/pdl.py --out-dir bench/results ${PDL_ARGS:-} > "$OUT/pdl.log" 2>&1
   log "pdl: rc=$? in $(( $(date +%s) - t0 )) s"; tail -30 "$OUT/pdl.log"
 fi
-if has variants; then  # the A/B builds started above: measured here, in the same call, on the same GPU
+if has phases; then
   wait
-  log "variant builds: done in $(( $(date +%s) - vt0 )) s: $(cat "$OUT"/var_build_*.log | grep -c built) of 3 built"
-  for v in cta_sync lean_unroll4; do
-    t0=$(date +%s)
-    bash bench/debug/variant.sh $v - - run timeout ${T_VARIANT:-150} python bench/emulated_world.py --one-shot-worlds \
-      --out-dir /tmp/variants/$v/results > "$OUT/var_$v.log" 2>&1
-    log "variant $v emubench: rc=$? in $(( $(date +%s) - t0 )) s"
-    mkdir -p bench/results/variants/$v && cp /tmp/variants/$v/results/*.json bench/results/variants/$v/ 2>/dev/null
-  done
+  log "timers build: $(tail -1 "$OUT/var_build_timers.log") in $(( $(date +%s) - vt0 )) s"
   bash bench/debug/variant.sh timers - - run timeout 120 python bench/debug/lean_phases.py > "$OUT/lean_phases.log" 2>&1
-  log "variant timers: rc=$?"; grep -A4 measured "$OUT/lean_phases.log" | head -12
+  log "lean phases: rc=$?"; grep -A4 measured "$OUT/lean_phases.log" | head -12
 fi
 if has norm; then
   t0=$(date +%s); timeout ${T_NORM:-200} python bench/add_rmsnorm.py --out-dir bench/results ${NORM_ARGS:-} > "$OUT/norm.log" 2>&1

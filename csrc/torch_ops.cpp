@@ -324,30 +324,20 @@ py::dict plan(int64_t comm, int64_t tokens, int64_t hidden, int64_t dtype, int64
   return d;
 }
 
+// `shape`: the block shape (csrc/kernels/launch.cu kNormConfigs; 0 = the kernel's own pick), chosen by the
+// Python dispatcher from the card's tuning config.
 void add_rmsnorm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
-                      at::Tensor& out, double eps) {
+                      at::Tensor& out, double eps, int64_t shape) {
   constexpr const char* op = "tokenweave.add_rmsnorm";
   check_inputs(x, residual, weight, out, op);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaError_t st = tw::add_rmsnorm(x.data_ptr(), residual ? residual->data_ptr() : nullptr, weight.data_ptr(),
-                                         out.data_ptr(), x.size(0), int(x.size(1)), float(eps), dtype_of(x, op),
-                                         at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(st == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(st),
-              " (hidden must be a multiple of 8 and at most 32768)");
-}
-
-// The standalone norm with an explicit block shape (bench/add_rmsnorm.py compares them); not an op.
-void add_rmsnorm_config(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
-                        at::Tensor& out, double eps, int64_t config) {
-  constexpr const char* op = "tokenweave.add_rmsnorm";
-  check_inputs(x, residual, weight, out, op);
-  TORCH_CHECK_VALUE(config >= 0 && config < tw::add_rmsnorm_configs(), op, ": config must be in [0, ",
+  TORCH_CHECK_VALUE(shape >= 0 && shape < tw::add_rmsnorm_configs(), op, ": shape must be in [0, ",
                     num(tw::add_rmsnorm_configs()), ")");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t st = tw::add_rmsnorm(x.data_ptr(), residual ? residual->data_ptr() : nullptr, weight.data_ptr(),
                                          out.data_ptr(), x.size(0), int(x.size(1)), float(eps), dtype_of(x, op),
-                                         at::cuda::getCurrentCUDAStream(), int(config));
-  TORCH_CHECK(st == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(st));
+                                         at::cuda::getCurrentCUDAStream(), int(shape));
+  TORCH_CHECK(st == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(st),
+              " (hidden must be a multiple of 8 and at most 32768, and fit the block shape: shape 0 always does)");
 }
 
 // Collective on the Python side (every rank registers the same allocations in the same order).
@@ -435,7 +425,7 @@ void peer_probe(int64_t comm, int64_t magic, at::Tensor& result) {
 TORCH_LIBRARY(tokenweave, m) {
   m.def("allreduce(Tensor x, Tensor(a!)? residual, Tensor? weight, Tensor(b!) out, float eps, int comm, int algo, "
         "int ctas, int chunks_per_cta) -> ()");
-  m.def("add_rmsnorm(Tensor x, Tensor(a!)? residual, Tensor weight, Tensor(b!) out, float eps) -> ()");
+  m.def("add_rmsnorm(Tensor x, Tensor(a!)? residual, Tensor weight, Tensor(b!) out, float eps, int shape=0) -> ()");
   m.def("allreduce_tracked(Tensor x, Tensor(a!)? residual, Tensor? weight, Tensor(b!) out, float eps, int comm, "
         "int algo, int ctas, int chunk_rows, Tensor ready, Tensor(c!) consumed, int pieces_full, "
         "int pieces_last) -> ()");
@@ -468,7 +458,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("peer_probe", &peer_probe);
   m.def("plan", &plan);
   m.def("comm_register", &comm_register);
-  m.def("add_rmsnorm_config", &add_rmsnorm_config);
   m.def("add_rmsnorm_configs", &tw::add_rmsnorm_configs);
   m.def("set_programmatic_launch", &tw::set_programmatic_launch);
   m.def("programmatic_launch", &tw::programmatic_launch);

@@ -10,6 +10,7 @@ Communicator's timeout, on every rank that waits. A Communicator of one rank com
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import re
@@ -36,7 +37,7 @@ if HAS_EXTENSION:
         return None
 
     @torch.library.register_fake("tokenweave::add_rmsnorm")
-    def _add_rmsnorm_fake(x, residual, weight, out, eps):
+    def _add_rmsnorm_fake(x, residual, weight, out, eps, shape=0):
         return None
 
     @torch.library.register_fake("tokenweave::allreduce_tracked")
@@ -246,12 +247,25 @@ def _torch_bounded(op, comm: Communicator, what: str, start):
     raise comm._error
 
 
+@functools.lru_cache(maxsize=4096)
+def _norm_shape_of(device_index: int, tokens: int, hidden: int, itemsize: int) -> int:
+    from tokenweave import tuning
+
+    return tuning.norm_shape(tuning.device_slug(device_index), tokens, hidden, itemsize)
+
+
+def _norm_shape(x2: torch.Tensor) -> int:
+    """The add + RMSNorm kernel's block shape for x2 [tokens, hidden] (the card's tuning config)."""
+    return _norm_shape_of(x2.device.index, x2.shape[0], x2.shape[1], x2.element_size())
+
+
 def _local_add_rmsnorm(x, residual, weight, eps, out):
     """The fused add + RMSNorm on this device (x already validated)."""
     if HAS_EXTENSION and x.is_cuda:
         hidden = x.shape[-1]
-        _ops().add_rmsnorm(x.view(-1, hidden), None if residual is None else residual.view(-1, hidden), weight,
-                           out.view(-1, hidden), eps)
+        x2 = x.view(-1, hidden)
+        _ops().add_rmsnorm(x2, None if residual is None else residual.view(-1, hidden), weight, out.view(-1, hidden),
+                           eps, _norm_shape(x2))
         return out
     return _finish_torch(x.to(torch.float32, copy=True), residual, weight, eps, out)
 
@@ -454,7 +468,7 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
             out = torch.empty_like(x)
         x2, res2, out2 = (x, residual, out) if x.dim() == 2 else _as_rows("add_rmsnorm", x, residual, weight, out,
                                                                           x.device)
-        _ops().add_rmsnorm(x2, res2, weight, out2, eps)
+        _ops().add_rmsnorm(x2, res2, weight, out2, eps, _norm_shape(x2))
         return out
     _validate("add_rmsnorm", x, residual, weight, out, x.device if isinstance(x, torch.Tensor) else None,
               no_tokens_ok=True)

@@ -15,7 +15,8 @@ Fields of an entry (all optional; missing ones come from the heuristic):
 
 Track-and-trigger (:mod:`tokenweave.trigger`) has its own list, ``"trigger"``, in the same files: see
 :class:`TriggerConfig` and :func:`trigger_config`. The ``"launch"`` list says whether kernels use programmatic
-dependent launch on the card (:func:`programmatic_launch`).
+dependent launch on the card (:func:`programmatic_launch`); the ``"norm"`` list picks the standalone add +
+RMSNorm kernel's block shape by size (:func:`norm_shape`).
 """
 from __future__ import annotations
 
@@ -103,6 +104,30 @@ def dispatch_config(card: str, world_size: int, itemsize: int, hidden: int) -> D
         values = {k: v for k, v in e.items() if k in known and k != "source"}
         return replace(HEURISTIC, **values, source=f"{e['_file']}: {e.get('source', '?')}")
     return HEURISTIC
+
+
+# ------------------------------------------------------------------------------------------- add + RMSNorm
+def norm_shape(card: str, tokens: int, hidden: int, itemsize: int) -> int:
+    """Block shape of the standalone add + RMSNorm kernel for one call (csrc/kernels/launch.cu kNormConfigs).
+
+    The ``"norm"`` list's first entry (user file first, then ``configs/<card>.json``) whose optional
+    ``itemsize``, ``hidden``, ``max_hidden``, ``min_tokens`` and ``max_tokens`` admit the call gives ``shape``;
+    else 0, the kernel's own pick. Shapes that an entry switches between for one hidden size must share their row
+    groups (threads per row), so that a row's result never depends on the batch it came in.
+    """
+    return _norm_shape(card, tokens, hidden, itemsize, _user_file())
+
+
+@functools.lru_cache(maxsize=4096)
+def _norm_shape(card, tokens, hidden, itemsize, user_file) -> int:
+    for text in _all_entries(card, user_file, "norm"):
+        e = json.loads(text)
+        if e.get("itemsize", itemsize) != itemsize or e.get("hidden", hidden) != hidden:
+            continue
+        if hidden > e.get("max_hidden", hidden) or not e.get("min_tokens", 0) <= tokens <= e.get("max_tokens", tokens):
+            continue
+        return int(e["shape"])
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ launches
@@ -207,4 +232,5 @@ def clear_cache() -> None:
     """Forget the parsed config files (after editing one, or changing ``TOKENWEAVE_CONFIG``'s file)."""
     _all_entries.cache_clear()
     _trigger_config.cache_clear()
+    _norm_shape.cache_clear()
     _user_file.cache_clear()

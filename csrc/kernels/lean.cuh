@@ -29,9 +29,6 @@ namespace tokenweave {
 // Vectors per thread of the owner's rows: W slot loads each, so fewer than the other epilogues keep
 // (4 x 16 B x 512 threads = hidden 16384 for 2-byte types, 8192 for float32 in one pass of 512 threads).
 constexpr int kLeanVecs = 4;
-// Vectors per thread in flight in the scatter (phase A): twice the other kernels' kUnroll. Phase A is a
-// plain copy, and a CTA's copy rate is bytes in flight / latency (the registers are phase B's anyway).
-constexpr int kLeanUnroll = 8;
 
 // Lean owner, rows are owner-local (0 = my first row): z = round_T(sum over ranks + residual).
 template <typename T, int W, class Tr>
@@ -110,6 +107,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lean_kernel(const CommDevice
     const LeanSink<Tr> sink{c, a.out_peers, has_res && !sharded ? &a.res_peers : nullptr,
                             has_res && sharded ? reinterpret_cast<Vec*>(a.residual) : nullptr, my_base, nvr};
     PhaseTimers timers;
+    timers.start();
     for (int step = 0; step <= n_mine + 1; ++step) {
       if (step < n_mine) {  // A: my copy of every owner's rows of this chunk into the owner's slot
         const int ch = chunk_at(step);
@@ -118,7 +116,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lean_kernel(const CommDevice
           const int q = (c.rank + k) % W;  // my own rows last, and only where the transport sums slots
           if (q == c.rank && !Tr::kStagesOwnPiece) continue;
           const int64_t base = (int64_t(q) * S) * nvr;
-          stream_vecs<kLeanUnroll>(
+          stream_vecs(
               lrow_begin(q, ch) * nvr, lrow_end(q, ch) * nvr, [&](int64_t i) { return x[base + i]; },
               [&](int64_t i, const Vec& v) { Tr::stage(c, half, q, uint64_t(i), v); });
         }

@@ -81,3 +81,54 @@ def test_programmatic_launch_from_env_then_config_then_heuristic(tmp_path, monke
     on, source = tuning.programmatic_launch("h200")  # the shipped file: measured, and says where
     assert source == "heuristic" or "bench/results/" in source
     tuning._all_entries.cache_clear()
+
+
+def _norm_shapes():
+    """(threads, target_vecs, max_vecs) of every add + RMSNorm block shape, read from csrc/kernels/launch.cu."""
+    import re
+    from pathlib import Path
+
+    src = (Path(__file__).resolve().parents[2] / "csrc" / "kernels" / "launch.cu").read_text()
+    two_pass = int(re.search(r"constexpr int kTwoPassVecs = 1 << (\d+);", src).group(1))
+    table = re.search(r"constexpr NormConfig kNormConfigs\[\] = \{(.*?)\};", src, re.S).group(1)
+    shapes = []
+    for threads, target, most in re.findall(r"\{(\d+), (\d+), (\w+), (?:true|false)\}", table):
+        shapes.append((int(threads), int(target), 1 << two_pass if most == "kTwoPassVecs" else int(most)))
+    return shapes
+
+
+def _row_group(vecs, threads, target, most):
+    """csrc/include/tokenweave/rownorm.cuh plan_row_group: threads per row, or -1."""
+    g = 32
+    while g < threads and g * target < vecs:
+        g *= 2
+    return g if -(-vecs // g) <= most else -1
+
+
+def test_norm_shapes_never_change_a_rows_bits_with_the_batch():
+    """A shipped "norm" config may switch shapes with the token count only between shapes that hold the row
+    and share its row groups: a row's result must not depend on the batch it came in."""
+    shapes = _norm_shapes()
+    assert len(shapes) >= 11
+
+    def group(shape, vecs):
+        if shape == 0:  # launch.cu add_rmsnorm: config 0 picks shape 1, else 2, else 3
+            shape = next(k for k in (1, 2, 3) if _row_group(vecs, *shapes[k]) > 0 or k == 3)
+        return _row_group(vecs, *shapes[shape])
+
+    tuning._all_entries.cache_clear()
+    tuning._norm_shape.cache_clear()
+    tokens = sorted({1, 2, 127, 128, 1023, 1024, 4095, 4096, 4097, 8192, 65536} | {2 ** k for k in range(17)})
+    for path in tuning.CONFIG_DIR.glob("*.json"):
+        card = path.stem
+        for itemsize in (2, 4):
+            lanes = 16 // itemsize
+            for hidden in (1032, 2048, 4096, 5120, 8192, 12288, 16384, 32768 if itemsize == 2 else 16384):
+                vecs = hidden // lanes
+                picked = {T: tuning.norm_shape(card, T, hidden, itemsize) for T in tokens}
+                groups = {T: group(s, vecs) for T, s in picked.items()}
+                assert all(g > 0 for g in groups.values()), (card, itemsize, hidden, picked)
+                assert len(set(groups.values())) == 1, (card, itemsize, hidden, picked, groups)
+    for path in tuning.CONFIG_DIR.glob("*.json"):
+        for e in json.loads(path.read_text()).get("norm", []):
+            assert "bench/results/" in e["source"] and 0 <= e["shape"] < len(shapes), (path.name, e)

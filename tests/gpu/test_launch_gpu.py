@@ -1,7 +1,7 @@
 """One GPU: every add + RMSNorm block shape, and programmatic dependent launch (PDL).
 
-- Every block shape of csrc/kernels/launch.cu (``_C.add_rmsnorm_config``) matches float64 and writes every
-  element (outputs are NaN-poisoned first); the two-pass shape gives the bits of the one-pass shape it replaces.
+- Every block shape of csrc/kernels/launch.cu (the op's ``shape``) matches float64 and writes every element
+  (outputs are NaN-poisoned first); the shapes the card's config switches between by size give the same bits.
 - With PDL on, a kernel may start while the one before it in its stream finishes. A chain in which a torch
   kernel rewrites x right before each tokenweave call (captured in a CUDA graph and replayed) must give the
   same bits as with PDL off: a kernel that read x before its wait would see the old x. The same for every
@@ -20,6 +20,7 @@ if not (torch.cuda.is_available() and tw.HAS_EXTENSION):
     pytest.skip("needs a CUDA GPU and the tokenweave extension", allow_module_level=True)
 
 from tokenweave._ext import _C  # noqa: E402
+from tokenweave import tuning  # noqa: E402
 from tokenweave.testing import EmulatedWorld  # noqa: E402
 
 EPS = 1e-5
@@ -55,7 +56,7 @@ def test_every_norm_shape_matches_float64(dtype, tokens, hidden):
         res = residual.clone()
         out = torch.full_like(x, float("nan"))
         try:
-            _C.add_rmsnorm_config(x, res, weight, out, EPS, k)
+            torch.ops.tokenweave.add_rmsnorm(x, res, weight, out, EPS, k)
             torch.cuda.synchronize()
         except RuntimeError as e:  # this shape cannot hold the row (hidden too large for its registers)
             assert "invalid argument" in str(e), e
@@ -69,6 +70,11 @@ def test_every_norm_shape_matches_float64(dtype, tokens, hidden):
     assert 0 in got and 9 in got and 10 in got
     if 1 in got:
         assert torch.equal(got[9], got[1]), "two-pass shape 9: other bits than one-pass shape 1"
+    # what the card's config picks at any batch size gives these same bits (batch invariance)
+    card = tuning.device_slug()
+    picked = {tuning.norm_shape(card, T, hidden, x.element_size()) for T in (1, 128, 1024, 4096, 16384)}
+    for k in picked:
+        assert torch.equal(got[k], got[0]), f"{card}: the configured shape {k} gives other bits than shape 0"
 
 
 def test_pdl_chain_in_a_graph_gives_the_same_bits(pdl):
