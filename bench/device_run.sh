@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests on 2 and 4 GPUs, benchmarks; everything lands under $OUT.
-# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [newalgos] [partgpu] [onegpu] [emubench] [launch] [pdl] [phases] [norm] [ncu] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
+# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [newalgos] [partgpu] [onegpu] [emubench] [launch] [pdl] [variants] [phases] [norm] [ncu] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
 # Never touches NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS.
 set -u
 OUT=${OUT:-/tmp/tokenweave-out}
@@ -19,9 +19,18 @@ pytest_run() {  # name, seconds, pytest args...
   timeout "$limit" python -m pytest -q -p no:cacheprovider "$@" > "$OUT/$name.log" 2>&1
   log "$name: rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/$name.log")"
 }
+vt0=$(date +%s)
 if has phases; then  # the lean kernel with its phase timers (bench/debug/variant.sh), built while the main build runs
-  vt0=$(date +%s)
-  MAX_JOBS=8 NVCC_APPEND_FLAGS=-DTOKENWEAVE_PHASE_TIMERS bash bench/debug/variant.sh timers - - build > "$OUT/var_build_timers.log" 2>&1 &
+  MAX_JOBS=6 NVCC_APPEND_FLAGS=-DTOKENWEAVE_PHASE_TIMERS bash bench/debug/variant.sh timers - - build > "$OUT/var_build_timers.log" 2>&1 &
+fi
+# VARIANTS="name|file|sed expression;...": A/B copies (bench/debug/variant.sh), built in the background now,
+# their per-CTA table measured by the variants stage below
+if has variants; then
+  IFS=';' read -ra specs <<< "${VARIANTS:-}"
+  for spec in "${specs[@]}"; do
+    IFS='|' read -r vname vfile vsed <<< "$spec"
+    MAX_JOBS=6 bash bench/debug/variant.sh "$vname" "$vfile" "$vsed" build > "$OUT/var_build_$vname.log" 2>&1 &
+  done
 fi
 if has build; then
   t0=$(date +%s)
@@ -45,10 +54,23 @@ if has pdl; then
   t0=$(date +%s); timeout ${T_PDL:-200} python bench/pdl.py --out-dir bench/results ${PDL_ARGS:-} > "$OUT/pdl.log" 2>&1
   log "pdl: rc=$? in $(( $(date +%s) - t0 )) s"; tail -30 "$OUT/pdl.log"
 fi
+if has variants; then
+  wait
+  for spec in "${specs[@]}"; do
+    IFS='|' read -r vname vfile vsed <<< "$spec"
+    log "variant $vname: $(tail -1 "$OUT/var_build_$vname.log")"
+    t0=$(date +%s)
+    bash bench/debug/variant.sh "$vname" - - run timeout ${T_VARIANT:-150} python bench/emulated_world.py --one-shot-worlds \
+      --out-dir /tmp/variants/$vname/results > "$OUT/var_$vname.log" 2>&1
+    log "variant $vname emubench: rc=$? in $(( $(date +%s) - t0 )) s"; grep -E "^W=4 ctas=  (1|8) " "$OUT/var_$vname.log"
+    mkdir -p bench/results/variants/$vname && cp /tmp/variants/$vname/results/*.json bench/results/variants/$vname/ 2>/dev/null
+  done
+fi
 if has phases; then
   wait
   log "timers build: $(tail -1 "$OUT/var_build_timers.log") in $(( $(date +%s) - vt0 )) s"
-  bash bench/debug/variant.sh timers - - run timeout 120 python bench/debug/lean_phases.py > "$OUT/lean_phases.log" 2>&1
+  bash bench/debug/variant.sh timers - - run timeout 120 python bench/debug/lean_phases.py --out-dir /tmp/variants/timers/results > "$OUT/lean_phases.log" 2>&1
+  cp /tmp/variants/timers/results/*.json bench/results/ 2>/dev/null
   log "lean phases: rc=$?"; grep -A4 measured "$OUT/lean_phases.log" | head -12
 fi
 if has norm; then

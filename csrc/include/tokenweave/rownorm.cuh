@@ -97,11 +97,14 @@ __device__ __forceinline__ void finish_rows(const Source& src, const Sink& sink,
     Vec z[VPT], g[VPT];
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
+      // Branch-free: a lane with nothing to do here loads a valid vector (row r0, vector 0) and drops it, so
+      // the compiler issues every k's loads before the first use. Under `if (active && j < nvr)` each k's
+      // loads waited for the previous k's arithmetic: one memory latency per vector (the lean owner spent
+      // ~75% of its cycles here, bench/debug/lean_phases.py).
       const int j = lane + k * G;
-      if (active && j < nvr) {
-        z[k] = src.load_z(row, j);
-        if (kPrefetchWeight && w) g[k] = w[j];  // issued with z's loads: the weight's latency hides behind them
-      }
+      const bool mine = active && j < nvr;
+      z[k] = src.load_z(mine ? row : r0, mine ? j : 0);
+      if (kPrefetchWeight && w) g[k] = w[mine ? j : 0];  // with z's loads: the weight's latency hides behind them
     }
     float ss = 0.f;
 #pragma unroll
