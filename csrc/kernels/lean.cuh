@@ -54,20 +54,24 @@ struct LeanSource {
 };
 
 // Lean owner: the finished rows go to every rank's out, the residual to every rank (replicated) or
-// only to my shard (sharded).
+// only to my shard (sharded). The destination tables are held by value: their W addresses then live in
+// registers. Held by reference (to the kernel parameter), every store first re-loaded its rank's address
+// from a local-memory copy of the table, a load that missed L1 once the rows had streamed through it: the
+// owner's phase took ~72% of a CTA's cycles (bench/results/variants/def37c3/lean_phases-h200-tp4.json).
 template <class Tr>
 struct LeanSink {
   const CommDevice& c;
-  const PeerTable& out;
-  const PeerTable* res;  // nullptr: no residual
-  Vec* res_shard;        // sharded residual: mine, indexed by owner-local row
+  PeerTable out;
+  PeerTable res;         // used when res_all
+  bool res_all;          // replicated residual: written on every rank
+  Vec* res_shard;        // sharded residual: mine, indexed by owner-local row (nullptr: not sharded)
   int64_t row_base;
   int nvr;
   __device__ void store_res(int64_t lrow, int j, const Vec& v) const {
     if (res_shard) {
       res_shard[lrow * nvr + j] = v;
-    } else if (res) {
-      Tr::store_all(c, *res, uint64_t((row_base + lrow) * nvr + j) * 16, v);
+    } else if (res_all) {
+      Tr::store_all(c, res, uint64_t((row_base + lrow) * nvr + j) * 16, v);
     }
   }
   __device__ void store_out(int64_t lrow, int j, const Vec& v) const {
@@ -104,7 +108,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lean_kernel(const CommDevice
     const bool has_res = (a.op & kOpResidual) != 0;
     const int64_t my_base = int64_t(c.rank) * S;
     const LeanSource<T, W, Tr> src{c, half, x, has_res ? residual : nullptr, my_base, sharded ? 0 : my_base, nvr};
-    const LeanSink<Tr> sink{c, a.out_peers, has_res && !sharded ? &a.res_peers : nullptr,
+    const LeanSink<Tr> sink{c, a.out_peers, a.res_peers, has_res && !sharded,
                             has_res && sharded ? reinterpret_cast<Vec*>(a.residual) : nullptr, my_base, nvr};
     PhaseTimers timers;
     timers.start();
