@@ -195,3 +195,48 @@ def test_lean_needs_symmetric_out():
         w = torch.ones(4096, device=world.device, dtype=torch.bfloat16)
         with pytest.raises(ValueError, match="comm.empty"):
             tw.fused_allreduce_rmsnorm(world.ranks[0], x, None, w, out=torch.empty_like(x), algo="lean")
+
+
+@pytest.mark.parametrize("W", (2, 4))
+def test_tracked_feed_takes_the_plans_chunk_rows(W):
+    """The tracked kernel (track-and-trigger's SM consumer) runs the geometry the trigger plan hands it
+    (``chunk_rows``, never re-derived in C++): same bits as the resident two-shot with that geometry, float64
+    reference, bitwise across ranks; a geometry past the chunk limit is refused before launch."""
+    from tokenweave import _abi
+    from tokenweave._ext import _C
+
+    T, H, dtype, ctas = 300, 2056, torch.bfloat16, 4
+    ops = torch.ops.tokenweave
+    with EmulatedWorld(W, max_tokens=512, hidden=H, dtype=dtype, timeout_ms=5000) as world:
+        gen = torch.Generator(world.device).manual_seed(W)
+        xs, residual, weight = _inputs(world, T, H, dtype, gen)
+        two_shot = _abi.ALGO_CODES["two_shot"]
+        geo = _C.plan(world.ranks[0]._id, T, H, _abi.dtype_code(dtype), two_shot, ctas, 2)
+        chunk_rows, n_chunks = int(geo["chunk_rows"]), int(geo["n_chunks"])
+        ready = [torch.zeros(_abi.MAX_CHUNKS, dtype=torch.int32, device=world.device) for _ in range(W)]
+        consumed = [torch.zeros(_abi.MAX_CHUNKS, dtype=torch.int32, device=world.device) for _ in range(W)]
+        outs = [torch.full_like(residual, float("nan")) for _ in range(W)]
+        res = [residual.clone() for _ in range(W)]
+
+        def tracked(comm, r):
+            ops.mark_ready(ready[r], 0, n_chunks, 1)  # the producer: every chunk complete, one piece each
+            ops.allreduce_tracked(xs[r], res[r], weight, outs[r], EPS, comm._id, two_shot, ctas, chunk_rows,
+                                  ready[r], consumed[r], 1, 1)
+
+        world.run(tracked)
+        world.synchronize()
+        plain_outs = [torch.full_like(residual, float("nan")) for _ in range(W)]
+        plain_res = [residual.clone() for _ in range(W)]
+        world.run(lambda comm, r: ops.allreduce(xs[r], plain_res[r], weight, plain_outs[r], EPS, comm._id, two_shot,
+                                                ctas, 2))
+        world.synchronize()
+        z_ref, out_ref = _reference(xs, residual, weight)
+        for r in range(W):
+            assert torch.equal(outs[r], plain_outs[r]) and torch.equal(res[r], plain_res[r]), f"rank {r}"
+            assert torch.equal(outs[r], outs[0]), f"rank {r} differs from rank 0"
+            assert (consumed[r][:n_chunks] == 1).all() and (consumed[r][n_chunks:] == 0).all()
+        torch.testing.assert_close(outs[0].double(), out_ref, rtol=TOL[dtype], atol=4 * TOL[dtype])
+        with pytest.raises(ValueError, match="chunk_rows"):
+            ops.allreduce_tracked(xs[0], res[0], weight, outs[0], EPS, world.ranks[0]._id, two_shot, ctas, 0,
+                                  ready[0], consumed[0], 1, 1)
+        world.synchronize()
