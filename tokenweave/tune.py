@@ -5,6 +5,7 @@ Usage::
     tokenweave-tune --hidden 8192 --tp 4                      # 4 GPUs of this host, one process per GPU
     tokenweave-tune --hf-config /path/to/model --tp 8         # hidden (and dtype) from a local HF config
     tokenweave-tune --emulated 4 --hidden 8192                # one GPU: 4 emulated ranks (tokenweave.testing)
+    tokenweave-tune --no-allreduce --hidden 4096 8192         # one GPU: only the "norm" and "launch" stages
     export TOKENWEAVE_CONFIG=$PWD/tokenweave-h200.json        # then every Communicator on this card uses it
 
 What it measures, per hidden size (``--dtype``, bf16 by default; each time is the slowest rank's median over
@@ -29,6 +30,24 @@ functions of the times, which the CPU tests drive with a fake timer):
 The algorithms are timed at the heuristic's CTA count (:data:`tokenweave.tuning.HEURISTIC`) and the user's
 ``TOKENWEAVE_CONFIG`` is ignored while measuring, so a tune does not depend on an earlier one.
 
+Two more stages need no communication: they run on one GPU in every mode (rank 0's, after the all-reduce stage;
+``--no-allreduce`` runs only them, on one GPU without a world), each skipped with ``--no-launch`` / ``--no-norm``:
+
+``launch`` (:func:`decide_programmatic`)
+    Back-to-back ``tokenweave.add_rmsnorm`` calls (residual in place) at :data:`LAUNCH_TOKENS` tokens of the
+    largest hidden, timed with programmatic dependent launch off, on, and off again; the process's setting is
+    restored after. At a token count PDL wins when off - on exceeds the noise ``|off - off repeat|``, loses when
+    on - off does. ``programmatic`` is on when PDL won at more than half of the token counts and lost at none.
+``norm`` (:func:`norm_candidates`, :func:`decide_norm_shapes`; 2-byte dtypes, nothing for float32)
+    Per hidden, every block shape of the standalone add + RMSNorm op (``torch.ops.tokenweave.add_rmsnorm(...,
+    shape)``, csrc/kernels/launch.cu kNormConfigs) that holds the row (one that cannot raises at launch) and gives
+    shape 0's bits in out and residual on a batch of :data:`NORM_PROBE_ROWS` random rows: only such shapes may be
+    switched between by batch size, so a row's result never depends on its batch. Each is timed at every token
+    count (with PDL as the launch stage decided); per count the fastest wins if it beats shape 0 (the kernel's own
+    pick) by more than :data:`NORM_MARGIN`, else shape 0. A measured count stands for the counts up to the next
+    one (the first from 1, the last open); consecutive counts with one shape merge into one entry
+    (``min_tokens``/``max_tokens``), and shape 0 needs none.
+
 Output: the JSON format :mod:`tokenweave.tuning` reads (that of the shipped ``tokenweave/configs/<card>.json``).
 ``--key shape`` (default) writes one entry per hidden, matching only that world size, dtype size and hidden;
 ``--key world`` one entry per world size from every hidden measured (the smallest limits, lean only if it won
@@ -36,6 +55,14 @@ at every hidden, one CTA rule), matching any hidden: the shipped files' form. En
 other keys are kept; fields the tuner does not measure are kept from the entry it replaces. Each entry records
 the card, torch, the git commit (or the package version), the date, whether the world was emulated, and the
 times it decided from (``measured``: hidden -> variant -> tokens -> us; ``ctas``: tokens -> CTA count -> us).
+
+``"norm"`` entries: ``--key shape`` names the ``hidden``; ``--key world`` writes, where every hidden measured chose
+the same shape, entries without ``hidden`` and with ``max_hidden`` (the largest measured; they also match smaller
+hiddens that were not measured), and per-hidden entries where the hiddens disagreed. A tune replaces every
+``"norm"`` entry of what it measured (per hidden; with ``--key world`` also those of the dtype size that name no
+hidden), since it re-decides their whole token range; the ``"launch"`` entry replaces the card's. Both record the
+card, torch, commit, date and their times (``measured``: hidden -> tokens -> shape or PDL variant -> us); other
+lists of the file (``"trigger"``) are kept as they are.
 """
 from __future__ import annotations
 
@@ -67,6 +94,41 @@ TUNED_FIELDS = ("one_shot_max_bytes", "lamport_max_bytes", "lean", "bytes_per_ct
 
 # measure(variant, tokens, hidden, ctas) -> microseconds per call; variant is an algo of tokenweave.comm.ALGOS
 Measure = Callable[[str, int, int, int], float]
+
+# A block shape replaces shape 0 (the kernel's own pick) at a token count only when it is faster by more than this
+# fraction. The committed add_rmsnorm run measured run-to-run noise of at most 0.58% and shape 0 against its own
+# kernel timed as shape 1 at most 0.17% apart (bench/results/add_rmsnorm-h200-tp1.json, 845116f): 2% is over 3x
+# that, so no shape is switched in on noise, and a switch must buy more than the noise it risks.
+NORM_MARGIN = 0.02
+# Rows of the batch on which each shape's out and residual must equal shape 0's bits: more than one CTA of any
+# shape takes at once (at most 1024 threads / 32 per row), and a prime, so full and partial CTAs both take part.
+NORM_PROBE_ROWS = 257
+# What norm_candidates says of each shape other than 0.
+SAME_BITS, CANNOT_HOLD_ROW, DIFFERENT_BITS = "same bits", "cannot hold the row", "different bits"
+# Small token counts, where a launch gap is a visible part of a call (bench/results/pdl-h200-tp1.json, b263809:
+# at 1024 and 8192 tokens PDL changed nothing beyond the noise); timed at the largest hidden.
+LAUNCH_TOKENS = (1, 16, 128)
+# Timed in this order at each token count: the repeat of "off", last, gives the run-to-run noise.
+LAUNCH_VARIANTS = (("pdl_off", False), ("pdl_on", True), ("pdl_off_repeat", False))
+
+
+class NormOp:
+    """What the norm stage runs (on a GPU: :class:`NormBench`; the CPU tests pass fakes).
+
+    ``probe(shape, hidden)`` returns ``(out, residual)`` of one call of the add + RMSNorm op in that block shape
+    on a batch of :data:`NORM_PROBE_ROWS` rows of fresh random data (raising ``RuntimeError`` when the shape cannot
+    hold the row); ``time(shape, tokens, hidden)`` returns microseconds per call.
+    """
+
+    def probe(self, shape: int, hidden: int) -> Sequence[torch.Tensor]:
+        raise NotImplementedError
+
+    def time(self, shape: int, tokens: int, hidden: int) -> float:
+        raise NotImplementedError
+
+
+# launch_measure(programmatic, tokens) -> microseconds per call (it sets the launch mode itself)
+LaunchMeasure = Callable[[bool, int], float]
 
 
 @dataclass(frozen=True)
@@ -169,6 +231,96 @@ def dispatched_algo(nbytes: int, itemsize: int, decisions: dict, limits: Limits)
 def cta_counts(nbytes: int, max_ctas: int, choices: Sequence[int] = BYTES_PER_CTA_CHOICES) -> list[int]:
     """The distinct CTA counts the candidate rules give at ``nbytes``."""
     return sorted({ctas_for(nbytes, bpc, max_ctas) for bpc in choices})
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same bits (NaN equals NaN of the same bits; -0.0 differs from 0.0)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
+
+
+def norm_candidates(run: Callable[[int], Sequence[torch.Tensor]], shapes: Iterable[int]) -> dict[int, str]:
+    """What may replace shape 0 at one hidden: ``{shape: SAME_BITS | CANNOT_HOLD_ROW | DIFFERENT_BITS}``.
+
+    ``run(shape)`` gives the tensors of one call (out, residual) on one batch; a shape that raises
+    ``RuntimeError`` cannot hold the row. Only shapes with shape 0's bits may be switched between by batch size:
+    then a row's result never depends on the batch it came in. Shape 0 itself must run.
+    """
+    reference = [t.clone() for t in run(0)]
+    status = {}
+    for shape in shapes:
+        if shape == 0:
+            continue
+        try:
+            got = run(shape)
+        except RuntimeError:
+            status[shape] = CANNOT_HOLD_ROW
+            continue
+        same = len(got) == len(reference) and all(same_bits(g, r) for g, r in zip(got, reference))
+        status[shape] = SAME_BITS if same else DIFFERENT_BITS
+    return status
+
+
+def decide_norm_shapes(times: dict[int, dict[int, float]], margin: float = NORM_MARGIN) -> dict[int, int]:
+    """The block shape per token count from ``times`` (tokens -> shape -> us, shape 0 among them): the fastest
+    shape where it beats shape 0 by more than ``margin`` (a fraction of shape 0's time), else 0. Ties go to the
+    lower shape number."""
+    choice = {}
+    for tokens, by_shape in times.items():
+        best = min(by_shape, key=lambda s: (by_shape[s], s))
+        choice[tokens] = best if best != 0 and by_shape[best] < (1 - margin) * by_shape[0] else 0
+    return choice
+
+
+def token_ranges(choice: dict[int, object]) -> list[tuple[int, int | None, object]]:
+    """Consecutive token counts with the same value merged: ``[(min_tokens, max_tokens or None, value)]``.
+
+    A measured count stands for the counts from itself to the next measured count minus one; the first range
+    starts at 1 and the last is open (None).
+    """
+    counts = sorted(choice)
+    ranges: list[list] = []
+    for i, t in enumerate(counts):
+        lo = 1 if i == 0 else t
+        hi = counts[i + 1] - 1 if i + 1 < len(counts) else None
+        if ranges and ranges[-1][2] == choice[t]:
+            ranges[-1][1] = hi
+        else:
+            ranges.append([lo, hi, choice[t]])
+    return [tuple(r) for r in ranges]
+
+
+def common_choice(choices: dict[int, dict[int, int]]) -> dict[int, int | None]:
+    """tokens -> the shape every hidden chose there, or None where the hiddens disagree (``--key world``)."""
+    common = {}
+    for t in sorted(set.intersection(*(set(c) for c in choices.values()))):
+        picked = {c[t] for c in choices.values()}
+        common[t] = picked.pop() if len(picked) == 1 else None
+    return common
+
+
+def launch_noise(times: dict[str, float]) -> float:
+    """The run-to-run noise of one token count's launch timings: ``|pdl_off - pdl_off_repeat|``."""
+    return abs(times["pdl_off"] - times["pdl_off_repeat"])
+
+
+def decide_programmatic(measured: dict[int, dict[str, float]]) -> bool | None:
+    """PDL on or off from ``measured`` (tokens -> {pdl_off, pdl_on, pdl_off_repeat} -> us); None without times.
+
+    At a token count PDL wins when ``pdl_off - pdl_on`` exceeds the noise (:func:`launch_noise`), loses when
+    ``pdl_on - pdl_off`` does, and is a tie otherwise. On when it won at more than half of the token counts and
+    lost at none: a tie (noise as large as the gain, as at 1 token on the H200) neither votes for nor vetoes it.
+    """
+    if not measured:
+        return None
+    wins = losses = 0
+    for times in measured.values():
+        gain, noise = times["pdl_off"] - times["pdl_on"], launch_noise(times)
+        wins += gain > noise
+        losses += -gain > noise
+    return losses == 0 and 2 * wins > len(measured)
 
 
 # ---------------------------------------------------------------------------------------------- the driver
@@ -317,6 +469,85 @@ def combine(per_hidden: dict[int, dict], itemsize: int, max_ctas: int) -> dict:
     return out
 
 
+def planned_norm_timings(hiddens: Sequence[int], tokens: Sequence[int], num_shapes: int) -> int:
+    """An upper bound of the timings :func:`tune_norm` makes (every shape at every size)."""
+    return len(hiddens) * len(tokens) * num_shapes
+
+
+def tune_norm(op: NormOp, hiddens: Sequence[int], tokens: Sequence[int], num_shapes: int,
+              progress: Progress | None = None, margin: float = NORM_MARGIN) -> dict[int, dict]:
+    """The norm stage: per hidden, the shapes with shape 0's bits (:func:`norm_candidates`), each timed at every
+    token count, and the choice (:func:`decide_norm_shapes`).
+
+    Returns ``{hidden: {"shapes": {shape: status}, "measured": {tokens: {shape: us}}, "choice": {tokens: shape}}}``;
+    where no shape but 0 qualifies nothing is timed and the choice is 0 everywhere.
+    """
+    progress = progress or Progress(0, enabled=False)
+    counts = sorted(set(tokens))
+    result = {}
+    for hidden in hiddens:
+        status = norm_candidates(lambda shape: op.probe(shape, hidden), range(num_shapes))
+        shapes = [0] + [s for s, why in status.items() if why == SAME_BITS]
+        measured: dict[int, dict[int, float]] = {}
+        if len(shapes) > 1:
+            for t in counts:
+                measured[t] = {}
+                for s in shapes:
+                    measured[t][s] = us = float(op.time(s, t, hidden))
+                    progress.step(f"norm hidden={hidden} T={t} shape={s}: {us:.2f} us")
+        progress.skip(len(counts) * num_shapes - sum(len(m) for m in measured.values()))
+        choice = decide_norm_shapes(measured, margin) if measured else {t: 0 for t in counts}
+        result[hidden] = {"shapes": status, "measured": measured, "choice": choice}
+    return result
+
+
+def tune_launch(measure: LaunchMeasure, tokens: Sequence[int] = LAUNCH_TOKENS,
+                progress: Progress | None = None) -> dict:
+    """The launch stage: each token count timed PDL off, on, off again (:data:`LAUNCH_VARIANTS`); returns
+    ``{"programmatic": bool, "measured": {tokens: {variant: us}}}`` (:func:`decide_programmatic`)."""
+    progress = progress or Progress(0, enabled=False)
+    measured = {}
+    for t in tokens:
+        measured[t] = {}
+        for name, on in LAUNCH_VARIANTS:
+            measured[t][name] = us = float(measure(on, t))
+            progress.step(f"launch T={t} {name}: {us:.2f} us")
+    return {"programmatic": decide_programmatic(measured), "measured": measured}
+
+
+@dataclass
+class OneGpu:
+    """The one-GPU stages' measuring callables (:func:`one_gpu_measures` on a GPU; fakes in the CPU tests).
+
+    ``set_programmatic`` switches PDL for the norm stage (to the launch stage's decision) and restores
+    ``programmatic``, the process's setting before the stages, after them.
+    """
+
+    norm: NormOp | None = None
+    num_shapes: int = 0
+    launch: LaunchMeasure | None = None
+    set_programmatic: Callable[[bool], None] | None = None
+    programmatic: bool = False
+
+
+def tune_one_gpu(one_gpu: OneGpu, hiddens: Sequence[int], tokens: Sequence[int], do_norm: bool, do_launch: bool,
+                 progress: Progress | None = None) -> tuple[dict | None, dict | None]:
+    """The launch stage (at the largest hidden), then the norm stage under the PDL setting it decided (how the
+    kernel will run); the process's PDL setting is restored after. Returns ``(norm, launch)``, None where skipped."""
+    norm = launch = None
+    try:
+        if do_launch:
+            launch = tune_launch(one_gpu.launch, LAUNCH_TOKENS, progress)
+        if do_norm:
+            if launch is not None and one_gpu.set_programmatic is not None:
+                one_gpu.set_programmatic(bool(launch["programmatic"]))
+            norm = tune_norm(one_gpu.norm, hiddens, tokens, one_gpu.num_shapes, progress)
+    finally:
+        if one_gpu.set_programmatic is not None:
+            one_gpu.set_programmatic(one_gpu.programmatic)
+    return norm, launch
+
+
 # ---------------------------------------------------------------------------------------------- entries and files
 @dataclass(frozen=True)
 class Provenance:
@@ -398,6 +629,119 @@ def _rounded(measured):
     return measured
 
 
+def _one_gpu_common(prov: Provenance) -> dict:
+    """Provenance of a one-GPU stage's entry (measured on one real GPU in every mode: no "emulated")."""
+    return {"device": prov.card, "device_name": prov.device_name, "gpus": 1, "torch": prov.torch_version,
+            "git": prov.git, "date": prov.date, "dtype": prov.dtype}
+
+
+def _one_gpu_where(prov: Provenance) -> str:
+    return f"tokenweave-tune on 1 x {prov.device_name} ({prov.git}, torch {prov.torch_version}, {prov.date})"
+
+
+def _times_in(prov: Provenance) -> str:
+    return f"; times in {prov.results_file}" if prov.results_file else ""
+
+
+def _range_text(lo: int, hi: int | None) -> str:
+    return f"{lo}-{hi} tokens" if hi is not None else f"{lo}+ tokens"
+
+
+def make_norm_entries(norm: dict[int, dict], itemsize: int, key: str, prov: Provenance,
+                      margin: float = NORM_MARGIN) -> list[dict]:
+    """``"norm"`` entries (:func:`tokenweave.tuning.norm_shape`'s format) from :func:`tune_norm`'s result.
+
+    One entry per range of token counts (:func:`token_ranges`) whose shape is not 0 (0 needs no entry).
+    ``key="shape"``: per hidden (``"hidden"``). ``key="world"``: where every hidden chose the same shape, one
+    entry without ``"hidden"`` and with ``"max_hidden"`` (the largest hidden measured), as the shipped files have
+    it; where the hiddens disagreed, per-hidden entries for those token counts (their ranges do not overlap).
+    """
+    if key not in ("shape", "world"):
+        raise ValueError(f"tokenweave-tune: key={key!r}; use 'shape' or 'world'")
+    if not norm:
+        return []
+
+    def entry(match: dict, lo: int, hi: int | None, shape: int, hiddens: Sequence[int]) -> dict:
+        counts = [t for t in sorted(norm[hiddens[0]]["choice"]) if t >= lo and (hi is None or t <= hi)]
+        times = {h: {t: norm[h]["measured"][t] for t in counts} for h in hiddens}
+        beat = "; ".join(f"{times[h][t][shape]:.2f} vs {times[h][t][0]:.2f} us at {t} x {h}"
+                         for h in hiddens for t in counts)
+        others = sorted({s for h in hiddens for s, why in norm[h]["shapes"].items() if why == SAME_BITS} - {shape})
+        source = (f"{_one_gpu_where(prov)}: at {_range_text(lo, hi)} shape {shape} beat shape 0 (the kernel's own "
+                  f"pick) by more than {margin:.0%}: {beat}; also timed (shape 0's bits): "
+                  f"{', '.join(map(str, others)) or 'none'}{_times_in(prov)}")
+        bounds = {"min_tokens": lo, **({"max_tokens": hi} if hi is not None else {})}
+        return {"itemsize": itemsize, **match, **bounds, "shape": int(shape), "source": source,
+                **_one_gpu_common(prov), "measured": _rounded(times)}
+
+    def per_hidden(choices: dict[int, dict[int, int]]) -> list[dict]:
+        return [entry({"hidden": h}, lo, hi, s, [h]) for h, c in choices.items()
+                for lo, hi, s in token_ranges(c) if s != 0]
+
+    choices = {h: d["choice"] for h, d in norm.items()}
+    if key == "shape":
+        return per_hidden(choices)
+    common = common_choice(choices)
+    hiddens = sorted(norm)
+    world = [entry({"max_hidden": hiddens[-1]}, lo, hi, s, hiddens) for lo, hi, s in token_ranges(common)
+             if s not in (0, None)]
+    # where the hiddens disagreed, each hidden's own choice (0 elsewhere: the world entries cover those counts)
+    split = {h: {t: (c[t] if common.get(t, None) is None else 0) for t in c} for h, c in choices.items()}
+    return per_hidden(split) + world
+
+
+def norm_scopes(card: str, itemsize: int, hiddens: Iterable[int], key: str) -> set[tuple]:
+    """The ``"norm"`` entries a tune replaces, as (device, itemsize, hidden or None) keys: those naming a hidden
+    it measured and, with ``key="world"``, every entry for the dtype size that names no hidden."""
+    scopes = {(card, itemsize, h) for h in hiddens}
+    return scopes | {(card, itemsize, None)} if key == "world" else scopes
+
+
+def _norm_scope(entry: dict, default_device: str | None) -> tuple:
+    return entry.get("device", default_device), entry.get("itemsize"), entry.get("hidden")
+
+
+def merge_norm_entries(existing: list[dict], new: list[dict], scopes: Iterable[tuple],
+                       default_device: str | None) -> list[dict]:
+    """``existing`` less every entry in ``scopes`` (:func:`norm_scopes`: a tune re-decides the whole token range
+    of what it measured, so stale ranges must not survive), plus ``new``. Entries naming a hidden first, then
+    those naming an itemsize (the first match wins in :func:`tokenweave.tuning.norm_shape`)."""
+    scopes = set(scopes)
+    kept = [e for e in existing if _norm_scope(e, default_device) not in scopes]
+    return sorted(kept + list(new), key=lambda e: ("hidden" not in e, "itemsize" not in e))
+
+
+def make_launch_entry(launch: dict, hidden: int, prov: Provenance) -> dict:
+    """The ``"launch"`` entry (:func:`tokenweave.tuning.programmatic_launch`'s format) from :func:`tune_launch`."""
+    measured = launch["measured"]
+    wins = [t for t, m in measured.items() if m["pdl_off"] - m["pdl_on"] > launch_noise(m)]
+    losses = [t for t, m in measured.items() if m["pdl_on"] - m["pdl_off"] > launch_noise(m)]
+    times = "; ".join(f"{m['pdl_on']:.2f} vs {m['pdl_off']:.2f} us (noise {launch_noise(m):.2f}) at {t} x {hidden}"
+                      for t, m in sorted(measured.items()))
+    on = bool(launch["programmatic"])
+    source = (f"{_one_gpu_where(prov)}: back-to-back add_rmsnorm calls in a CUDA graph, PDL on vs off: {times}; "
+              f"PDL won (by more than the noise |off - off repeat|) at {len(wins)} of {len(measured)} token counts "
+              f"and lost at {len(losses)}: {'on' if on else 'off'} (on needs wins at more than half and no loss)"
+              f"{_times_in(prov)}")
+    return {"programmatic": on, "source": source, **_one_gpu_common(prov),
+            "measured": _rounded({hidden: measured})}
+
+
+def merge_launch_entries(existing: list[dict], new: dict, default_device: str | None) -> list[dict]:
+    """``existing`` with ``new`` in place of the first entry for its device (fields the tuner does not write
+    survive from it) and without that device's other entries (only the first is ever read)."""
+    device = new.get("device", default_device)
+    merged, placed = [], False
+    for old in existing:
+        if old.get("device", default_device) != device:
+            merged.append(old)
+        elif not placed:
+            kept = {k: v for k, v in old.items() if k not in TUNED_FIELDS and k != "programmatic"}
+            merged.append({**kept, **new})
+            placed = True
+    return merged if placed else [new] + merged
+
+
 def _match_key(entry: dict, default_device: str | None) -> tuple:
     return (entry.get("device", default_device), entry.get("world_size"), entry.get("itemsize"), entry.get("hidden"),
             bool(entry.get("emulated")))
@@ -421,8 +765,14 @@ def merge_entries(existing: list[dict], new: list[dict], default_device: str | N
     return sorted(merged, key=lambda e: ("hidden" not in e, "itemsize" not in e, bool(e.get("emulated"))))
 
 
-def write_config(path: str | os.PathLike, card: str, device_name: str, entries: list[dict]) -> Path:
-    """Merge ``entries`` into the config file at ``path`` (created if missing) and write it."""
+def write_config(path: str | os.PathLike, card: str, device_name: str, entries: list[dict], *,
+                 norm: list[dict] | None = None, scopes: Iterable[tuple] = (), launch: dict | None = None) -> Path:
+    """Merge ``entries`` into the config file at ``path`` (created if missing) and write it.
+
+    ``norm`` and ``scopes`` update the ``"norm"`` list (:func:`merge_norm_entries`; untouched when both are
+    empty), ``launch`` the ``"launch"`` list (:func:`merge_launch_entries`); every other key of the file
+    (``"trigger"`` among them) is kept as it is.
+    """
     path = Path(path)
     doc = {"device": card,
            "about": f"Dispatch decisions measured on {device_name} by tokenweave-tune (see tokenweave/tuning.py for "
@@ -430,11 +780,17 @@ def write_config(path: str | os.PathLike, card: str, device_name: str, entries: 
            "entries": []}
     if path.exists():
         loaded = json.loads(path.read_text())
-        if not isinstance(loaded, dict) or not isinstance(loaded.get("entries", []), list):
-            raise SystemExit(f"tokenweave-tune: {path} is not a tokenweave config (a JSON object with 'entries'); "
-                             "choose another --out")
+        if not isinstance(loaded, dict) or not all(isinstance(loaded.get(k, []), list)
+                                                   for k in ("entries", "norm", "launch")):
+            raise SystemExit(f"tokenweave-tune: {path} is not a tokenweave config (a JSON object with lists "
+                             "'entries', 'norm', 'launch'); choose another --out")
         doc.update(loaded)
     doc["entries"] = merge_entries(doc.get("entries", []), entries, doc.get("device"))
+    scopes = set(scopes)
+    if norm or scopes:
+        doc["norm"] = merge_norm_entries(doc.get("norm", []), norm or [], scopes, doc.get("device"))
+    if launch is not None:
+        doc["launch"] = merge_launch_entries(doc.get("launch", []), launch, doc.get("device"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
@@ -452,6 +808,21 @@ def result_rows(per_hidden: dict[int, dict], dtype: str) -> list[dict]:
             for c, us in sweep["us"].items():
                 rows.append({"hidden": h, "tokens": t, "dtype": dtype, "variant": f"{sweep['algo']}_ctas{c}",
                              "ctas": c, "us": us})
+    return rows
+
+
+def one_gpu_rows(norm: dict[int, dict] | None, launch: dict | None, launch_hidden: int, dtype: str) -> list[dict]:
+    """The one-GPU stages' times as results rows: ``table`` "norm" (variant shapeK) and "launch" (pdl_*)."""
+    rows = []
+    for h, d in (norm or {}).items():
+        for t, by_shape in sorted(d["measured"].items()):
+            for s, us in by_shape.items():
+                rows.append({"table": "norm", "hidden": h, "tokens": t, "dtype": dtype, "variant": f"shape{s}",
+                             "shape": s, "us": us})
+    for t, times in sorted((launch or {}).get("measured", {}).items()):
+        for variant, us in times.items():
+            rows.append({"table": "launch", "hidden": launch_hidden, "tokens": t, "dtype": dtype,
+                         "variant": variant, "us": us})
     return rows
 
 
@@ -541,6 +912,74 @@ def emulated_measure(world, hiddens: Sequence[int], max_tokens: int, dtype, call
     return measure
 
 
+class NormBench(NormOp):
+    """The standalone add + RMSNorm op (``torch.ops.tokenweave.add_rmsnorm``) in a given block shape, on one GPU."""
+
+    def __init__(self, device, hiddens: Sequence[int], max_tokens: int, dtype, calls: int, replays: int):
+        numel = max(max_tokens, NORM_PROBE_ROWS) * max(hiddens)
+        self.device, self.calls, self.replays = device, calls, replays
+        self.x = _rank_input(device, numel, dtype, 0)
+        self.residual, self.weights = _shared_inputs(device, numel, hiddens, dtype)
+        self.work, self.out = torch.empty_like(self.residual), torch.empty_like(self.residual)
+        self.op = torch.ops.tokenweave.add_rmsnorm.default
+
+    def _views(self, tokens: int, hidden: int):
+        return (_rows(self.x, tokens, hidden), _rows(self.residual, tokens, hidden), _rows(self.work, tokens, hidden),
+                _rows(self.out, tokens, hidden), self.weights[hidden])
+
+    def probe(self, shape: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, src, res, out, w = self._views(NORM_PROBE_ROWS, hidden)
+        res.copy_(src)
+        out.fill_(float("nan"))  # poisoned: a shape that writes nothing cannot match
+        self.op(x, res, w, out, EPS, shape)  # RuntimeError before launch when the shape cannot hold the row
+        torch.cuda.synchronize(self.device)
+        return out.clone(), res.clone()
+
+    def time(self, shape: int, tokens: int, hidden: int) -> float:
+        from tokenweave.bench import harness
+
+        x, src, res, out, w = self._views(tokens, hidden)
+        res.copy_(src)
+        return harness.time_cuda_graph(lambda: self.op(x, res, w, out, EPS, shape), calls=self.calls,
+                                       replays=self.replays, before_replay=lambda: res.copy_(src))
+
+
+def launch_measure(device, hidden: int, dtype, calls: int, replays: int) -> LaunchMeasure:
+    """``(programmatic, tokens) -> us`` of back-to-back ``tokenweave.add_rmsnorm`` calls in a CUDA graph (each
+    reads the residual the previous one wrote), PDL set as asked while the graph is captured."""
+    import tokenweave as tw
+    from tokenweave.bench import harness
+
+    numel = max(LAUNCH_TOKENS) * hidden
+    x = _rank_input(device, numel, dtype, 0)
+    residual, weights = _shared_inputs(device, numel, [hidden], dtype)
+    work, out = torch.empty_like(residual), torch.empty_like(residual)
+
+    def measure(programmatic: bool, tokens: int) -> float:
+        xv, src, res, o = (_rows(t, tokens, hidden) for t in (x, residual, work, out))
+        tw.set_programmatic_launch(programmatic)  # recorded into the graph's kernel nodes at capture
+        res.copy_(src)
+        return harness.time_cuda_graph(lambda: tw.add_rmsnorm(xv, res, weights[hidden], EPS, out=o), calls=calls,
+                                       replays=replays, before_replay=lambda: res.copy_(src))
+
+    return measure
+
+
+def one_gpu_measures(plan: "Plan") -> OneGpu:
+    """The one-GPU stages' :class:`OneGpu` on the current GPU."""
+    import tokenweave as tw
+    from tokenweave._ext import _C
+    from tokenweave.ops import _ops
+
+    _ops()  # the first op sets the card's PDL default; read the setting to restore after it
+    dev, dtype = torch.device("cuda", torch.cuda.current_device()), DTYPES[plan.dtype]
+    norm = NormBench(dev, plan.hiddens, max(plan.tokens), dtype, plan.calls, plan.replays) \
+        if plan.norm and dtype.itemsize == 2 else None
+    launch = launch_measure(dev, max(plan.hiddens), dtype, plan.calls, plan.replays) if plan.launch else None
+    return OneGpu(norm=norm, num_shapes=int(_C.add_rmsnorm_configs()), launch=launch,
+                  set_programmatic=tw.set_programmatic_launch, programmatic=tw.programmatic_launch())
+
+
 def comm_limits(comm) -> Limits:
     """The :class:`Limits` of a Communicator (or an emulated rank) on a device transport."""
     layout = comm._layout
@@ -564,6 +1003,9 @@ class Plan:
     calls: int
     replays: int
     show_progress: bool = True
+    allreduce: bool = True   # the fused op's dispatch decisions ("entries"; needs a world)
+    norm: bool = True        # the add + RMSNorm block shapes ("norm"; one GPU)
+    launch: bool = True      # PDL on or off ("launch"; one GPU)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -591,6 +1033,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="'shape': an entry per hidden (default); 'world': one entry per world size for any hidden "
                           "(the shipped configs' form)")
     out.add_argument("--results-dir", help="also write the times as a results file (tune-<card>-tp<W>.json) here")
+    stages = p.add_argument_group("stages (all run by default)")
+    stages.add_argument("--no-allreduce", action="store_true",
+                        help="skip the fused all-reduce's decisions ('entries'): only the one-GPU stages run, on one "
+                             "GPU without --tp or --emulated")
+    stages.add_argument("--no-norm", action="store_true",
+                        help="skip the add + RMSNorm block shapes ('norm'; measured on one GPU, 2-byte dtypes)")
+    stages.add_argument("--no-launch", action="store_true",
+                        help="skip the programmatic-dependent-launch decision ('launch'; measured on one GPU)")
     timing = p.add_argument_group("timing")
     timing.add_argument("--calls", type=int, default=20, help="calls captured per CUDA graph")
     timing.add_argument("--replays", type=int, default=5, help="timed replays (the median counts)")
@@ -638,7 +1088,14 @@ def resolve(args: argparse.Namespace, visible_gpus: int) -> Plan:
     if args.max_tokens < 1 or any(t < 1 for t in args.tokens or []):
         raise SystemExit("tokenweave-tune: token counts must be >= 1")
     tokens = sorted(set(args.tokens)) if args.tokens else token_grid(args.max_tokens)
-    if args.emulated is not None:
+    if args.no_allreduce and args.no_norm and args.no_launch:
+        raise SystemExit("tokenweave-tune: --no-allreduce, --no-norm and --no-launch leave nothing to measure")
+    if args.no_allreduce:
+        if args.tp is not None or args.emulated is not None:
+            raise SystemExit("tokenweave-tune: --no-allreduce measures the one-GPU stages on one GPU; leave out --tp "
+                             "and --emulated")
+        world, emulated = 1, False
+    elif args.emulated is not None:
         if args.tp is not None:
             raise SystemExit("tokenweave-tune: --emulated W runs on one GPU; leave out --tp")
         if not 2 <= args.emulated <= 8:
@@ -654,28 +1111,92 @@ def resolve(args: argparse.Namespace, visible_gpus: int) -> Plan:
     if args.calls < 1 or args.replays < 1:
         raise SystemExit("tokenweave-tune: --calls and --replays must be >= 1")
     return Plan(world, emulated, tuple(sorted(set(hiddens))), tuple(tokens), dtype, args.key, args.out,
-                args.results_dir, args.calls, args.replays)
+                args.results_dir, args.calls, args.replays, allreduce=not args.no_allreduce, norm=not args.no_norm,
+                launch=not args.no_launch)
 
 
-def run_plan(plan: Plan, measure: Measure, limits: Limits, prov: Provenance) -> tuple[Path, list[dict], dict]:
-    """Tune with ``measure`` and write the config (rank 0's part); returns its path, the entries written and
-    :func:`tune`'s result."""
+@dataclass
+class Tuned:
+    """What :func:`run_plan` measured and wrote (None / empty for a stage that did not run)."""
+
+    path: Path
+    entries: list[dict]
+    per_hidden: dict[int, dict]
+    norm: dict[int, dict] | None
+    norm_entries: list[dict]
+    launch: dict | None
+    launch_entry: dict | None
+    notes: list[str]
+
+
+def run_plan(plan: Plan, measure: Measure | None, limits: Limits | None, prov: Provenance,
+             one_gpu: OneGpu | None = None) -> Tuned:
+    """Tune and write the config (rank 0's part): the all-reduce stage with ``measure`` (None: skipped), then the
+    one-GPU stages with ``one_gpu`` (None: skipped), as the plan asks."""
     itemsize = DTYPES[plan.dtype].itemsize
-    progress = Progress(planned_timings(plan.hiddens, plan.tokens, itemsize, limits), enabled=plan.show_progress)
+    do_allreduce = plan.allreduce and measure is not None
+    do_norm = plan.norm and itemsize == 2 and one_gpu is not None and one_gpu.norm is not None
+    do_launch = plan.launch and one_gpu is not None and one_gpu.launch is not None
+    notes = []
+    if plan.norm and itemsize != 2:
+        notes.append(f"norm: block shapes are measured for 2-byte dtypes only; {plan.dtype} keeps shape 0 (the "
+                     "kernel's own pick): nothing measured or written")
+    total = planned_timings(plan.hiddens, plan.tokens, itemsize, limits) if do_allreduce else 0
+    total += planned_norm_timings(plan.hiddens, plan.tokens, one_gpu.num_shapes) if do_norm else 0
+    total += len(LAUNCH_TOKENS) * len(LAUNCH_VARIANTS) if do_launch else 0
+    progress = Progress(total, enabled=plan.show_progress)
+    norm = launch = None
     try:
-        per_hidden = tune(measure, plan.hiddens, plan.tokens, itemsize, limits, progress)
+        per_hidden = tune(measure, plan.hiddens, plan.tokens, itemsize, limits, progress) if do_allreduce else {}
+        if do_norm or do_launch:
+            norm, launch = tune_one_gpu(one_gpu, plan.hiddens, plan.tokens, do_norm, do_launch, progress)
     finally:
         progress.close()
-    entries = make_entries(per_hidden, plan.world_size, itemsize, plan.key, prov, limits.max_ctas)
-    path = write_config(plan.out or f"tokenweave-{prov.card}.json", prov.card, prov.device_name, entries)
-    return path, entries, per_hidden
+    entries = make_entries(per_hidden, plan.world_size, itemsize, plan.key, prov, limits.max_ctas) if per_hidden else []
+    norm_entries = make_norm_entries(norm, itemsize, plan.key, prov) if norm is not None else []
+    scopes = norm_scopes(prov.card, itemsize, plan.hiddens, plan.key) if norm is not None else set()
+    launch_entry = make_launch_entry(launch, max(plan.hiddens), prov) if launch is not None else None
+    path = write_config(plan.out or f"tokenweave-{prov.card}.json", prov.card, prov.device_name, entries,
+                        norm=norm_entries, scopes=scopes, launch=launch_entry)
+    return Tuned(path, entries, per_hidden, norm, norm_entries, launch, launch_entry, notes)
 
 
-def _tune_and_report(plan: Plan, measure: Measure, limits: Limits, gpus: int, rank0: bool) -> None:
+def report(plan: Plan, tuned: Tuned, card: str) -> None:
+    """Print what was written (rank 0)."""
+    n_launch = 1 if tuned.launch_entry else 0
+    print(f"tokenweave-tune: wrote {len(tuned.entries)} dispatch, {len(tuned.norm_entries)} norm and {n_launch} "
+          f"launch entr{'y' if len(tuned.entries) + len(tuned.norm_entries) + n_launch == 1 else 'ies'} to "
+          f"{tuned.path.resolve()}")
+    for e in tuned.entries:
+        what = f"hidden {e['hidden']}" if "hidden" in e else "any hidden"
+        print(f"  {card}, world {e['world_size']}{' (emulated)' if plan.emulated else ''}, {plan.dtype}, {what}: "
+              f"{describe(e)}")
+    if tuned.entries and plan.emulated:
+        print("  emulated entries compare data paths without NVLink; an entry measured on real GPUs for the same "
+              "shape is listed first and wins")
+    for h, d in (tuned.norm or {}).items():
+        same = [s for s, why in d["shapes"].items() if why == SAME_BITS]
+        print(f"  norm, {plan.dtype}, hidden {h}: shapes with shape 0's bits: {', '.join(map(str, same)) or 'none'}")
+    for e in tuned.norm_entries:
+        what = f"hidden {e['hidden']}" if "hidden" in e else f"hidden <= {e['max_hidden']}"
+        print(f"  norm, {plan.dtype}, {what}, {_range_text(e['min_tokens'], e.get('max_tokens'))}: shape {e['shape']}")
+    if tuned.norm is not None and not tuned.norm_entries:
+        print("  norm: shape 0 (the kernel's own pick) at every size measured: no entry (older ones for these "
+              "hiddens removed)")
+    if tuned.launch_entry:
+        print(f"  launch: programmatic dependent launch {'on' if tuned.launch_entry['programmatic'] else 'off'}")
+    for note in tuned.notes:
+        print(f"  {note}")
+    print(f"Use it:  export TOKENWEAVE_CONFIG={tuned.path.resolve()}\n(searched before the shipped configs; "
+          "entries for other cards are ignored)", flush=True)
+
+
+def _tune_and_report(plan: Plan, measure: Measure | None, limits: Limits | None, gpus: int, rank0: bool) -> None:
     from tokenweave.bench import harness
     from tokenweave.tuning import device_slug
 
-    if not rank0:  # the same collective sequence as rank 0; rank 0 writes
+    if not rank0:  # the same collective sequence as rank 0; rank 0 writes (and alone runs the one-GPU stages,
+        # while this rank waits in Communicator.close's barrier)
         tune(measure, plan.hiddens, plan.tokens, DTYPES[plan.dtype].itemsize, limits)
         return
     card, name = device_slug(), torch.cuda.get_device_name()
@@ -684,32 +1205,38 @@ def _tune_and_report(plan: Plan, measure: Measure, limits: Limits, gpus: int, ra
     if plan.results_dir:
         results = str(Path(plan.results_dir) / f"{harness.result_stem(bench, plan.world_size, card)}.json")
     prov = Provenance.here(card, name, gpus, plan.emulated, DTYPES[plan.dtype], results)
-    path, entries, per_hidden = run_plan(plan, measure, limits, prov)
+    one_gpu = one_gpu_measures(plan) if plan.norm or plan.launch else None
+    tuned = run_plan(plan, measure, limits, prov, one_gpu)
     if plan.results_dir:
-        harness.write_results(bench, plan.world_size, result_rows(per_hidden, plan.dtype), plan.results_dir,
-                              {"device_name": name, "emulated": plan.emulated, "config": str(path)},
-                              device=card, baseline="two_shot")
-    print(f"tokenweave-tune: wrote {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} to {path.resolve()}")
-    for e in entries:
-        what = f"hidden {e['hidden']}" if "hidden" in e else "any hidden"
-        print(f"  {card}, world {e['world_size']}{' (emulated)' if plan.emulated else ''}, {plan.dtype}, {what}: "
-              f"{describe(e)}")
-    if plan.emulated:
-        print("  emulated entries compare data paths without NVLink; an entry measured on real GPUs for the same "
-              "shape is listed first and wins")
-    print(f"Use it:  export TOKENWEAVE_CONFIG={path.resolve()}\n(searched before the shipped configs; "
-          "entries for other cards are ignored)", flush=True)
+        rows = result_rows(tuned.per_hidden, plan.dtype) + one_gpu_rows(tuned.norm, tuned.launch, max(plan.hiddens),
+                                                                         plan.dtype)
+        extra = {"device_name": name, "emulated": plan.emulated, "config": str(tuned.path)}
+        if tuned.norm is not None:
+            extra["norm_shapes"] = {h: d["shapes"] for h, d in tuned.norm.items()}
+        harness.write_results(bench, plan.world_size, rows, plan.results_dir, extra, device=card,
+                              baseline="two_shot", panel_keys=("table", "hidden"))
+    report(plan, tuned, card)
 
 
 @contextlib.contextmanager
 def _without_user_config():
-    """Measure at the shipped/heuristic settings: a previous tune's file must not steer this one."""
+    """Measure at the shipped/heuristic settings: a previous tune's file must not steer this one. The parsed
+    configs are forgotten on the way in and out (they are cached per process), so the file written is read
+    afresh after the tune."""
+    from tokenweave import ops, tuning
+
+    def forget():
+        tuning.clear_cache()
+        ops._norm_shape_of.cache_clear()
+
     saved = os.environ.pop("TOKENWEAVE_CONFIG", None)
+    forget()
     try:
         yield
     finally:
         if saved is not None:
             os.environ["TOKENWEAVE_CONFIG"] = saved
+        forget()
 
 
 def worker(plan: Plan) -> None:
@@ -744,6 +1271,12 @@ def run_emulated(plan: Plan) -> None:
         _tune_and_report(plan, measure, comm_limits(world.ranks[0]), 1, True)
 
 
+def run_one_gpu(plan: Plan) -> None:
+    """Only the one-GPU stages (``--no-allreduce``), on the current GPU, in this process."""
+    with _without_user_config():
+        _tune_and_report(plan, None, None, 1, True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: ``tokenweave-tune [options]``."""
     import tokenweave as tw
@@ -755,7 +1288,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("tokenweave-tune measures tokenweave's CUDA kernels: it needs a CUDA GPU and tokenweave "
                          "installed with its extension (pip install --no-build-isolation -e .)")
     plan = resolve(args, visible)
-    if plan.emulated:
+    if not plan.allreduce:
+        run_one_gpu(plan)
+    elif plan.emulated:
         run_emulated(plan)
     else:
         harness.spawn(worker, plan.world_size, "nccl", plan)

@@ -252,3 +252,356 @@ def test_real_measure_runs_collectively_and_every_rank_decides_alike():
     a, b = run_workers(_gloo_rank, 2, timeout=240)
     assert a == b and set(a) == {128, 256}
     assert all(us > 0 for d in a.values() for us in d["times"]["two_shot"].values())
+
+
+# ---------------------------------------------------------------------------------------------- the one-GPU stages
+CARD = "testcard"  # no shipped config: what tokenweave.tuning reads back comes from the file written alone
+
+
+@pytest.fixture
+def fresh_tuning(user_config, monkeypatch):
+    """The user config, with every tuning cache forgotten before and after, and TOKENWEAVE_PDL unset."""
+    monkeypatch.delenv("TOKENWEAVE_PDL", raising=False)
+    tuning.clear_cache()
+    yield user_config
+    tuning.clear_cache()
+
+
+class FakeNormOp(tune.NormOp):
+    """An add + RMSNorm with 11 block shapes: ``different`` change one output bit, ``cannot`` raise at launch,
+    ``lazy`` write nothing (the poisoned out stays NaN). Times from ``speed`` (shape -> factor of shape 0's time,
+    or a function of tokens); every call is recorded, with the PDL state ``pdl`` holds at the time."""
+
+    def __init__(self, different=(6, 7), cannot=(3,), lazy=(8,), residual_differs=(9,), speed=None, pdl=None):
+        import torch
+
+        self.torch = torch
+        self.different, self.cannot, self.lazy, self.residual_differs = different, cannot, lazy, residual_differs
+        self.speed = speed or {}
+        self.pdl = pdl
+        self.calls = []
+        gen = torch.Generator().manual_seed(3)
+        self.rows = tune.NORM_PROBE_ROWS
+        self.data = {}
+        self.gen = gen
+
+    def _inputs(self, hidden):
+        torch = self.torch
+        if hidden not in self.data:  # fresh random data, never zeros
+            x = torch.randn(self.rows, hidden, generator=self.gen).to(torch.bfloat16)
+            res = torch.randn(self.rows, hidden, generator=self.gen).to(torch.bfloat16)
+            w = (1 + 0.1 * torch.randn(hidden, generator=self.gen)).to(torch.bfloat16)
+            self.data[hidden] = (x, res, w)
+        return self.data[hidden]
+
+    def probe(self, shape, hidden):
+        from tokenweave.reference import add_rmsnorm_reference
+
+        self.calls.append(("probe", shape, hidden))
+        if shape in self.cannot:
+            raise RuntimeError(f"tokenweave.add_rmsnorm: launch failed (shape {shape}, hidden {hidden})")
+        x, res, w = self._inputs(hidden)
+        out, z = add_rmsnorm_reference(x, res, w, 1e-5, dtype=self.torch.bfloat16)
+        out, z = out.clone(), z.clone()
+        if shape in self.lazy:
+            out.fill_(float("nan"))
+        if shape in self.different:
+            out.view(self.torch.int16)[self.rows // 2, hidden // 3] ^= 1  # one bit of one element
+        if shape in self.residual_differs:
+            z.view(self.torch.int16)[self.rows - 1, 0] ^= 1
+        return out, z
+
+    def time(self, shape, tokens, hidden):
+        self.calls.append(("time", shape, tokens, hidden, None if self.pdl is None else self.pdl[-1]))
+        factor = self.speed.get(shape, 1.0 if shape == 0 else 1.1)
+        factor = factor(tokens) if callable(factor) else factor
+        return (2.0 + tokens * hidden / 1e4) * factor
+
+
+def _shape4_below(limit):
+    return {4: lambda t: 0.8 if t < limit else 1.05, 1: 1.005, 7: 0.5}  # 7 is fastest but has other bits
+
+
+def test_same_bits_is_bitwise():
+    import torch
+
+    a = torch.tensor([1.0, 0.0, float("nan")], dtype=torch.bfloat16)
+    assert tune.same_bits(a, a.clone())
+    assert not tune.same_bits(a, torch.tensor([1.0, -0.0, float("nan")], dtype=torch.bfloat16))  # -0 is not +0
+    assert not tune.same_bits(a, a.float()) and not tune.same_bits(a, a[:2])
+    b = a.clone()
+    b.view(torch.int16)[0] ^= 1  # the last mantissa bit
+    assert not tune.same_bits(a, b)
+
+
+def test_norm_candidates_keep_only_shapes_with_shape_0s_bits():
+    op = FakeNormOp()
+    status = tune.norm_candidates(lambda s: op.probe(s, 1024), range(11))
+    assert status == {1: tune.SAME_BITS, 2: tune.SAME_BITS, 3: tune.CANNOT_HOLD_ROW, 4: tune.SAME_BITS,
+                      5: tune.SAME_BITS, 6: tune.DIFFERENT_BITS, 7: tune.DIFFERENT_BITS, 8: tune.DIFFERENT_BITS,
+                      9: tune.DIFFERENT_BITS, 10: tune.SAME_BITS}
+    with pytest.raises(RuntimeError):  # shape 0 must run: nothing to compare with otherwise
+        tune.norm_candidates(lambda s: FakeNormOp(cannot=(0,)).probe(s, 1024), range(3))
+
+
+def test_norm_decision_needs_more_than_the_margin():
+    times = {1: {0: 10.0, 4: 9.85},            # 1.5% faster: within the margin, shape 0
+             16: {0: 10.0, 4: 9.7, 5: 9.75},   # 3% faster: the fastest
+             128: {0: 10.0, 4: 9.0, 2: 9.0},   # a tie between two: the lower shape number
+             1024: {0: 10.0, 9: 10.5},         # slower
+             4096: {0: 10.0}}                  # nothing else measured
+    assert tune.decide_norm_shapes(times) == {1: 0, 16: 4, 128: 2, 1024: 0, 4096: 0}
+    assert tune.decide_norm_shapes(times, margin=0.0)[1] == 4
+    assert tune.decide_norm_shapes(times, margin=0.05)[16] == 0
+    assert 0 < tune.NORM_MARGIN < 0.1
+
+
+def test_token_ranges_cover_every_count_once():
+    choice = {1: 0, 2: 0, 16: 4, 128: 4, 1024: 9, 4096: 0}
+    assert tune.token_ranges(choice) == [(1, 15, 0), (16, 1023, 4), (1024, 4095, 9), (4096, None, 0)]
+    assert tune.token_ranges({128: 0, 16: 4}) == [(1, 127, 4), (128, None, 0)]  # the first range starts at 1
+    assert tune.token_ranges({8: 5}) == [(1, None, 5)]
+    assert tune.common_choice({4096: {1: 4, 16: 0}, 8192: {1: 4, 16: 4}}) == {1: 4, 16: None}
+
+
+def test_tune_norm_times_only_candidates_and_decides():
+    op = FakeNormOp(speed=_shape4_below(4096))
+    tokens = tune.token_grid(8192)
+    progress = tune.Progress(tune.planned_norm_timings([1024], tokens, 11), enabled=False)
+    (result,) = tune.tune_norm(op, [1024], tokens, 11, progress).values()
+    timed = {c[1] for c in op.calls if c[0] == "time"}
+    assert timed == {0, 1, 2, 4, 5, 10}  # shape 0 and the shapes with its bits; never 3, 6, 7, 8, 9
+    assert progress.n == progress.total  # the shapes not timed were counted as skipped
+    assert result["choice"] == {t: 4 if t < 4096 else 0 for t in tokens}
+    assert set(result["measured"][1]) == timed
+    # nothing to choose from: nothing timed, shape 0 everywhere
+    alone = FakeNormOp(different=range(1, 11), cannot=(), lazy=(), residual_differs=())
+    (result,) = tune.tune_norm(alone, [1024], [1, 16], 11).values()
+    assert result["measured"] == {} and result["choice"] == {1: 0, 16: 0}
+    assert not any(c[0] == "time" for c in alone.calls)
+
+
+def test_programmatic_decision():
+    def m(off, on, rep):
+        return {"pdl_off": off, "pdl_on": on, "pdl_off_repeat": rep}
+
+    win, tie, loss = m(3.0, 2.7, 3.01), m(3.0, 3.05, 3.1), m(3.0, 3.3, 3.01)
+    assert tune.decide_programmatic({1: win, 16: win, 128: win}) is True
+    assert tune.decide_programmatic({1: tie, 16: win, 128: win}) is True    # a majority of wins, no loss
+    assert tune.decide_programmatic({1: tie, 16: tie, 128: win}) is False   # one win of three
+    assert tune.decide_programmatic({1: loss, 16: win, 128: win}) is False  # a loss vetoes
+    assert tune.decide_programmatic({1: win, 16: tie}) is False              # half is not more than half
+    assert tune.decide_programmatic({1: m(3.0, 2.8, 3.25)}) is False  # gained 0.2, noise 0.25: a tie
+    assert tune.decide_programmatic({}) is None
+
+
+def test_shipped_one_gpu_entries_follow_from_their_times():
+    """The rule applied to the committed PDL run (norm_chain at LAUNCH_TOKENS) turns PDL on; the shipped h200
+    "launch" entry agrees with the times it was decided from (its own "measured" once tokenweave-tune wrote it,
+    else that run), and every shipped "norm" entry tokenweave-tune wrote has the shape its times give."""
+    doc = json.loads((RESULTS / "pdl-h200-tp1.json").read_text())
+    committed = {}
+    for r in doc["rows"]:
+        if r["table"] == "norm_chain" and r["tokens"] in tune.LAUNCH_TOKENS:
+            committed.setdefault(r["tokens"], {})[r["variant"]] = r["us"]
+    assert set(committed) == set(tune.LAUNCH_TOKENS)
+    assert tune.decide_programmatic(committed) is True
+    shipped = json.loads((tuning.CONFIG_DIR / "h200.json").read_text())
+    launch = shipped["launch"][0]
+    measured = ({int(t): m for t, m in next(iter(launch["measured"].values())).items()} if "measured" in launch
+                else committed)
+    assert tune.decide_programmatic(measured) is launch["programmatic"]
+    for path in tuning.CONFIG_DIR.glob("*.json"):
+        for e in json.loads(path.read_text()).get("norm", []):
+            for times in e.get("measured", {}).values():
+                by_count = {int(t): {int(s): us for s, us in m.items()} for t, m in times.items()}
+                assert set(tune.decide_norm_shapes(by_count).values()) == {e["shape"]}, (path.name, e)
+
+
+def test_norm_decision_on_the_committed_run():
+    """On the committed add_rmsnorm run (shape 1 is shape 0's kernel at these hiddens): the persistent shape 4
+    wins at 128 x 8192 by far more than the margin, and nothing beats shape 0 from 4096 tokens on."""
+    table = _rows(RESULTS / "add_rmsnorm-h200-tp1.json")
+    for hidden, variants in table.items():
+        times = {t: {0: variants["tokenweave_cfg1"][t]} for t in variants["tokenweave_cfg1"]}
+        for k in (4, 7, 8, 9, 10):
+            for t, us in variants[f"tokenweave_cfg{k}"].items():
+                times[t][k] = us
+        choice = tune.decide_norm_shapes(times)
+        assert all(s == 0 for t, s in choice.items() if t >= 4096), (hidden, choice)
+        if hidden == 8192:
+            assert choice[128] == 4
+
+
+def test_tune_launch_and_the_pdl_setting_is_restored():
+    setting = []
+    order = []
+
+    def measure(on, tokens):
+        order.append((tokens, on))
+        return 3.0 - 0.3 * on
+
+    op = FakeNormOp(speed=_shape4_below(64), pdl=setting)
+    one = tune.OneGpu(norm=op, num_shapes=11, launch=measure, set_programmatic=setting.append, programmatic=False)
+    norm, launch = tune.tune_one_gpu(one, [1024], [1, 128], True, True)
+    assert order == [(t, on) for t in tune.LAUNCH_TOKENS for on in (False, True, False)]
+    assert launch["programmatic"] is True and set(launch["measured"]) == set(tune.LAUNCH_TOKENS)
+    assert {c[-1] for c in op.calls if c[0] == "time"} == {True}  # the norm stage ran as the launch stage decided
+    assert setting[-1] is False  # restored
+    assert norm[1024]["choice"] == {1: 4, 128: 0}
+
+    class Broken(FakeNormOp):
+        def time(self, *a):
+            raise ValueError("boom")
+
+    setting.clear()
+    one = tune.OneGpu(norm=Broken(speed={}), num_shapes=11, launch=measure, set_programmatic=setting.append,
+                      programmatic=True)
+    with pytest.raises(ValueError):
+        tune.tune_one_gpu(one, [1024], [1], True, False)
+    assert setting == [True]  # restored after a failure too
+
+
+def _one_prov(card=CARD):
+    return tune.Provenance(card, "Test GPU", 2, False, "2.11.0", "abc1234", "2025-01-01", "bfloat16",
+                           "bench/results/tune-testcard-tp2.json")
+
+
+def _norm_results(choices, candidates=(1, 4)):
+    """tune_norm's result for given choices (tokens -> shape per hidden), with made-up times."""
+    out = {}
+    for h, choice in choices.items():
+        measured = {t: {0: 10.0, **{s: (8.0 if s == c else 10.5) for s in candidates}} for t, c in choice.items()}
+        out[h] = {"shapes": {s: tune.SAME_BITS for s in candidates} | {6: tune.DIFFERENT_BITS},
+                  "measured": measured, "choice": choice}
+    return out
+
+
+def test_norm_entries_per_hidden_and_world_read_back(fresh_tuning):
+    grid = [1, 16, 128, 1024, 4096, 8192]
+    choices = {4096: {1: 0, 16: 4, 128: 4, 1024: 0, 4096: 0, 8192: 0},
+               8192: {1: 0, 16: 4, 128: 4, 1024: 4, 4096: 0, 8192: 1}}
+    norm = _norm_results(choices)
+
+    def expected(hidden, tokens):
+        choice = choices[hidden]
+        measured = max(t for t in grid if t <= tokens)
+        return choice[measured]
+
+    shape = tune.make_norm_entries(norm, 2, "shape", _one_prov())
+    assert [(e["hidden"], e["min_tokens"], e.get("max_tokens"), e["shape"]) for e in shape] == [
+        (4096, 16, 1023, 4), (8192, 16, 4095, 4), (8192, 8192, None, 1)]
+    e = shape[0]
+    for field in ("itemsize", "source", "device", "device_name", "gpus", "torch", "git", "date", "dtype", "measured"):
+        assert field in e, field
+    assert e["measured"] == {4096: {16: {0: 10.0, 1: 10.5, 4: 8.0}, 128: {0: 10.0, 1: 10.5, 4: 8.0}}}
+    assert "8.00 vs 10.00 us at 16 x 4096" in e["source"] and "bench/results/tune-testcard-tp2.json" in e["source"]
+    assert "emulated" not in e  # one real GPU in every mode
+
+    world = tune.make_norm_entries(norm, 2, "world", _one_prov())
+    assert [(e.get("hidden"), e.get("max_hidden"), e["min_tokens"], e.get("max_tokens"), e["shape"])
+            for e in world] == [(8192, None, 1024, 4095, 4), (8192, None, 8192, None, 1), (None, 8192, 16, 1023, 4)]
+    for key, entries in (("shape", shape), ("world", world)):
+        fresh_tuning.unlink(missing_ok=True)
+        tune.write_config(fresh_tuning, CARD, "Test GPU", [], norm=entries,
+                          scopes=tune.norm_scopes(CARD, 2, choices, key))
+        tuning.clear_cache()
+        tokens = sorted(set(grid) | {t - 1 for t in grid if t > 1} | {t + 1 for t in grid} | {65536})
+        for hidden in choices:
+            for t in tokens:
+                assert tuning.norm_shape(CARD, t, hidden, 2) == expected(hidden, t), (key, hidden, t)
+            assert tuning.norm_shape(CARD, 128, hidden, 4) == 0  # another dtype size
+        assert tuning.norm_shape(CARD, 128, 16384, 2) == 0  # above every hidden measured
+        assert tuning.norm_shape("h100", 128, 8192, 2) == 0  # other cards ignore the file
+    assert tuning.norm_shape(CARD, 128, 2048, 2) == 4  # --key world: a smaller hidden takes the agreed shape
+
+
+def test_new_sections_merge_without_disturbing_the_rest(fresh_tuning):
+    old_norm = [{"hidden": 4096, "itemsize": 2, "max_tokens": 10, "shape": 5, "source": "stale, measured hidden"},
+                {"hidden": 5120, "itemsize": 2, "shape": 5, "source": "kept: hidden not measured"},
+                {"itemsize": 4, "max_hidden": 8192, "shape": 9, "source": "kept: other dtype size"},
+                {"itemsize": 2, "max_hidden": 8192, "max_tokens": 4095, "shape": 4, "source": "stale world entry"}]
+    doc = {"device": CARD, "about": "mine", "entries": [{"world_size": 8, "one_shot_max_bytes": 1, "source": "e"}],
+           "trigger": [{"world_size": 2, "auto_min_tokens": None, "source": "t"}], "norm": old_norm,
+           "launch": [{"device": "other", "programmatic": True, "source": "another card"},
+                      {"programmatic": False, "source": "old", "note": "kept"},
+                      {"programmatic": True, "source": "shadowed duplicate"}]}
+    fresh_tuning.write_text(json.dumps(doc))
+    norm = _norm_results({4096: {1: 4, 1024: 0}, 8192: {1: 4, 1024: 0}})
+    launch = {"programmatic": True, "measured": {t: {"pdl_off": 3.0, "pdl_on": 2.5, "pdl_off_repeat": 3.0}
+                                                 for t in tune.LAUNCH_TOKENS}}
+    tune.write_config(fresh_tuning, CARD, "Test GPU", [], norm=tune.make_norm_entries(norm, 2, "world", _one_prov()),
+                      scopes=tune.norm_scopes(CARD, 2, [4096, 8192], "world"),
+                      launch=tune.make_launch_entry(launch, 8192, _one_prov()))
+    new = json.loads(fresh_tuning.read_text())
+    assert {k: new[k] for k in ("device", "about", "entries", "trigger")} == {
+        k: doc[k] for k in ("device", "about", "entries", "trigger")}
+    assert [e["source"].split(":")[0] for e in new["norm"]] == [
+        "kept", "kept", "tokenweave-tune on 1 x Test GPU (abc1234, torch 2.11.0, 2025-01-01)"]
+    (tuned,) = [e for e in new["norm"] if "tokenweave-tune" in e["source"]]
+    assert (tuned["max_hidden"], tuned["min_tokens"], tuned["max_tokens"], tuned["shape"]) == (8192, 1, 1023, 4)
+    assert [e["source"] for e in new["launch"]][0] == "another card" and len(new["launch"]) == 2
+    mine = new["launch"][1]
+    assert mine["programmatic"] is True and mine["note"] == "kept" and mine["device"] == CARD
+    assert mine["measured"]["8192"]["16"] == {"pdl_off": 3.0, "pdl_on": 2.5, "pdl_off_repeat": 3.0}
+    assert "won (by more than the noise |off - off repeat|) at 3 of 3" in mine["source"]
+    tuning.clear_cache()
+    on, why = tuning.programmatic_launch(CARD)
+    assert on is True and str(fresh_tuning) in why
+    assert tuning.norm_shape(CARD, 1000, 8192, 2) == 4 and tuning.norm_shape(CARD, 2000, 8192, 2) == 0
+    assert tuning.norm_shape(CARD, 10, 5120, 2) == 5 and tuning.norm_shape(CARD, 10, 1024, 4) == 9
+
+    # a re-tune where shape 0 wins everywhere removes the stale ranges of what it measured, writes none
+    quiet = _norm_results({4096: {1: 0}, 8192: {1: 0}})
+    tune.write_config(fresh_tuning, CARD, "Test GPU", [], norm=tune.make_norm_entries(quiet, 2, "world", _one_prov()),
+                      scopes=tune.norm_scopes(CARD, 2, [4096, 8192], "world"))
+    assert [e["source"] for e in json.loads(fresh_tuning.read_text())["norm"]] == [
+        old_norm[1]["source"], old_norm[2]["source"]]
+
+
+def test_run_plan_writes_all_three_sections(fresh_tuning, capsys):
+    plan = tune.Plan(2, False, (1024, 2048), tuple(tune.token_grid(8192)), "bfloat16", "world", str(fresh_tuning),
+                     None, 5, 3, show_progress=False)
+    setting = []
+    op = FakeNormOp(speed=_shape4_below(4096), pdl=setting)
+    one = tune.OneGpu(norm=op, num_shapes=11, launch=lambda on, t: 3.0 - 0.3 * on, set_programmatic=setting.append)
+    tuned = tune.run_plan(plan, FakeTimer(), LIMITS, _one_prov(), one)
+    doc = json.loads(fresh_tuning.read_text())
+    assert len(doc["entries"]) == 1 and doc["entries"][0]["world_size"] == 2
+    assert [(e.get("max_hidden"), e["min_tokens"], e["max_tokens"], e["shape"]) for e in doc["norm"]] == [
+        (2048, 1, 4095, 4)]
+    assert doc["launch"][0]["programmatic"] is True
+    assert json.loads(json.dumps(tuned.launch_entry)) == doc["launch"][0]
+    tuning.clear_cache()
+    assert tuning.norm_shape(CARD, 4095, 2048, 2) == 4 and tuning.norm_shape(CARD, 4096, 2048, 2) == 0
+    assert tuning.programmatic_launch(CARD)[0] is True
+    assert tuning.dispatch_config(CARD, 2, 2, 1024).source.startswith(str(fresh_tuning))
+    tune.report(plan, tuned, CARD)
+    out = capsys.readouterr().out
+    assert "norm, bfloat16, hidden <= 2048, 1-4095 tokens: shape 4" in out and "programmatic dependent launch on" in out
+    rows = tune.one_gpu_rows(tuned.norm, tuned.launch, 2048, "bfloat16")
+    assert {r["table"] for r in rows} == {"norm", "launch"} and all(r["us"] > 0 for r in rows)
+
+    # float32: nothing measured or written for "norm", and it says so; --no-allreduce: no dispatch entries
+    fresh_tuning.unlink()
+    plan32 = tune.Plan(1, False, (1024,), (1, 16), "float32", "shape", str(fresh_tuning), None, 5, 3,
+                       show_progress=False, allreduce=False)
+    op = FakeNormOp()
+    one = tune.OneGpu(norm=op, num_shapes=11, launch=lambda on, t: 3.0, set_programmatic=setting.append)
+    tuned = tune.run_plan(plan32, None, None, _one_prov(), one)
+    doc = json.loads(fresh_tuning.read_text())
+    assert doc["entries"] == [] and "norm" not in doc and op.calls == []
+    assert doc["launch"][0]["programmatic"] is False  # every point a tie
+    assert any("2-byte dtypes only" in n for n in tuned.notes)
+
+
+def test_command_line_stages():
+    plan = tune.resolve(_args("--hidden", "4096", "8192", "--no-allreduce"), visible_gpus=1)
+    assert (plan.world_size, plan.emulated, plan.allreduce, plan.norm, plan.launch) == (1, False, False, True, True)
+    plan = tune.resolve(_args("--hidden", "1024", "--emulated", "2", "--no-norm"), visible_gpus=1)
+    assert plan.allreduce and not plan.norm and plan.launch
+    for argv, message in [(("--hidden", "1024", "--no-allreduce", "--tp", "2"), "leave out --tp"),
+                          (("--hidden", "1024", "--no-allreduce", "--emulated", "2"), "leave out --tp"),
+                          (("--hidden", "1024", "--no-allreduce", "--no-norm", "--no-launch"), "nothing to measure")]:
+        with pytest.raises(SystemExit, match=message):
+            tune.resolve(_args(*argv), visible_gpus=2)
