@@ -70,8 +70,9 @@ if has phases; then
   wait
   log "timers build: $(tail -1 "$OUT/var_build_timers.log") in $(( $(date +%s) - vt0 )) s"
   bash bench/debug/variant.sh timers - - run timeout 120 python bench/debug/lean_phases.py --out-dir /tmp/variants/timers/results > "$OUT/lean_phases.log" 2>&1
+  rc=$?
   cp /tmp/variants/timers/results/*.json bench/results/ 2>/dev/null
-  log "lean phases: rc=$?"; grep -A4 measured "$OUT/lean_phases.log" | head -12
+  log "lean phases: rc=$rc"; grep -A4 measured "$OUT/lean_phases.log" | head -12
 fi
 if has norm; then
   t0=$(date +%s); timeout ${T_NORM:-200} python bench/add_rmsnorm.py --out-dir bench/results ${NORM_ARGS:-} > "$OUT/norm.log" 2>&1

@@ -247,16 +247,19 @@ def _torch_bounded(op, comm: Communicator, what: str, start):
     raise comm._error
 
 
-@functools.lru_cache(maxsize=4096)
-def _norm_shape_of(device_index: int, tokens: int, hidden: int, itemsize: int) -> int:
+@functools.lru_cache(maxsize=64)
+def _card(device_index: int) -> str:
     from tokenweave import tuning
 
-    return tuning.norm_shape(tuning.device_slug(device_index), tokens, hidden, itemsize)
+    return tuning.device_slug(device_index)
 
 
 def _norm_shape(x2: torch.Tensor) -> int:
-    """The add + RMSNorm kernel's block shape for x2 [tokens, hidden] (the card's tuning config)."""
-    return _norm_shape_of(x2.device.index, x2.shape[0], x2.shape[1], x2.element_size())
+    """The add + RMSNorm kernel's block shape for x2 [tokens, hidden] (the card's tuning config; cached there,
+    so tokenweave.tuning.clear_cache() takes effect here too)."""
+    from tokenweave import tuning
+
+    return tuning.norm_shape(_card(x2.device.index), x2.shape[0], x2.shape[1], x2.element_size())
 
 
 def _local_add_rmsnorm(x, residual, weight, eps, out):
@@ -349,7 +352,7 @@ def _ops() -> _Ops:
         from tokenweave import tuning
 
         on, _ = tuning.programmatic_launch(tuning.device_slug())
-        set_programmatic_launch(on)  # the card's measured default, once, before the first launch
+        _C.set_programmatic_launch(bool(on))  # the card's measured default, once, before the first launch
         _OPS = _Ops()
     return _OPS
 
@@ -364,12 +367,16 @@ def set_programmatic_launch(enabled: bool) -> None:
     """
     if not HAS_EXTENSION:
         raise RuntimeError("tokenweave.set_programmatic_launch: the CUDA extension is not built")
+    _ops()  # the card's default is applied on first use: apply it now, so that it cannot override this choice
     _C.set_programmatic_launch(bool(enabled))
 
 
 def programmatic_launch() -> bool:
     """Whether tokenweave kernels are launched with PDL in this process (:func:`set_programmatic_launch`)."""
-    return bool(HAS_EXTENSION and _C.programmatic_launch())
+    if not HAS_EXTENSION:
+        return False
+    _ops()  # the card's default, if nothing has been launched yet
+    return bool(_C.programmatic_launch())
 
 
 def fused_allreduce_rmsnorm(comm: Communicator, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

@@ -1223,11 +1223,10 @@ def _without_user_config():
     """Measure at the shipped/heuristic settings: a previous tune's file must not steer this one. The parsed
     configs are forgotten on the way in and out (they are cached per process), so the file written is read
     afresh after the tune."""
-    from tokenweave import ops, tuning
+    from tokenweave import tuning
 
     def forget():
         tuning.clear_cache()
-        ops._norm_shape_of.cache_clear()
 
     saved = os.environ.pop("TOKENWEAVE_CONFIG", None)
     forget()

@@ -140,7 +140,7 @@ def programmatic_launch(card: str) -> tuple[bool, str]:
     env = os.environ.get("TOKENWEAVE_PDL")
     if env in ("0", "1"):
         return env == "1", "TOKENWEAVE_PDL"
-    for text in _all_entries(card, os.environ.get("TOKENWEAVE_CONFIG") or None, "launch"):
+    for text in _all_entries(card, _user_file(), "launch"):
         e = json.loads(text)
         if "programmatic" in e:
             return bool(e["programmatic"]), f"{e['_file']}: {e.get('source', '?')}"

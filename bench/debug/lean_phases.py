@@ -44,7 +44,8 @@ def main():
 
 def collect(out_dir: str) -> None:
     """Run main() in a child (the kernels' printf goes to its stdout), parse the timers, write JSON."""
-    child = subprocess.run([sys.executable, __file__, "--child"], capture_output=True, text=True, env=dict(os.environ))
+    child = subprocess.run([sys.executable, __file__, "--child"], capture_output=True, text=True, env=dict(os.environ),
+                           timeout=300)  # bounded: a kernel that hangs (it cannot: every wait is bounded) still ends
     print(child.stdout, child.stderr[-2000:], flush=True)
     rows, label = [], None
     for line in child.stdout.splitlines():

@@ -1,7 +1,9 @@
 // Pieces every collective kernel shares: streaming loops, the call header, the end-of-call epoch advance.
 #pragma once
 
-#include <cstdio>
+#ifdef TOKENWEAVE_PHASE_TIMERS
+#include <cstdio>  // PhaseTimers::report
+#endif
 
 #include "tokenweave/common.cuh"
 #include "tokenweave/plan.h"
@@ -13,7 +15,7 @@ constexpr int kUnroll = 4;
 
 // For i in [begin, end) spread over the CTA: v = load(i) for kUnroll indices, then store(i, v) for them,
 // so the loads are in flight together (the compiler cannot reorder them across possibly-aliasing stores).
-// (8 in flight measured no faster for the lean scatter: bench/results/variants/lean_unroll4, 74363af.)
+// (8 in flight was slower for the lean scatter: bench/results/variants/74363af/unroll4 vs main_unroll8.)
 template <class Load, class Store>
 __device__ __forceinline__ void stream_vecs(int64_t begin, int64_t end, const Load& load, const Store& store) {
   for (int64_t i = begin + threadIdx.x; i < end; i += int64_t(kUnroll) * kBlockThreads) {

@@ -123,10 +123,11 @@ __global__ void __launch_bounds__(Threads, 2) add_rmsnorm_pipelined_kernel(RowAr
       }
     }
   };
+  prefetch_l2(ra.weight, int64_t(ra.hidden) * int64_t(sizeof(T)));
+  wait_for_prior_grid();  // PDL (pdl.cuh): only the weight's L2 prefetch above (the previous kernel may write it)
 #pragma unroll
   for (int k = 0; k < VPT; ++k)
     if (lane + k * G < nvr) g[k] = w[lane + k * G];
-  wait_for_prior_grid();  // PDL (pdl.cuh): only the weight is read above
   int64_t row = int64_t(blockIdx.x) * rows_per_pass + threadIdx.x / G;
   load(row, xa, ra_);
   int pass = 0;
@@ -304,10 +305,9 @@ cudaError_t add_rmsnorm(const void* x, void* residual, const void* weight, void*
     return plan_row_group(hidden, lanes_of(dtype), g.threads, g.target_vecs, g.max_vecs);
   };
   if (config == 0) {
-    // The one-pass shape that holds the row in the fewest registers: 4 vectors x 256 threads, else 8 x 256
-    // (hidden up to 16384 for 2-byte types), else 8 x 512 (256 x 8 beat 512 x 8: 177.5 vs 186.7 us at 8192 x 8192). Measured on one H200 (add_rmsnorm-h200-tp1.json, 29599f5):
-    // the persistent, pipelined shape (config 4) was slower at every bandwidth-bound size (143.5 vs 140.4 us at
-    // 8192 x 8192 bf16), so it is not chosen.
+    // The fallback where the card's config ("norm", tokenweave.tuning.norm_shape) names no shape: the one-pass
+    // shape that holds the row in the fewest registers (4 vectors x 256 threads, else 8 x 256: hidden up to
+    // 16384 for 2-byte types, else 8 x 512). Measured choices by size live in the config, not here.
     config = group_of(1) > 0 ? 1 : group_of(2) > 0 ? 2 : 3;
   }
   const int group = group_of(config);

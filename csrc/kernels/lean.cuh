@@ -57,7 +57,7 @@ struct LeanSource {
 // only to my shard (sharded). The destination tables are held by value: their W addresses then live in
 // registers. Held by reference (to the kernel parameter), every store first re-loaded its rank's address
 // from a local-memory copy of the table, a load that missed L1 once the rows had streamed through it: the
-// owner's phase took ~72% of a CTA's cycles (bench/results/variants/def37c3/lean_phases-h200-tp4.json).
+// owner's phase took 72-79% of a CTA's cycles (bench/results/variants/def37c3/lean_phases-h200-tp4.json).
 template <class Tr>
 struct LeanSink {
   const CommDevice& c;

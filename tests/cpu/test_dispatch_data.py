@@ -65,22 +65,22 @@ def test_every_shipped_entry_names_its_run():
 
 
 def test_programmatic_launch_from_env_then_config_then_heuristic(tmp_path, monkeypatch):
-    tuning._all_entries.cache_clear()
+    tuning.clear_cache()
     monkeypatch.delenv("TOKENWEAVE_PDL", raising=False)
     user = tmp_path / "mine.json"
     user.write_text(json.dumps({"launch": [{"programmatic": True, "source": "my chained run"}]}))
     monkeypatch.setenv("TOKENWEAVE_CONFIG", str(user))
-    tuning._all_entries.cache_clear()
+    tuning.clear_cache()
     assert tuning.programmatic_launch("unknown-card") == (True, f"{user}: my chained run")  # the user's file
     monkeypatch.setenv("TOKENWEAVE_PDL", "0")
     assert tuning.programmatic_launch("unknown-card") == (False, "TOKENWEAVE_PDL")  # the variable decides
     monkeypatch.delenv("TOKENWEAVE_PDL")
     monkeypatch.delenv("TOKENWEAVE_CONFIG")
-    tuning._all_entries.cache_clear()
+    tuning.clear_cache()
     assert tuning.programmatic_launch("unknown-card") == (False, "heuristic")  # unmeasured: off
-    on, source = tuning.programmatic_launch("h200")  # the shipped file: measured, and says where
-    assert source == "heuristic" or "bench/results/" in source
-    tuning._all_entries.cache_clear()
+    on, source = tuning.programmatic_launch("h200")  # the shipped file: measured on, and says where
+    assert on is True and "bench/results/" in source
+    tuning.clear_cache()
 
 
 def _norm_shapes():
@@ -132,3 +132,32 @@ def test_norm_shapes_never_change_a_rows_bits_with_the_batch():
     for path in tuning.CONFIG_DIR.glob("*.json"):
         for e in json.loads(path.read_text()).get("norm", []):
             assert "bench/results/" in e["source"] and 0 <= e["shape"] < len(shapes), (path.name, e)
+
+
+def test_a_programmatic_launch_choice_survives_the_first_op(monkeypatch):
+    """The card's PDL default is applied once, on first use; a user's earlier choice must not be overwritten
+    by it (it was, until the first op applied the default after the user's call)."""
+    from tokenweave import ops
+
+    class FakeExtension:
+        on = None
+
+        def set_programmatic_launch(self, on):
+            calls.append(on)
+            FakeExtension.on = on
+
+        def programmatic_launch(self):
+            return FakeExtension.on
+
+    calls = []
+    monkeypatch.setattr(ops, "_C", FakeExtension())
+    monkeypatch.setattr(ops, "HAS_EXTENSION", True)
+    monkeypatch.setattr(ops, "_OPS", None)
+    monkeypatch.setattr(ops, "_Ops", lambda: object())
+    monkeypatch.setattr(tuning, "programmatic_launch", lambda card: (True, "the card's config"))
+    ops.set_programmatic_launch(False)
+    ops._ops()  # what the first op does
+    assert ops.programmatic_launch() is False and calls == [True, False]
+    monkeypatch.setattr(ops, "_OPS", None)
+    calls.clear()
+    assert ops.programmatic_launch() is True and calls == [True]  # untouched: the card's default

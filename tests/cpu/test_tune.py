@@ -118,8 +118,8 @@ def _rows(path, key="tokens"):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_shipped_h200_decisions_follow_from_their_runs(tp):
-    """The shipped h200 entries came from older benchmark runs (fused bench at 90cfe5f, emulated world at
-    8f3a39b); tokenweave-tune's decision rules applied to those runs' times give the shipped values."""
+    """The shipped h200 entries came from benchmark runs (fused bench at 90cfe5f, emulated world at 4a4899b);
+    tokenweave-tune's decision rules applied to those runs' times give the shipped values."""
     shipped = next(e for e in json.loads((tuning.CONFIG_DIR / "h200.json").read_text())["entries"]
                    if e["world_size"] == tp)
     fused = _rows(RESULTS / f"fused_allreduce_rmsnorm-h200-tp{tp}.json")

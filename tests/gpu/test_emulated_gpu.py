@@ -201,7 +201,7 @@ def test_lean_needs_symmetric_out():
 def test_tracked_feed_takes_the_plans_chunk_rows(W):
     """The tracked kernel (track-and-trigger's SM consumer) runs the geometry the trigger plan hands it
     (``chunk_rows``, never re-derived in C++): same bits as the resident two-shot with that geometry, float64
-    reference, bitwise across ranks; a geometry past the chunk limit is refused before launch."""
+    reference, bitwise across ranks; ``chunk_rows=0`` is refused before launch."""
     from tokenweave import _abi
     from tokenweave._ext import _C
 

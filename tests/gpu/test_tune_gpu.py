@@ -65,7 +65,6 @@ def _check_one_gpu_sections(path, hiddens, tokens):
     doc = json.loads(path.read_text())
     card = tuning.device_slug(0)
     tuning.clear_cache()
-    tw.ops._norm_shape_of.cache_clear()
     (launch,) = [e for e in doc["launch"] if e["device"] == card]
     assert isinstance(launch["programmatic"], bool) and launch["gpus"] == 1
     times = launch["measured"][str(max(hiddens))]

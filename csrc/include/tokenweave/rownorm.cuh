@@ -100,7 +100,7 @@ __device__ __forceinline__ void finish_rows(const Source& src, const Sink& sink,
       // Branch-free: a lane with nothing to do here loads a valid vector (row r0, vector 0) and drops it, so
       // the compiler issues every k's loads before the first use. Under `if (active && j < nvr)` each k's
       // loads waited for the previous k's arithmetic: one memory latency per vector (the lean owner spent
-      // ~75% of its cycles here, bench/debug/lean_phases.py).
+      // 72-79% of its cycles in this loop: bench/results/variants/def37c3/lean_phases-h200-tp4.json).
       const int j = lane + k * G;
       const bool mine = active && j < nvr;
       z[k] = src.load_z(mine ? row : r0, mine ? j : 0);
