@@ -54,8 +54,9 @@ ROLES = (("cublas", "sm"), ("triton", "sm"), ("cublas", "copy_engine"), ("triton
 STREAM_SWEEP = ("ctas16", "ctas24", "ctas32", "ctas48", "ctas32_g4", "ctas32_g16")
 TRIGGERS = (tuple(f"tokenweave_{p}_{c}" for p, c in ROLES)
             + tuple(f"tokenweave_cublas_stream_{s}" for s in STREAM_SWEEP))
-# Measured once (bench/results/logs/device_run_13_h100x4_gemm_tp4.log): fewer CTAs for the spinning consumers
-# only lost; kept runnable with --variants.
+# Measured on 4 and 2 x H100 (bench/results/gemm_allreduce-h100-tp{4,2}.json, the _ctas8/_ctas16 rows): fewer
+# CTAs for the spinning consumers than the default 32 mostly lost (faster in 10 of 96 pairings at TP4, 20 of 96
+# at TP2); kept runnable with --variants, not timed by default.
 SPIN_CTAS = tuple(f"tokenweave_{p}_{c}_ctas{n}" for n in (8, 16) for p, c in ROLES[:4])
 TRIGGER_NAME = re.compile(r"tokenweave_(cublas|triton)_(sm|copy_engine|stream)(?:_ctas(\d+))?(?:_g(\d+))?")
 # gemm_carveout32: cuBLAS told to leave 32 SMs free (what the stream consumer's _ctas32 costs the GEMM).
