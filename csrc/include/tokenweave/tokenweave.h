@@ -14,7 +14,8 @@ namespace tokenweave {
 cudaError_t allreduce(const CommDevice& c, const CallArgs& a, Transport t, cudaStream_t stream);
 
 // out = RMSNorm(x + residual) * weight; residual <- x + residual. No communication.
-// `config` picks the block shape (0 = default; add_rmsnorm_configs() of them, for benchmarking).
+// `config` picks the block shape (kNormConfigs in launch.cu, add_rmsnorm_configs() of them; 0 = the kernel's
+// own pick). The Python dispatcher passes the shape the card's config names for the size (tuning.norm_shape).
 cudaError_t add_rmsnorm(const void* x, void* residual, const void* weight, void* out, int64_t tokens, int hidden,
                         float eps, DType dtype, cudaStream_t stream, int config = 0);
 int add_rmsnorm_configs();
