@@ -19,7 +19,6 @@
 #pragma once
 
 #include "tokenweave/common.cuh"
-#include "tokenweave/pdl.cuh"
 #include "tokenweave/plan.h"
 #include "tokenweave/rownorm.cuh"
 #include "tokenweave/sync.cuh"
@@ -79,16 +78,14 @@ __global__ void __launch_bounds__(kBlockThreads, 1) allreduce_kernel(const CommD
   constexpr int VPT = kMaxVecsPerThread;
   __shared__ float red[2][kBlockThreads / 32];
 
-  prefetch_l2((a.op & kOpNorm) ? a.weight : nullptr, int64_t(a.hidden) * int64_t(sizeof(T)));
-  wait_for_prior_grid();  // PDL (pdl.cuh): nothing above touches what the previous kernel writes
-  const CallId id{c.state->epoch + 1, a.sig, a.op};
+  const CallId id = begin_call<T>(c, a);
   const int half = id.epoch & 1;
   const int nvr = a.hidden / L;
-  const int n_mine = (a.n_chunks - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
+  const int n_mine = chunks_of_this_cta(a);
   const Layout& l = c.layout;
   const Vec* x = reinterpret_cast<const Vec*>(a.x);
   const Vec* residual = reinterpret_cast<const Vec*>(a.residual);
-  const RowArgs rows{(a.op & kOpNorm) ? a.weight : nullptr, a.hidden, a.group, a.eps};
+  const RowArgs rows = row_args(a);
   const LocalSink local{reinterpret_cast<Vec*>(a.out), reinterpret_cast<Vec*>(a.residual), nvr};
   auto chunk_at = [&](int i) { return int(blockIdx.x) + i * int(gridDim.x); };
   auto row_begin = [&](int ch) { return int64_t(ch) * a.chunk_rows; };

@@ -6,9 +6,31 @@
 #endif
 
 #include "tokenweave/common.cuh"
+#include "tokenweave/pdl.cuh"
 #include "tokenweave/plan.h"
+#include "tokenweave/rownorm.cuh"
+#include "tokenweave/sync.cuh"
 
 namespace tokenweave {
+
+// How every collective kernel starts. PDL (pdl.cuh): before the wait only the norm weight's L2 prefetch, nothing
+// the previous kernel in the stream may write; the epoch is read after it (the previous call advanced it).
+template <typename T>
+__device__ __forceinline__ CallId begin_call(const CommDevice& c, const CallArgs& a) {
+  prefetch_l2((a.op & kOpNorm) ? a.weight : nullptr, int64_t(a.hidden) * int64_t(sizeof(T)));
+  wait_for_prior_grid();
+  return CallId{c.state->epoch + 1, a.sig, a.op};
+}
+
+// The row epilogue's arguments of a call (no weight: no norm, out = z).
+__device__ __forceinline__ RowArgs row_args(const CallArgs& a) {
+  return RowArgs{(a.op & kOpNorm) ? a.weight : nullptr, a.hidden, a.group, a.eps};
+}
+
+// Chunks this CTA owns: blockIdx.x, blockIdx.x + gridDim.x, ... below n_chunks.
+__device__ __forceinline__ int chunks_of_this_cta(const CallArgs& a) {
+  return (a.n_chunks - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
+}
 
 // Independent 16-byte vectors each thread keeps in flight in the streaming phases.
 constexpr int kUnroll = 4;

@@ -20,7 +20,6 @@
 #pragma once
 
 #include "tokenweave/common.cuh"
-#include "tokenweave/pdl.cuh"
 #include "tokenweave/plan.h"
 #include "tokenweave/rownorm.cuh"
 #include "tokenweave/sync.cuh"
@@ -136,14 +135,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lamport_kernel(const CommDev
   constexpr int L = Pack<T>::kLanes;
   __shared__ float red[2][kBlockThreads / 32];
   const Layout& l = c.layout;
-  prefetch_l2((a.op & kOpNorm) ? a.weight : nullptr, int64_t(a.hidden) * int64_t(sizeof(T)));
-  wait_for_prior_grid();  // PDL (pdl.cuh): nothing above touches what the previous kernel writes
-  const CallId id{c.state->epoch + 1, a.sig, a.op};
+  const CallId id = begin_call<T>(c, a);
   const uint32_t seq = c.state->lamport_seq + 1;
   const int buf = int(seq % 3), stale = int((seq + 2) % 3);
   const int nvr = a.hidden / L;
   const int64_t n_vecs = a.tokens * nvr;
-  const int n_mine = (a.n_chunks - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
+  const int n_mine = chunks_of_this_cta(a);
   auto chunk_at = [&](int i) { return int(blockIdx.x) + i * int(gridDim.x); };
   auto row_begin = [&](int ch) { return int64_t(ch) * a.chunk_rows; };
   auto row_end = [&](int ch) { return min(int64_t(ch + 1) * a.chunk_rows, a.tokens); };
@@ -193,7 +190,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lamport_kernel(const CommDev
   ok = __syncthreads_and(ok) != 0;
 
   if (ok) {  // the data: polled vector by vector inside the row epilogue (one pass over the slots)
-    const RowArgs rows{(a.op & kOpNorm) ? a.weight : nullptr, a.hidden, a.group, a.eps};
+    const RowArgs rows = row_args(a);
     const LamportSource<T, W> src{mine, l.lamport_slot_bytes, x,
                                   (a.op & kOpResidual) ? reinterpret_cast<const Vec*>(a.residual) : nullptr, nvr,
                                   c.rank, start + c.timeout_ns, &c, &failed};

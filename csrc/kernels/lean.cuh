@@ -17,7 +17,6 @@
 #pragma once
 
 #include "tokenweave/common.cuh"
-#include "tokenweave/pdl.cuh"
 #include "tokenweave/plan.h"
 #include "tokenweave/rownorm.cuh"
 #include "tokenweave/sync.cuh"
@@ -85,15 +84,13 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lean_kernel(const CommDevice
   constexpr int L = Pack<T>::kLanes;
   constexpr int kPhaseA = 0, kPhaseB = 1;
   __shared__ float red[2][kBlockThreads / 32];
-  prefetch_l2((a.op & kOpNorm) ? a.weight : nullptr, int64_t(a.hidden) * int64_t(sizeof(T)));
-  wait_for_prior_grid();  // PDL (pdl.cuh): nothing above touches what the previous kernel writes
-  const CallId id{c.state->epoch + 1, a.sig, a.op};
+  const CallId id = begin_call<T>(c, a);
   const int half = id.epoch & 1;
   const int nvr = a.hidden / L;
-  const int n_mine = (a.n_chunks - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
+  const int n_mine = chunks_of_this_cta(a);
   const Vec* x = reinterpret_cast<const Vec*>(a.x);
   const Vec* residual = reinterpret_cast<const Vec*>(a.residual);
-  const RowArgs rows{(a.op & kOpNorm) ? a.weight : nullptr, a.hidden, a.group, a.eps};
+  const RowArgs rows = row_args(a);
   auto chunk_at = [&](int i) { return int(blockIdx.x) + i * int(gridDim.x); };
 
   bool ok = !aborted(c);
