@@ -363,7 +363,8 @@ def set_programmatic_launch(enabled: bool) -> None:
     With PDL a kernel may start while the previous kernel in its stream is finishing (its CTAs prefetch the
     norm weight, then wait for that kernel's results in hardware), which hides the launch gap; inside CUDA
     graphs the dependency becomes a programmatic edge. The default comes from the card's tuning config
-    (``"launch"``; ``TOKENWEAVE_PDL=0|1`` overrides) when the first op runs. Needs the CUDA extension.
+    (``"launch"``; ``TOKENWEAVE_PDL=0|1`` overrides) and is applied when the first op runs, or by this call
+    before it sets ``enabled``: a choice made before any op is kept. Needs the CUDA extension.
     """
     if not HAS_EXTENSION:
         raise RuntimeError("tokenweave.set_programmatic_launch: the CUDA extension is not built")
