@@ -61,7 +61,8 @@ def main() -> int:
             transport = "Multimem" if "Multimem" in fn else "P2P"
             # griddepcontrol.wait assembles to ACQBULK: without it a kernel launched with PDL (pdl.cuh)
             # could read x before the kernel that writes it has finished
-            if re.search(r"lamport_kernel|lean_kernel|allreduce_kernel|add_rmsnorm", fn) and "ACQBULK" not in sass:
+            if (re.search(r"lamport_kernel|lamport_two_shot_kernel|lean_kernel|lean_bulk_kernel|allreduce_kernel|add_rmsnorm", fn)
+                    and "ACQBULK" not in sass):
                 problems.append(f"{fn}: no griddepcontrol.wait (ACQBULK): unsafe under programmatic launch")
             if "lamport_kernel" in fn:  # flag-free one-shot: pushes through the transport, polls with volatile loads
                 counted[(transport, "lamport")] = counted.get((transport, "lamport"), 0) + 1
@@ -72,6 +73,26 @@ def main() -> int:
                     problems.append(f"{fn}: P2P Lamport kernel contains multimem instructions")
                 if not re.search(r"LDG\.E\.128\.STRONG\.SYS|LD\.E\.128\.STRONG\.SYS|LDG\.E\.128\.VOLATILE", sass):
                     problems.append(f"{fn}: no volatile 16-byte polls of the Lamport buffer")
+                continue
+            if "lamport_two_shot_kernel" in fn:  # flag-free two-shot: unicast scatter, gather through the transport
+                counted[(transport, "lamport_two_shot")] = counted.get((transport, "lamport_two_shot"), 0) + 1
+                has_mc_store = "STG.E.128.STRONG.SYS" in sass
+                if transport == "Multimem" and not has_mc_store:
+                    problems.append(f"{fn}: multimem Lamport two-shot kernel without the multicast store")
+                if transport == "P2P" and ("LDGMC" in sass or has_mc_store):
+                    problems.append(f"{fn}: P2P Lamport two-shot kernel contains multimem instructions")
+                if not re.search(r"LDG\.E\.128\.STRONG\.SYS|LD\.E\.128\.STRONG\.SYS|LDG\.E\.128\.VOLATILE", sass):
+                    problems.append(f"{fn}: no volatile 16-byte polls of the Lamport buffers")
+                continue
+            if "lean_bulk_kernel" in fn:  # lean with a copy warp: bulk copies global -> shared -> global
+                counted[(transport, "lean_bulk")] = counted.get((transport, "lean_bulk"), 0) + 1
+                if "UBLKCP.S.G" not in sass or "UBLKCP.G.S" not in sass:
+                    problems.append(f"{fn}: lean_bulk kernel without its bulk copies (UBLKCP.S.G / UBLKCP.G.S)")
+                has_ld_reduce, has_mc_store = "LDGMC" in sass, "STG.E.128.STRONG.SYS" in sass
+                if transport == "Multimem" and not (has_ld_reduce and has_mc_store):
+                    problems.append(f"{fn}: multimem lean_bulk kernel without LDGMC/multicast store")
+                if transport == "P2P" and (has_ld_reduce or has_mc_store):
+                    problems.append(f"{fn}: P2P lean_bulk kernel contains multimem instructions")
                 continue
             if "lean_kernel" in fn:  # lean two-shot: stage, reduce (ld_reduce on multimem), store_all
                 counted[(transport, "lean")] = counted.get((transport, "lean"), 0) + 1
@@ -103,10 +124,12 @@ def main() -> int:
         print("  PROBLEM:", p)
     # resident: 3 dtypes x world sizes 2..8; tracked (track-and-trigger): bf16, fp16 x 2..8; the copy-engine
     # feed writes peers' unicast slots, so it exists for p2p only
-    # Lamport: bf16, fp16 x 2..8 (its sentinel is a 2-byte -0.0), both transports
+    # Lamport (one-shot and two-shot): bf16, fp16 x 2..8 (its sentinel is a 2-byte -0.0), both transports
     expected = {("Multimem", "resident"): 21, ("P2P", "resident"): 21, ("Multimem", "tracked"): 14,
                 ("P2P", "tracked"): 14, ("P2P", "copy_engine"): 14, ("Multimem", "lamport"): 14, ("P2P", "lamport"): 14,
-                ("Multimem", "lean"): 21, ("P2P", "lean"): 21}  # lean: 3 dtypes x 2..8, resident only
+                ("Multimem", "lamport_two_shot"): 14, ("P2P", "lamport_two_shot"): 14,
+                ("Multimem", "lean"): 21, ("P2P", "lean"): 21,  # lean: 3 dtypes x 2..8, resident only
+                ("Multimem", "lean_bulk"): 21, ("P2P", "lean_bulk"): 21}
     if counted != expected:
         print(f"  PROBLEM: expected {expected}")
         return 1

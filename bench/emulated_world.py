@@ -8,14 +8,20 @@ Two tables, bf16, CUDA events around CUDA-graph replays (20 calls per graph, med
     Time of one fused all-reduce + residual + RMSNorm on every rank at once (all W grids side by side),
     and the useful throughput per CTA: bytes of x one rank completes per second per CTA. Variants:
     ``two_shot`` (out in ordinary memory: the flagged two-shot), ``lean`` (out and residual symmetric),
-    ``lean_sharded`` (sharded residual). ``two_shot_repeat`` times two_shot again: the run-to-run noise.
+    ``lean_sharded`` (sharded residual), ``lean_bulk`` / ``lean_bulk_sharded`` (the same with the scatter done
+    by a copy warp's bulk copies). ``two_shot_repeat`` times two_shot again: the run-to-run noise.
 ``one_shot`` (hidden 8192, W = 2, 4, 8, tokens 1..128)
     Latency per call of the flagged one-shot against the flag-free Lamport one-shot (dispatcher's CTAs).
+``mid_range`` (hidden 8192, W = 2 and 4, tokens 32..512)
+    Latency per call of the flag-free Lamport two-shot (``lamport_two_shot``) against the flagged two-shot and
+    lean (out and residual symmetric), replicated residual, each with the CTAs the dispatcher's plan gives it
+    (``ctas`` in each row: requested; a kernel runs at most one CTA per chunk). ``lamport_two_shot_repeat``
+    times it again: the run-to-run noise. Sizes where a rank's shard exceeds a Lamport slot (2 MiB) are skipped.
 
 What the emulated world cannot show: NVLink. Peer stores land in this GPU's HBM, which all W ranks share,
 so the per-CTA numbers compare data paths (bytes issued per byte of x, synchronisation), not link speed.
-Writes ``emulated_per_cta-<card>-tp<W>`` and ``emulated_one_shot-<card>-tp<W>`` (.json, .png) into --out-dir
-(tp<W> names the emulated world size).
+Writes ``emulated_per_cta-<card>-tp<W>``, ``emulated_one_shot-<card>-tp<W>`` and ``emulated_mid_range-<card>-tp<W>``
+(.json, .png) into --out-dir (tp<W> names the emulated world size).
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ EPS = 1e-5
 CTA_TOKENS = 4096
 CTAS = (1, 2, 4, 8, 16, 32)
 ONE_SHOT_TOKENS = (1, 4, 16, 64, 128)
+MID_TOKENS = (32, 64, 128, 256, 512)
 
 
 def _inputs(world, tokens, gen):
@@ -66,6 +73,8 @@ def per_cta_rows(W: int, args) -> list[dict]:
             "two_shot": (plain_out, plain_res, dict(algo="two_shot"), "replicated"),
             "lean": (sym_out, sym_res, dict(algo="lean"), "replicated"),
             "lean_sharded": (sym_out, shard_res, dict(algo="lean", sharded_residual=True), "sharded"),
+            "lean_bulk": (sym_out, sym_res, dict(algo="lean_bulk"), "replicated"),
+            "lean_bulk_sharded": (sym_out, shard_res, dict(algo="lean_bulk", sharded_residual=True), "sharded"),
         }
         setups["two_shot_repeat"] = setups["two_shot"]
         for ctas in CTAS:
@@ -111,11 +120,45 @@ def one_shot_rows(W: int, args) -> list[dict]:
     return rows
 
 
+def mid_range_rows(W: int, args) -> list[dict]:
+    rows = []
+    with EmulatedWorld(W, max_tokens=max(MID_TOKENS), hidden=HIDDEN, dtype=DTYPE) as world:
+        gen = torch.Generator(world.device).manual_seed(3)
+        slot_bytes = int(world.layout["lamport_max_bytes"])
+        for tokens in MID_TOKENS:
+            xs, residual, weight = _inputs(world, tokens, gen)
+            plain_out = [torch.empty_like(residual) for _ in range(W)]
+            plain_res = [residual.clone() for _ in range(W)]
+            sym_out = world.empty(tokens, HIDDEN, dtype=DTYPE)
+            sym_res = world.empty(tokens, HIDDEN, dtype=DTYPE)
+            for r in sym_res:
+                r.copy_(residual)
+            setups = {"two_shot": (plain_out, plain_res, "two_shot"), "lean": (sym_out, sym_res, "lean"),
+                      "lamport_two_shot": (plain_out, plain_res, "lamport_two_shot")}
+            setups["lamport_two_shot_repeat"] = setups["lamport_two_shot"]
+            for variant, (outs, res, algo) in setups.items():
+                if algo == "lamport_two_shot" and -(-tokens // W) * HIDDEN * DTYPE.itemsize > slot_bytes:
+                    print(f"W={W} T={tokens:4d} {variant:24s} skipped: a shard exceeds a Lamport slot", flush=True)
+                    continue
+                ctas = world.ranks[0].plan(tokens, HIDDEN, DTYPE.itemsize, algo, lean_ok=algo == "lean").ctas
+
+                def fn(outs=outs, res=res, algo=algo):
+                    world.run(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r],
+                                                                         algo=algo))
+                us = harness.time_cuda_graph(fn, calls=args.calls, replays=args.replays)
+                world.synchronize()
+                rows.append({"table": "mid_range", "W": W, "tokens": tokens, "hidden": HIDDEN, "variant": variant,
+                             "ctas": ctas, "us": us, "traffic_per_byte": traffic_per_byte(algo, W)["total"]})
+                print(f"W={W} T={tokens:4d} {variant:24s} ctas={ctas:3d} {us:8.2f} us", flush=True)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_out_dir_argument(parser)
     parser.add_argument("--worlds", type=int, nargs="*", default=[2, 4], help="per-CTA table (none: skip)")
     parser.add_argument("--one-shot-worlds", type=int, nargs="*", default=[2, 4, 8], help="one-shot table (none: skip)")
+    parser.add_argument("--mid-worlds", type=int, nargs="*", default=[2, 4], help="mid-range table (none: skip)")
     parser.add_argument("--cta-tokens", type=int, default=CTA_TOKENS)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--replays", type=int, default=5)
@@ -133,6 +176,11 @@ def main(argv=None):
         print("wrote", *harness.write_results("emulated_one_shot", W, rows, args.out_dir,
                                               {"what": what}, x_key="tokens", panel_keys=("W",),
                                               baseline="one_shot"))
+    for W in args.mid_worlds:
+        rows = mid_range_rows(W, args)
+        print("wrote", *harness.write_results("emulated_mid_range", W, rows, args.out_dir,
+                                              {"what": what}, x_key="tokens", panel_keys=("W",),
+                                              baseline="two_shot"))
 
 
 if __name__ == "__main__":

@@ -204,32 +204,59 @@ void allreduce_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residu
   launch_collective("tokenweave.allreduce", x, residual, weight, out, eps, comm, algo, ctas, chunks_per_cta, Tracking{});
 }
 
-// Lean two-shot: out (and a replicated residual) in the communicator's symmetric memory; a sharded residual
-// holds only this rank's rows [rank * shard_rows, ...).
+// A sharded residual holds only this rank's rows [rank * shard_rows, ...) (lean, lamport_two_shot).
+void check_sharded_residual(const at::Tensor& x, const at::Tensor& residual, const CommEntry& e, const char* op) {
+  const int64_t shard = (x.size(0) + e.dev.world - 1) / e.dev.world;
+  const int64_t mine = std::max<int64_t>(0, std::min<int64_t>(shard, x.size(0) - e.dev.rank * shard));
+  TORCH_CHECK_VALUE(residual.dim() == 2 && residual.size(0) == mine && residual.size(1) == x.size(1), op,
+                    ": a sharded residual holds this rank's rows only: shape [", num(mine), ", ", num(x.size(1)),
+                    "], got ", shape(residual.sizes()), " (comm.shard_rows(tokens) gives the range)");
+  TORCH_CHECK_TYPE(residual.scalar_type() == x.scalar_type(), op, ": residual has dtype ",
+                   dtype_name(residual.scalar_type()), " but x has ", dtype_name(x.scalar_type()));
+  TORCH_CHECK_VALUE(residual.device() == x.device() && residual.is_contiguous() &&
+                        reinterpret_cast<uintptr_t>(residual.data_ptr()) % 16 == 0,
+                    op, ": residual must be a contiguous, 16-byte aligned tensor on x's device");
+}
+
+// A sharded residual with an algorithm whose destinations are this rank's own (lamport_two_shot: out is
+// written locally, so it needs no symmetric memory; lean's sharded calls go through allreduce_lean).
+void allreduce_sharded_cuda(const at::Tensor& x, at::Tensor& residual, const std::optional<at::Tensor>& weight,
+                            at::Tensor& out, double eps, int64_t comm, int64_t algo, int64_t ctas,
+                            int64_t chunks_per_cta) {
+  constexpr const char* op = "tokenweave.allreduce_sharded";
+  TORCH_CHECK_VALUE(algo == int64_t(tw::Algo::kLamportTwoShot), op,
+                    ": takes algo lamport_two_shot (a sharded lean call goes through tokenweave.allreduce_lean)");
+  check_inputs(x, std::nullopt, weight, out, op);
+  const CommEntry e = lookup(comm, op);
+  check_sharded_residual(x, residual, e, op);
+  TORCH_CHECK_VALUE(residual.numel() == 0 || residual.data_ptr() != out.data_ptr(), op,
+                    ": out must not be the residual tensor (both are written)");
+  tw::CallArgs a{};
+  a.op = tw::kOpShardedResidual;
+  const tw::CallArgs planned = plan_call(op, e, x, residual, weight, out, eps, algo, ctas, chunks_per_cta,
+                                         tw::Feed::kResident, a);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t st = tw::allreduce(e.dev, planned, e.transport, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(st == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(st));
+}
+
+// Lean two-shot (algo lean or lean_bulk): out (and a replicated residual) in the communicator's symmetric memory;
+// a sharded residual holds only this rank's rows [rank * shard_rows, ...).
 void allreduce_lean_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
-                         const std::optional<at::Tensor>& weight, at::Tensor& out, double eps, int64_t comm, int64_t ctas,
-                         int64_t chunks_per_cta, bool sharded_residual) {
+                         const std::optional<at::Tensor>& weight, at::Tensor& out, double eps, int64_t comm, int64_t algo,
+                         int64_t ctas, int64_t chunks_per_cta, bool sharded_residual) {
   constexpr const char* op = "tokenweave.allreduce_lean";
+  TORCH_CHECK_VALUE(algo == int64_t(tw::Algo::kLean) || algo == int64_t(tw::Algo::kLeanBulk), op,
+                    ": takes algo lean or lean_bulk (other algorithms go through tokenweave.allreduce)");
   check_inputs(x, sharded_residual ? std::nullopt : residual, weight, out, op);
   const CommEntry e = lookup(comm, op);
   TORCH_CHECK_VALUE(!sharded_residual || residual, op, ": sharded_residual needs a residual");
-  if (sharded_residual) {
-    const int64_t shard = (x.size(0) + e.dev.world - 1) / e.dev.world;
-    const int64_t mine = std::max<int64_t>(0, std::min<int64_t>(shard, x.size(0) - e.dev.rank * shard));
-    TORCH_CHECK_VALUE(residual->dim() == 2 && residual->size(0) == mine && residual->size(1) == x.size(1), op,
-                      ": a sharded residual holds this rank's rows only: shape [", num(mine), ", ", num(x.size(1)),
-                      "], got ", shape(residual->sizes()), " (comm.shard_rows(tokens) gives the range)");
-    TORCH_CHECK_TYPE(residual->scalar_type() == x.scalar_type(), op, ": residual has dtype ",
-                     dtype_name(residual->scalar_type()), " but x has ", dtype_name(x.scalar_type()));
-    TORCH_CHECK_VALUE(residual->device() == x.device() && residual->is_contiguous() &&
-                          reinterpret_cast<uintptr_t>(residual->data_ptr()) % 16 == 0,
-                      op, ": residual must be a contiguous, 16-byte aligned tensor on x's device");
-  }
+  if (sharded_residual) check_sharded_residual(x, *residual, e, op);
   tw::CallArgs a{};
   a.out_peers = peer_table(comm, out, e.dev.world, op, "out");
   if (residual && !sharded_residual) a.res_peers = peer_table(comm, *residual, e.dev.world, op, "residual");
   if (sharded_residual) a.op = tw::kOpShardedResidual;
-  tw::CallArgs planned = plan_call(op, e, x, residual, weight, out, eps, int64_t(tw::Algo::kLean), ctas, chunks_per_cta,
+  tw::CallArgs planned = plan_call(op, e, x, residual, weight, out, eps, algo, ctas, chunks_per_cta,
                                    tw::Feed::kResident, a);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t st = tw::allreduce(e.dev, planned, e.transport, at::cuda::getCurrentCUDAStream());
@@ -395,7 +422,7 @@ py::dict layout(int64_t capacity_bytes, int64_t world) {
   d["staged_off"] = l.staged_off;
   d["lamport_off"] = l.lamport_off;
   d["lamport_slot_bytes"] = l.lamport_slot_bytes;
-  d["lamport_bytes"] = 3 * uint64_t(world) * l.lamport_slot_bytes;
+  d["lamport_bytes"] = 3ull * tw::kLamportRegions * uint64_t(world) * l.lamport_slot_bytes;  // [buffer][region][src]
   d["lamport_max_bytes"] = tw::kLamportSlotBytes;
   d["data_off"] = l.data_off;
   d["slot_bytes"] = l.slot_bytes;
@@ -436,7 +463,9 @@ TORCH_LIBRARY(tokenweave, m) {
         "int group_chunks, int pieces_full, int pieces_last, Tensor(b!) go, Tensor ones) -> ()");
   m.def("gate_on_counter(Tensor(a!) counters, int index, int target) -> ()");
   m.def("allreduce_lean(Tensor x, Tensor(a!)? residual, Tensor? weight, Tensor(b!) out, float eps, int comm, "
-        "int ctas, int chunks_per_cta, bool sharded_residual) -> ()");
+        "int algo, int ctas, int chunks_per_cta, bool sharded_residual) -> ()");
+  m.def("allreduce_sharded(Tensor x, Tensor(a!) residual, Tensor? weight, Tensor(b!) out, float eps, int comm, "
+        "int algo, int ctas, int chunks_per_cta) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tokenweave, CUDA, m) {
@@ -448,6 +477,7 @@ TORCH_LIBRARY_IMPL(tokenweave, CUDA, m) {
   m.impl("copy_engine_stage", &copy_engine_stage_cuda);
   m.impl("gate_on_counter", &gate_on_counter_cuda);
   m.impl("allreduce_lean", &allreduce_lean_cuda);
+  m.impl("allreduce_sharded", &allreduce_sharded_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -472,6 +502,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   algos["two_shot"] = int(tw::Algo::kTwoShot);
   algos["lamport"] = int(tw::Algo::kLamport);
   algos["lean"] = int(tw::Algo::kLean);
+  algos["lamport_two_shot"] = int(tw::Algo::kLamportTwoShot);
+  algos["lean_bulk"] = int(tw::Algo::kLeanBulk);
   feeds["resident"] = int(tw::Feed::kResident);
   feeds["tracked"] = int(tw::Feed::kTracked);
   feeds["copy_engine"] = int(tw::Feed::kCopyEngine);

@@ -15,7 +15,7 @@ from tokenweave._ext import _C
 # As declared in csrc/include/tokenweave/types.h (enums, limits, structs) and plan.h (OpBits).
 _PYTHON = {
     # enum class Algo; kAuto = 0 is the dispatcher's "not chosen yet", never a user-facing algorithm
-    "ALGO_CODES": {"one_shot": 1, "two_shot": 2, "lamport": 3, "lean": 4},
+    "ALGO_CODES": {"one_shot": 1, "two_shot": 2, "lamport": 3, "lean": 4, "lamport_two_shot": 5, "lean_bulk": 6},
     "FEED_CODES": {"resident": 0, "tracked": 1, "copy_engine": 2},           # enum class Feed
     "DTYPE_CODES": {"float32": 0, "float16": 1, "bfloat16": 2},             # enum class DType
     "TRANSPORT_CODES": {"p2p": 0, "multimem": 1},                           # enum class Transport
@@ -56,6 +56,9 @@ ERROR_RECORD_BYTES: int = _value("ERROR_RECORD_BYTES")
 # checked against the header in tests/cpu/test_abi.py): the largest hidden size per element size follows.
 ROW_THREADS, ROW_VECS = 512, 8
 MAX_HIDDEN: dict[int, int] = {itemsize: ROW_THREADS * ROW_VECS * 16 // itemsize for itemsize in (2, 4)}
+# A lean owner holds kLeanVecs vectors per thread (types.h): the largest hidden lean and lean_bulk take.
+LEAN_VECS = 4
+LEAN_MAX_HIDDEN: dict[int, int] = {itemsize: ROW_THREADS * LEAN_VECS * 16 // itemsize for itemsize in (2, 4)}
 SOURCE = "extension" if _C is not None and hasattr(_C, "ALGO_CODES") else "python"
 
 

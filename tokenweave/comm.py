@@ -28,6 +28,8 @@ _OP_RESIDUAL, _OP_NORM = _abi.OP_BITS["residual"], _abi.OP_BITS["norm"]
 _DTYPE_NAMES = {code: name for name, code in _abi.DTYPE_CODES.items()}
 _ALGO_NAMES = {code: name for name, code in ALGOS.items()}
 _PROBE_MAGIC = 0x7EAF << 48
+# Row length the Lamport kernels take (2-byte types): kBlockThreads x kLamportVecs (lamport.cuh) x 8 lanes.
+_LAMPORT_MAX_HIDDEN = _abi.ROW_THREADS * 4 * 8
 
 
 def plan_transport(requested, *, device_is_cuda, has_extension, world_size, same_host, blockers):
@@ -86,7 +88,11 @@ def all_ranks_true(flag: bool, group=None, device=None) -> bool:
 
 
 def fill_lamport_sentinel(workspace: torch.Tensor, layout: dict) -> None:
-    """Fill a workspace's Lamport buffers with the sentinel: -0.0 (0x8000) in every 2-byte lane."""
+    """Fill a workspace's Lamport buffers with the sentinel: -0.0 (0x8000) in every 2-byte lane.
+
+    ``layout["lamport_bytes"]`` covers all of them: 3 buffers x 2 regions (pushed x; the Lamport two-shot's
+    reduced rows) x world slots (csrc/include/tokenweave/types.h, Layout).
+    """
     off, n = int(layout["lamport_off"]), int(layout["lamport_bytes"])
     workspace[off: off + n].view(torch.int16).fill_(-32768)
 
@@ -101,14 +107,16 @@ def shard_range(tokens: int, world_size: int, rank: int) -> tuple[int, int]:
 def traffic_per_byte(algo: str, world_size: int, residual: str = "replicated") -> dict[str, float]:
     """SM-issued memory traffic per byte of x (per rank) of one fused call, counted from the kernels.
 
-    ``residual``: ``"none"``, ``"replicated"`` (every rank holds all rows) or ``"sharded"`` (lean only).
+    ``residual``: ``"none"``, ``"replicated"`` (every rank holds all rows) or ``"sharded"`` (lean and
+    lamport_two_shot only).
     Returns local reads, local writes and remote (NVLink) writes, and their total. Reads of slots that
     peers filled count as local reads; polling (Lamport) counts one extra read of every slot.
     """
     W = world_size
     res = residual != "none"
-    if residual == "sharded" and algo != "lean":
-        raise ValueError(f"traffic_per_byte: a sharded residual exists only for algo 'lean', not {algo!r}")
+    if residual == "sharded" and algo not in ("lean", "lean_bulk", "lamport_two_shot"):
+        raise ValueError(f"traffic_per_byte: a sharded residual exists only for algos 'lean' and 'lamport_two_shot', "
+                         f"not {algo!r}")
     if algo in ("one_shot", "lamport"):
         # push: read x, my slot here + W-1 peers; finish: read W slots (+ residual), write out (+ residual)
         reads, local, remote = 1 + W + res, 1 + 1 + res, W - 1
@@ -120,12 +128,19 @@ def traffic_per_byte(algo: str, world_size: int, residual: str = "replicated") -
         reads = 1 + 1 + res / W + 1
         local = 1 / W + 1 / W + 1 + res
         remote = 2 * (W - 1) / W
-    elif algo == "lean":
+    elif algo in ("lean", "lean_bulk"):  # lean_bulk moves the same bytes (the scatter by bulk copies)
         # scatter: (W-1)/W of x to its owners; owner: W-1 staged pieces + my x piece (+ residual piece), out to
         # every rank (residual: mine only if sharded, else every rank too)
         reads = (W - 1) / W + (W - 1) / W + 1 / W + res / W
         local = 1 / W + res / W
         remote = (W - 1) / W + (W - 1) / W + (W - 1) / W * (residual == "replicated")
+    elif algo == "lamport_two_shot":
+        # scatter: (W-1)/W of x to its owners' S slots; owner: W-1 S pieces of 1/W, polled once more, my x piece
+        # (+ residual piece), z to every rank's G slot (mine local), the sharded residual piece; epilogue: every G
+        # row, polled once more, out (+ a replicated residual); re-arm: 2W slots of a shard (1/W) each
+        reads = (W - 1) / W + 2 * (W - 1) / W + 1 / W + res / W + 2
+        local = 1 / W + (residual == "sharded") / W + 1 + (residual == "replicated") + 2
+        remote = 2 * (W - 1) / W
     else:
         raise ValueError(f"traffic_per_byte: unknown algo {algo!r}; use one of {tuple(ALGOS)}")
     return {"local_reads": reads, "local_writes": local, "remote_writes": remote, "total": reads + local + remote}
@@ -293,7 +308,8 @@ class Communicator:
         return buf.tensor[: numel * torch.empty((), dtype=dtype).element_size()].view(dtype).view(shape)
 
     def shard_rows(self, tokens: int) -> tuple[int, int]:
-        """``(first_row, n_rows)`` of the rows this rank owns in a call of ``tokens`` rows (``algo="lean"``).
+        """``(first_row, n_rows)`` of the rows this rank owns in a call of ``tokens`` rows (``algo="lean"`` and
+        ``"lamport_two_shot"``).
 
         With ``sharded_residual=True`` the residual passed on this rank holds exactly these rows.
         """
@@ -306,7 +322,8 @@ class Communicator:
         The thresholds are measured per card and world size (``tokenweave/configs/<card>.json``, through
         :func:`tokenweave.tuning.dispatch_config`, which names the run each came from); a heuristic applies
         where no entry matches. ``lean_ok``: out (and a replicated residual) are symmetric tensors, so the
-        lean two-shot may be chosen.
+        lean two-shot may be chosen. The Lamport two-shot is chosen only up to the config's
+        ``lamport_two_shot_max_bytes`` (0, never, where no run measured it).
         """
         key = (tokens, hidden, itemsize, algo, ctas, lean_ok)
         plan = self._plans.get(key)
@@ -314,13 +331,21 @@ class Communicator:
             return plan
         nbytes = tokens * hidden * itemsize
         cfg = self._dispatch(itemsize, hidden)
+        # lamport_two_shot: each rank's shard of ceil(T / W) rows must fit one Lamport slot (types.h)
+        shard_bytes = -(-tokens // self.world_size) * hidden * itemsize
+        lamport_two_shot_fits = (itemsize == 2 and hidden <= _LAMPORT_MAX_HIDDEN
+                                 and shard_bytes <= self._layout["lamport_max_bytes"])
         if algo is None:
             if nbytes <= cfg.lamport_max_bytes and itemsize == 2 and nbytes <= self._layout["lamport_max_bytes"]:
                 code = ALGOS["lamport"]
             elif nbytes <= min(cfg.one_shot_max_bytes, self._layout["one_shot_bytes"]):
                 code = ALGOS["one_shot"]
+            elif nbytes <= cfg.lamport_two_shot_max_bytes and lamport_two_shot_fits:
+                code = ALGOS["lamport_two_shot"]
+            elif lean_ok and cfg.lean and hidden <= _abi.LEAN_MAX_HIDDEN[itemsize]:
+                code = ALGOS[self.lean_variant(itemsize, hidden)]
             else:
-                code = ALGOS["lean"] if lean_ok and cfg.lean else ALGOS["two_shot"]
+                code = ALGOS["two_shot"]
         else:
             if algo not in ALGOS:
                 raise ValueError(f"algo={algo!r}: use one of {tuple(ALGOS)} or None")
@@ -332,9 +357,18 @@ class Communicator:
             if algo == "lamport" and (itemsize != 2 or nbytes > self._layout["lamport_max_bytes"]):
                 raise ValueError(f"algo='lamport' takes bfloat16/float16 x of at most {self._layout['lamport_max_bytes']} "
                                  f"bytes; x has {nbytes} bytes of {itemsize}-byte elements: use 'one_shot' or 'two_shot'")
-            if algo == "lean" and not lean_ok:
-                raise ValueError("algo='lean' writes out (and a replicated residual) on every rank: allocate them "
+            if algo == "lamport_two_shot" and not lamport_two_shot_fits:
+                raise ValueError(f"algo='lamport_two_shot' takes bfloat16/float16 x with hidden <= {_LAMPORT_MAX_HIDDEN} "
+                                 f"and at most {self._layout['lamport_max_bytes']} bytes in each rank's shard of "
+                                 f"ceil(tokens / world_size) rows; x has {itemsize}-byte elements, hidden {hidden} and "
+                                 f"{shard_bytes} bytes per shard: use 'two_shot' (or 'lean')")
+            if algo in ("lean", "lean_bulk") and not lean_ok:
+                raise ValueError(f"algo={algo!r} writes out (and a replicated residual) on every rank: allocate them "
                                  "with comm.empty(...)")
+            if algo in ("lean", "lean_bulk") and hidden > _abi.LEAN_MAX_HIDDEN[itemsize]:
+                raise ValueError(f"algo={algo!r} takes hidden <= {_abi.LEAN_MAX_HIDDEN[itemsize]} for "
+                                 f"{itemsize}-byte elements (its owner keeps a row in registers); hidden is {hidden}: "
+                                 "use 'two_shot'")
         if ctas is None:
             ctas = max(1, min(self._num_sms, math.ceil(nbytes / cfg.bytes_per_cta)))
         elif not 1 <= int(ctas) <= self._num_sms:
@@ -342,6 +376,10 @@ class Communicator:
         plan = LaunchPlan(code, int(ctas), cfg.chunks_per_cta if nbytes >= cfg.pipeline_from_bytes else 1)
         self._plans[key] = plan
         return plan
+
+    def lean_variant(self, itemsize: int, hidden: int) -> str:
+        """The lean kernel the card's config picks where lean is used: ``"lean_bulk"`` or ``"lean"``."""
+        return "lean_bulk" if self._dispatch(itemsize, hidden).lean_bulk else "lean"
 
     def _dispatch(self, itemsize: int, hidden: int):
         from tokenweave.tuning import dispatch_config

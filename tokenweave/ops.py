@@ -63,7 +63,11 @@ if HAS_EXTENSION:
         return None
 
     @torch.library.register_fake("tokenweave::allreduce_lean")
-    def _allreduce_lean_fake(x, residual, weight, out, eps, comm, ctas, chunks_per_cta, sharded_residual):
+    def _allreduce_lean_fake(x, residual, weight, out, eps, comm, algo, ctas, chunks_per_cta, sharded_residual):
+        return None
+
+    @torch.library.register_fake("tokenweave::allreduce_sharded")
+    def _allreduce_sharded_fake(x, residual, weight, out, eps, comm, algo, ctas, chunks_per_cta):
         return None
 
 
@@ -304,15 +308,20 @@ def _collective(op, comm: Communicator, x, residual, weight, eps, out, algo, cta
     comm.order_stream()
     if tokens * hidden * itemsize <= comm.capacity_bytes:
         # lean: the owner writes every rank's out (and replicated residual): they must be symmetric
-        lean_ok = (algo in (None, "lean") and comm.is_symmetric(out2)
+        lean_ok = (algo in (None, "lean", "lean_bulk") and comm.is_symmetric(out2)
                    and (res2 is None or sharded_residual or comm.is_symmetric(res2)))
-        plan = comm.plan(tokens, hidden, itemsize, "lean" if sharded_residual and algo is None else algo, ctas,
-                         lean_ok=lean_ok)
-        if plan.algo == ALGOS["lean"]:
-            _ops().allreduce_lean(x2, res2, weight, out2, float(eps), comm._id, plan.ctas, plan.chunks_per_cta,
-                                  sharded_residual)
+        if sharded_residual and algo is None:  # only the lean kernels (and lamport_two_shot, if asked) shard it
+            algo = comm.lean_variant(itemsize, hidden)
+        plan = comm.plan(tokens, hidden, itemsize, algo, ctas, lean_ok=lean_ok)
+        if plan.algo in (ALGOS["lean"], ALGOS["lean_bulk"]):
+            _ops().allreduce_lean(x2, res2, weight, out2, float(eps), comm._id, plan.algo, plan.ctas,
+                                  plan.chunks_per_cta, sharded_residual)
+        elif sharded_residual and plan.algo == ALGOS["lamport_two_shot"]:  # out is written locally
+            _ops().allreduce_sharded(x2, res2, weight, out2, float(eps), comm._id, plan.algo, plan.ctas,
+                                     plan.chunks_per_cta)
         elif sharded_residual:
-            raise ValueError(f"tokenweave.{op}: sharded_residual=True needs algo 'lean' (or None)")
+            raise ValueError(f"tokenweave.{op}: sharded_residual=True needs algo 'lean', 'lamport_two_shot' or None "
+                             "(None: lean)")
         else:
             _ops().allreduce(x2, res2, weight, out2, float(eps), comm._id, plan.algo, plan.ctas, plan.chunks_per_cta)
         return out
@@ -341,6 +350,7 @@ class _Ops:
         self.copy_engine_stage = ops.copy_engine_stage.default
         self.gate_on_counter = ops.gate_on_counter.default
         self.allreduce_lean = ops.allreduce_lean.default
+        self.allreduce_sharded = ops.allreduce_sharded.default
 
 
 _OPS = None
@@ -404,22 +414,25 @@ def fused_allreduce_rmsnorm(comm: Communicator, x: torch.Tensor, residual: torch
         Receives ``RMSNorm(z) * weight``; may be ``x`` itself. Allocated if not given. When ``out`` (and a
         replicated ``residual``) come from ``comm.empty``, the lean two-shot can write them on every rank
         directly (``algo="lean"``, or chosen by the dispatcher where the card's config says it wins).
-    algo : {"one_shot", "two_shot", "lamport", "lean"}, optional
+    algo : {"one_shot", "two_shot", "lamport", "lean", "lamport_two_shot"}, optional
         Force an algorithm; by default the dispatcher picks by size. ``"lamport"``: flag-free one-shot
         (bf16/fp16, at most 2 MiB). ``"lean"``: two-shot that writes finished rows straight into every
-        rank's symmetric ``out``.
+        rank's symmetric ``out``. ``"lamport_two_shot"``: flag-free two-shot for the mid range (bf16/fp16,
+        hidden <= 16384, each rank's shard of ``ceil(tokens / world_size)`` rows at most 2 MiB; ``out`` may be
+        any tensor).
     ctas : int, optional
         CTAs (SMs) the kernel uses; by default the dispatcher picks by size. Use few when
         overlapping with compute.
     sharded_residual : bool
         The residual stream is kept sharded by rows across ranks (upstream TokenWeave's layout): fewer bytes
-        per call. Needs ``out`` from ``comm.empty`` and 2-D ``x``.
+        per call. Needs 2-D ``x`` and algo ``"lean"`` (the default here; ``out`` from ``comm.empty``) or
+        ``"lamport_two_shot"`` (any ``out``).
 
     Returns
     -------
     Tensor
-        ``out``. Bitwise identical on every rank (``lamport`` may differ from the other algorithms only in
-        the sign of an exact zero).
+        ``out``. Bitwise identical on every rank (``lamport`` and ``lamport_two_shot`` may differ from the
+        other algorithms only in the sign of an exact zero).
     """
     if weight is None:
         raise TypeError("tokenweave.fused_allreduce_rmsnorm: weight is required; use tokenweave.all_reduce for no norm")

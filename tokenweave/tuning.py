@@ -8,7 +8,10 @@ Fields of an entry (all optional; missing ones come from the heuristic):
 
 ``one_shot_max_bytes``   largest x (bytes per rank) for which the flagged one-shot beats the two-shot
 ``lamport_max_bytes``    largest x for the flag-free Lamport one-shot (0: never; 2-byte dtypes only)
+``lamport_two_shot_max_bytes``  largest x for the flag-free Lamport two-shot, tried after the one-shots (0: never;
+                         2-byte dtypes, hidden <= 16384, a rank's shard of ceil(T / W) rows within a Lamport slot)
 ``lean``                 whether the lean two-shot is used where out/residual are symmetric
+``lean_bulk``            where lean is used: its copy-warp variant (bulk copies) instead of the plain kernel
 ``bytes_per_cta``        CTAs = ceil(bytes / bytes_per_cta), capped at the SM count
 ``pipeline_from_bytes``  from this size each CTA pipelines ``chunks_per_cta`` chunks
 ``chunks_per_cta``
@@ -40,6 +43,8 @@ class DispatchConfig:
     bytes_per_cta: int
     pipeline_from_bytes: int
     chunks_per_cta: int
+    lamport_two_shot_max_bytes: int = 0
+    lean_bulk: bool = False
     source: str = "heuristic"
 
 

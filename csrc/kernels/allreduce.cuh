@@ -222,8 +222,23 @@ cudaError_t launch_world(const CommDevice& c, const CallArgs& a, cudaStream_t st
       if constexpr (kFeed == Feed::kResident) return go(lean_kernel<T, W, TransportT>);
       return cudaErrorInvalidValue;
     }
+    if (a.algo == int(Algo::kLeanBulk)) {  // workers + a copy warp with its ring of shared-memory stages
+      if constexpr (kFeed == Feed::kResident) {
+        auto kernel = lean_bulk_kernel<T, W, TransportT>;
+        static const cudaError_t smem_ok =  // once per instantiation: the ring is above the 48 KiB default
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kBulkRingBytes));
+        if (smem_ok != cudaSuccess) return smem_ok;
+        return launch_kernel_smem(kernel, dim3(a.ctas), dim3(kBlockThreads + kCopyWarpThreads), kBulkRingBytes,
+                                  stream, c, a);
+      }
+      return cudaErrorInvalidValue;
+    }
     if (a.algo == int(Algo::kLamport)) {  // its own kernel: the flag protocol above has no part in it
       if constexpr (kFeed == Feed::kResident && sizeof(T) == 2) return go(lamport_kernel<T, W, TransportT>);
+      return cudaErrorInvalidValue;
+    }
+    if (a.algo == int(Algo::kLamportTwoShot)) {  // flag-free too (lamport.cuh), with its own registers
+      if constexpr (kFeed == Feed::kResident && sizeof(T) == 2) return go(lamport_two_shot_kernel<T, W, TransportT>);
       return cudaErrorInvalidValue;
     }
     return go(allreduce_kernel<T, W, TransportT, kFeed>);

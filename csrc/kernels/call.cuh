@@ -32,6 +32,30 @@ __device__ __forceinline__ int chunks_of_this_cta(const CallArgs& a) {
   return (a.n_chunks - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
 }
 
+// Row ownership of the algorithms that shard x by rows (lean, lean_bulk, lamport_two_shot): rank q owns rows
+// [q * S, q * S + n_rows(q)) (S = shard_rows); chunk ch is the owner-local rows [ch * chunk_rows, ...) of every shard.
+struct ShardChunks {
+  int64_t S, tokens, chunk_rows;
+  __device__ int64_t n_rows(int q) const { return max(int64_t(0), min(S, tokens - int64_t(q) * S)); }
+  __device__ int64_t begin(int q, int ch) const { return min(int64_t(ch) * chunk_rows, n_rows(q)); }
+  __device__ int64_t end(int q, int ch) const { return min(int64_t(ch + 1) * chunk_rows, n_rows(q)); }
+};
+
+__device__ __forceinline__ ShardChunks shard_chunks(const CallArgs& a) {
+  return ShardChunks{a.shard_rows, a.tokens, a.chunk_rows};
+}
+
+// A call that gave up: NaN into the rows of this CTA's chunks in every shard (my out holds every row).
+template <typename T, int W>
+__device__ void poison_shard_chunks(const CallArgs& a, int n_mine) {
+  const ShardChunks sh = shard_chunks(a);
+  for (int i = 0; i < n_mine; ++i) {
+    const int ch = int(blockIdx.x) + i * int(gridDim.x);
+    for (int q = 0; q < W; ++q)
+      poison_rows<T, kBlockThreads>(a.out, a.hidden, q * sh.S + sh.begin(q, ch), q * sh.S + sh.end(q, ch));
+  }
+}
+
 // Independent 16-byte vectors each thread keeps in flight in the streaming phases.
 constexpr int kUnroll = 4;
 

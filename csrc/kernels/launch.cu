@@ -29,8 +29,10 @@ const char* plan_allreduce(CallArgs& a, const Layout& l, int ctas, int chunks_pe
   const uint64_t nvr = a.hidden / lanes;
   if (bytes > l.capacity_bytes) return "x is larger than the workspace: make the Communicator with a larger max_tokens";
   const Algo algo = Algo(a.algo);
-  if (algo != Algo::kOneShot && algo != Algo::kTwoShot && algo != Algo::kLamport && algo != Algo::kLean)
-    return "algo must be one_shot, two_shot, lamport or lean";
+  const bool lean = algo == Algo::kLean || algo == Algo::kLeanBulk;
+  if (algo != Algo::kOneShot && algo != Algo::kTwoShot && algo != Algo::kLamport && !lean &&
+      algo != Algo::kLamportTwoShot)
+    return "algo must be one_shot, two_shot, lamport, lean, lean_bulk or lamport_two_shot";
   if (algo == Algo::kOneShot && bytes > l.slot_bytes - uint64_t(kMaxChunks) * 16 - 16)
     return "x is too large for one-shot (limit: workspace capacity / world): use two-shot";
   if (algo == Algo::kLamport) {
@@ -39,15 +41,27 @@ const char* plan_allreduce(CallArgs& a, const Layout& l, int ctas, int chunks_pe
     if (a.feed != int(Feed::kResident)) return "lamport takes a resident input (no track-and-trigger feed)";
     if (plan_row_group(a.hidden, lanes, kBlockThreads, 4, 4) < 0) return "lamport takes hidden <= 16384: use one_shot";
   }
-  // Rows each CTA-chunk covers: of all rows (one-shot, two-shot), or of each rank's shard (lean).
+  // Rows each CTA-chunk covers: of all rows (one-shot, two-shot), or of each rank's shard (lean, lamport_two_shot).
   int64_t span = a.tokens;
-  if (algo == Algo::kLean) {
+  if (lean) {
     if (a.feed != int(Feed::kResident)) return "lean takes a resident input (no track-and-trigger feed)";
+    if (plan_row_group(a.hidden, lanes, kBlockThreads, 4, kLeanVecs) < 0)
+      return "lean takes hidden <= 16384 (2-byte types) or 8192 (float32): use two_shot";
     a.shard_rows = (a.tokens + l.world - 1) / l.world;
     span = a.shard_rows;
     if (uint64_t(a.shard_rows) * nvr * 16 > l.slot_bytes) return "internal: lean slots overflow";
+  } else if (algo == Algo::kLamportTwoShot) {  // lean's shards, each in one Lamport slot
+    if (a.dtype == int(DType::kFloat32))
+      return "lamport_two_shot takes bfloat16 or float16 (its sentinel is a 2-byte -0.0): use two_shot";
+    if (a.feed != int(Feed::kResident)) return "lamport_two_shot takes a resident input (no track-and-trigger feed)";
+    if (plan_row_group(a.hidden, lanes, kBlockThreads, 4, 4) < 0) return "lamport_two_shot takes hidden <= 16384: use two_shot";
+    a.shard_rows = (a.tokens + l.world - 1) / l.world;
+    span = a.shard_rows;
+    if (uint64_t(a.shard_rows) * nvr * 16 > kLamportSlotBytes)
+      return "x is too large for lamport_two_shot (a rank's shard of ceil(tokens / world) rows must be at most 2 MiB): "
+             "use two_shot";
   } else if ((a.op & kOpShardedResidual) != 0) {
-    return "a sharded residual needs algo lean";
+    return "a sharded residual needs algo lean, lean_bulk or lamport_two_shot";
   }
   int64_t rows = (span + int64_t(ctas) * chunks_per_cta - 1) / (int64_t(ctas) * chunks_per_cta);
   rows = rows < 1 ? 1 : rows;

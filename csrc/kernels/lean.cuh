@@ -16,6 +16,7 @@
 // after the phase-A flags of every rank, and a rank raises its phase-A flag only from inside this call.
 #pragma once
 
+#include "tokenweave/bulk.cuh"
 #include "tokenweave/common.cuh"
 #include "tokenweave/plan.h"
 #include "tokenweave/rownorm.cuh"
@@ -24,10 +25,6 @@
 #include "call.cuh"
 
 namespace tokenweave {
-
-// Vectors per thread of the owner's rows: W slot loads each, so fewer than the other epilogues keep
-// (4 x 16 B x 512 threads = hidden 16384 for 2-byte types, 8192 for float32 in one pass of 512 threads).
-constexpr int kLeanVecs = 4;
 
 // Lean owner, rows are owner-local (0 = my first row): z = round_T(sum over ranks + residual).
 template <typename T, int W, class Tr>
@@ -78,6 +75,24 @@ struct LeanSink {
   }
 };
 
+// The owner's source and sink of a lean call (kernel arguments -> policies).
+template <typename T, int W, class Tr>
+__device__ __forceinline__ LeanSource<T, W, Tr> lean_source(const CommDevice& c, const CallArgs& a, int half) {
+  const bool sharded = (a.op & kOpShardedResidual) != 0;
+  const int64_t my_base = int64_t(c.rank) * a.shard_rows;
+  return LeanSource<T, W, Tr>{c, half, reinterpret_cast<const Vec*>(a.x),
+                              (a.op & kOpResidual) ? reinterpret_cast<const Vec*>(a.residual) : nullptr, my_base,
+                              sharded ? 0 : my_base, a.hidden / Pack<T>::kLanes};
+}
+
+template <typename T, class Tr>
+__device__ __forceinline__ LeanSink<Tr> lean_sink(const CommDevice& c, const CallArgs& a) {
+  const bool sharded = (a.op & kOpShardedResidual) != 0, has_res = (a.op & kOpResidual) != 0;
+  return LeanSink<Tr>{c, a.out_peers, a.res_peers, has_res && !sharded,
+                      has_res && sharded ? reinterpret_cast<Vec*>(a.residual) : nullptr,
+                      int64_t(c.rank) * a.shard_rows, a.hidden / Pack<T>::kLanes};
+}
+
 template <typename T, int W, template <typename, int> class TransportT>
 __global__ void __launch_bounds__(kBlockThreads, 1) lean_kernel(const CommDevice c, const CallArgs a) {
   using Tr = TransportT<T, W>;
@@ -89,24 +104,18 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lean_kernel(const CommDevice
   const int nvr = a.hidden / L;
   const int n_mine = chunks_of_this_cta(a);
   const Vec* x = reinterpret_cast<const Vec*>(a.x);
-  const Vec* residual = reinterpret_cast<const Vec*>(a.residual);
   const RowArgs rows = row_args(a);
   auto chunk_at = [&](int i) { return int(blockIdx.x) + i * int(gridDim.x); };
 
   bool ok = !aborted(c);
   if (ok) publish_call_header(c, a, id.epoch, W);
   if (ok) {
-    // Chunk ch is owner-local rows [ch * chunk_rows, ...) of every shard; rank q owns n_rows(q) rows.
-    const int64_t S = a.shard_rows;
-    auto n_rows = [&](int q) { return max(int64_t(0), min(S, a.tokens - int64_t(q) * S)); };
-    auto lrow_begin = [&](int q, int ch) { return min(int64_t(ch) * a.chunk_rows, n_rows(q)); };
-    auto lrow_end = [&](int q, int ch) { return min(int64_t(ch + 1) * a.chunk_rows, n_rows(q)); };
-    const bool sharded = (a.op & kOpShardedResidual) != 0;
-    const bool has_res = (a.op & kOpResidual) != 0;
-    const int64_t my_base = int64_t(c.rank) * S;
-    const LeanSource<T, W, Tr> src{c, half, x, has_res ? residual : nullptr, my_base, sharded ? 0 : my_base, nvr};
-    const LeanSink<Tr> sink{c, a.out_peers, a.res_peers, has_res && !sharded,
-                            has_res && sharded ? reinterpret_cast<Vec*>(a.residual) : nullptr, my_base, nvr};
+    const ShardChunks sh = shard_chunks(a);
+    const int64_t S = sh.S;
+    auto lrow_begin = [&](int q, int ch) { return sh.begin(q, ch); };
+    auto lrow_end = [&](int q, int ch) { return sh.end(q, ch); };
+    const LeanSource<T, W, Tr> src = lean_source<T, W, Tr>(c, a, half);
+    const LeanSink<Tr> sink = lean_sink<T, Tr>(c, a);
     PhaseTimers timers;
     timers.start();
     for (int step = 0; step <= n_mine + 1; ++step) {
@@ -142,14 +151,141 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lean_kernel(const CommDevice
     timers.report("lean", c.rank, int(gridDim.x));
   }
 
-  if (!ok) {  // my out holds every row: poison the rows of my chunks in every shard
-    for (int i = 0; i < n_mine; ++i)
-      for (int q = 0; q < W; ++q) {
-        const int64_t base = int64_t(q) * a.shard_rows, n = max(int64_t(0), min(a.shard_rows, a.tokens - base));
-        const int ch = chunk_at(i);
-        poison_rows<T, kBlockThreads>(a.out, a.hidden, base + min(int64_t(ch) * a.chunk_rows, n),
-                                      base + min(int64_t(ch + 1) * a.chunk_rows, n));
+  if (!ok) poison_shard_chunks<T, W>(a, n_mine);
+  finish_call(c, id.epoch);
+}
+
+// lean_bulk: lean with its scatter (phase A) moved to a copy warp beside the kBlockThreads workers. Thread 0
+// of that warp streams each chunk's pieces through a ring of shared-memory stages with bulk copies (bulk.cuh:
+// x -> stage -> the owner's slot, kBulkStages - 1 loads ahead of the stores) and, once a chunk's stores are
+// complete, releases its phase-A flags itself. The workers only finish rows: wait for a chunk's phase-A
+// flags, sum + norm in registers, push to every rank, release phase B. So the scatter of later chunks
+// overlaps the finish of earlier ones on every CTA count, and no worker ever waits on the scatter's
+// system-scope fence. The workers' barriers are named (data_sync<true>): the copy warp joins none of them.
+// 4 x 32 KiB stages: ~96 KiB of loads in flight per CTA, what ~1 us of memory latency needs for ~100 GB/s.
+constexpr int kBulkStages = 4;
+constexpr uint32_t kBulkStageBytes = 32u << 10;
+constexpr int kCopyWarpThreads = 32;
+constexpr size_t kBulkRingBytes = size_t(kBulkStages) * kBulkStageBytes;
+static_assert(kBulkStageBytes % 16 == 0, "bulk copies move multiples of 16 bytes");
+
+// The copy warp's thread: phase A of this CTA's chunks. Returns false after recording why it gave up (its
+// own copies timed out, or another CTA of this rank failed); every copy it issued has completed by then.
+template <class Tr, int W>
+__device__ bool scatter_by_bulk_copies(const CommDevice& c, const CallArgs& a, const CallId& id, int half, int n_mine,
+                                       char* ring, uint64_t* full) {
+  constexpr int kPhaseA = 0;
+  const ShardChunks sh = shard_chunks(a);
+  const int64_t row_bytes = int64_t(a.hidden) * (a.dtype == int(DType::kFloat32) ? 4 : 2);
+  const char* x = static_cast<const char*>(a.x);
+  for (int s = 0; s < kBulkStages; ++s) mbar_init(&full[s], 1);
+  fence_mbar_init();
+  fence_proxy_async_global();  // x, written by the generic proxy before this call, read by the async proxy
+  uint32_t loaded = 0, stored = 0;  // pieces over the whole call: stage p % kBulkStages, parity (p / kBulkStages) & 1
+  bool ok = true;
+  int ch = -1;
+  auto wait_loaded = [&](uint32_t p, bool give_up_on_abort) {
+    const uint64_t start = globaltimer_ns();
+    for (uint32_t spin = 0;; ++spin) {
+      if (mbar_try_wait(&full[p % kBulkStages], (p / kBulkStages) & 1)) return true;
+      if ((spin & 63) == 63) {
+        if (give_up_on_abort && aborted(c)) return false;
+        if (globaltimer_ns() - start > c.timeout_ns) {  // a local copy that never completes: report, give up
+          record_error(c, kErrTimeout, c.rank, id.epoch, ch, id.sig, id.op, 0);
+          return false;
+        }
       }
+    }
+  };
+  for (int i = 0; ok && i < n_mine; ++i) {
+    ch = int(blockIdx.x) + i * int(gridDim.x);
+    // The chunk's pieces in order: owners q = rank + 1, rank + 2, ... (my own rows last, and only where the
+    // transport sums slots: p2p owners read their own rows from x), each owner's rows split into stages.
+    struct Cursor {
+      int k = 1;
+      int64_t off = 0;
+    } ld, st;
+    auto next = [&](Cursor& cur, const char*& src, char*& dst, uint32_t& n) {
+      for (; cur.k <= W; ++cur.k, cur.off = 0) {
+        const int q = (c.rank + cur.k) % W;
+        if (q == c.rank && !Tr::kStagesOwnPiece) continue;
+        const int64_t r0 = sh.begin(q, ch), bytes = (sh.end(q, ch) - r0) * row_bytes;
+        if (cur.off >= bytes) continue;
+        n = uint32_t(min(int64_t(kBulkStageBytes), bytes - cur.off));
+        src = x + (int64_t(q) * sh.S + r0) * row_bytes + cur.off;
+        dst = Tr::stage_ptr(c, half, q) + r0 * row_bytes + cur.off;
+        cur.off += n;
+        return true;
+      }
+      return false;
+    };
+    const char* src;
+    char* dst;
+    uint32_t n;
+    auto load_next = [&] {
+      if (!next(ld, src, dst, n)) return false;
+      char* stage = ring + size_t(loaded % kBulkStages) * kBulkStageBytes;
+      mbar_expect_tx(&full[loaded % kBulkStages], n);
+      bulk_load(stage, src, n, &full[loaded % kBulkStages]);
+      ++loaded;
+      return true;
+    };
+    while (loaded - stored < kBulkStages - 1 && load_next()) {
+    }
+    while (stored < loaded) {
+      if (!(ok = wait_loaded(stored, true))) break;
+      next(st, src, dst, n);
+      bulk_store(dst, ring + size_t(stored % kBulkStages) * kBulkStageBytes, n);
+      bulk_commit();
+      ++stored;
+      // The next load reuses the stage of piece loaded - kBulkStages <= stored - 2: all but the newest store
+      // group must have read their stages.
+      bulk_wait_read<1>();
+      load_next();
+    }
+    bulk_wait_all();
+    if (ok) {
+      fence_proxy_async_global();  // the bulk stores before the flag release (bulk.cuh)
+      Tr::fence_before_signal();
+      post_flags<W>(c, id, kPhaseA, ch);
+    }
+  }
+  for (uint32_t p = stored; p < loaded; ++p) wait_loaded(p, false);  // never leave a copy into a stage in flight
+  return ok;
+}
+
+template <typename T, int W, template <typename, int> class TransportT>
+__global__ void __launch_bounds__(kBlockThreads + kCopyWarpThreads, 1) lean_bulk_kernel(const CommDevice c,
+                                                                                          const CallArgs a) {
+  using Tr = TransportT<T, W>;
+  constexpr int kPhaseA = 0, kPhaseB = 1;
+  __shared__ float red[2][kBlockThreads / 32];
+  __shared__ uint64_t full[kBulkStages];
+  extern __shared__ __align__(128) char ring[];
+  const CallId id = begin_call<T>(c, a);
+  const int half = id.epoch & 1;
+  const int n_mine = chunks_of_this_cta(a);
+  auto chunk_at = [&](int i) { return int(blockIdx.x) + i * int(gridDim.x); };
+
+  bool ok = !aborted(c);
+  if (threadIdx.x >= kBlockThreads) {  // the copy warp
+    if (ok && threadIdx.x == kBlockThreads) scatter_by_bulk_copies<Tr, W>(c, a, id, half, n_mine, ring, full);
+    __syncwarp();
+  } else {
+    if (ok) publish_call_header(c, a, id.epoch, W);
+    const ShardChunks sh = shard_chunks(a);
+    const LeanSource<T, W, Tr> src = lean_source<T, W, Tr>(c, a, half);
+    const LeanSink<Tr> sink = lean_sink<T, Tr>(c, a);
+    const RowArgs rows = row_args(a);
+    for (int i = 0; ok && i < n_mine; ++i) {  // B: finish my rows of each chunk once every rank staged them
+      const int ch = chunk_at(i);
+      if (!(ok = wait_all<W, true>(c, id, kPhaseA, ch))) break;
+      finish_rows<T, kBlockThreads, kLeanVecs, false, RowSync::kGroupOfWorkers>(src, sink, rows, sh.begin(c.rank, ch),
+                                                                                sh.end(c.rank, ch), red);
+      signal_all<Tr, W, true>(c, id, kPhaseB, ch);
+    }
+    for (int i = 0; ok && i < n_mine; ++i) ok = wait_all<W, true>(c, id, kPhaseB, chunk_at(i));  // C: all rows landed
+    if (!ok) poison_shard_chunks<T, W>(a, n_mine);
   }
   finish_call(c, id.epoch);
 }

@@ -50,10 +50,12 @@ def test_limits_match_the_headers():
     for cpp, python in [("kMaxWorld", "MAX_WORLD"), ("kMaxChunks", "MAX_CHUNKS")]:
         m = re.search(rf"constexpr\s+int\s+{cpp}\s*=\s*(\d+)\s*;", src)
         assert m and int(m.group(1)) == _abi._PYTHON[python], cpp
-    for cpp, value in [("kBlockThreads", _abi.ROW_THREADS), ("kMaxVecsPerThread", _abi.ROW_VECS)]:
+    for cpp, value in [("kBlockThreads", _abi.ROW_THREADS), ("kMaxVecsPerThread", _abi.ROW_VECS),
+                       ("kLeanVecs", _abi.LEAN_VECS)]:
         m = re.search(rf"constexpr\s+int\s+{cpp}\s*=\s*(\d+)\s*;", src)
         assert m and int(m.group(1)) == value, cpp
     assert _abi.MAX_HIDDEN == {2: 32768, 4: 16384}  # what README and the ops' docstrings promise
+    assert _abi.LEAN_MAX_HIDDEN == {2: 16384, 4: 8192}
 
 
 def _struct_layout(name):

@@ -47,8 +47,9 @@ class FakeKernels:
                                   residual=residual))
         residual.copy_(self._finish(x, residual, weight, eps, out))
 
-    def allreduce_lean(self, x, residual, weight, out, eps, comm_id, ctas, chunks_per_cta, sharded_residual):
-        self.launches.append(dict(algo="lean", ctas=ctas, out=out, residual=residual, sharded=sharded_residual))
+    def allreduce_lean(self, x, residual, weight, out, eps, comm_id, algo, ctas, chunks_per_cta, sharded_residual):
+        self.launches.append(dict(algo={v: k for k, v in comm_mod.ALGOS.items()}[algo], ctas=ctas, out=out,
+                                  residual=residual, sharded=sharded_residual))
         if not sharded_residual:
             residual.copy_(self._finish(x, residual, weight, eps, out))
             return

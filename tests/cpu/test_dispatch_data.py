@@ -14,6 +14,11 @@ from tokenweave.comm import shard_range, traffic_per_byte
     ("lean", "replicated", (2.0, 0.5, 2.25)),      # + the residual pushed to 3 peers (0.75)
     ("one_shot", "replicated", (6, 3, 3)),         # x 1 + 4 slots + residual; own slot, residual, out; 3 peers
     ("lamport", "replicated", (10, 7, 3)),         # + one poll of 4 slots, + re-filling 4 slots
+    # scatter 0.75 x; owner 0.75 S pieces + 0.75 polled again + 0.25 x + 0.25 residual; epilogue 1 G + 1 polled
+    # again; writes: my G piece 0.25, out 1, residual 1, re-fill 8 slots of 0.25; remote 0.75 scatter + 0.75 G
+    ("lamport_two_shot", "replicated", (4.75, 4.25, 1.5)),
+    ("lamport_two_shot", "sharded", (4.75, 3.5, 1.5)),  # the residual: the owner's 0.25 instead of all rows (1)
+    ("lamport_two_shot", "none", (4.5, 3.25, 1.5)),
 ])
 def test_traffic_per_byte_matches_hand_count(algo, residual, hand):
     t = traffic_per_byte(algo, 4, residual)
@@ -28,6 +33,8 @@ def test_lean_meets_issue_targets_at_every_world():
         assert traffic_per_byte("lean", w, "sharded")["total"] < traffic_per_byte("two_shot", w)["total"]
     with pytest.raises(ValueError, match="sharded"):
         traffic_per_byte("two_shot", 4, "sharded")
+    with pytest.raises(ValueError, match="sharded"):
+        traffic_per_byte("lamport", 4, "sharded")
 
 
 @pytest.mark.parametrize("tokens,world", [(1, 4), (3, 4), (37, 8), (300, 2), (8, 8)])

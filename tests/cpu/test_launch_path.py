@@ -21,6 +21,10 @@ class Recorder:
         self.calls.append(dict(x=x, residual=residual, weight=weight, out=out, eps=eps, comm=comm_id, algo=algo,
                                ctas=ctas, chunks=chunks_per_cta))
 
+    def allreduce_sharded(self, x, residual, weight, out, eps, comm_id, algo, ctas, chunks_per_cta):
+        self.allreduce(x, residual, weight, out, eps, comm_id, algo, ctas, chunks_per_cta)
+        self.calls[-1]["op"] = "sharded"
+
 
 def fake_comm(capacity_bytes=64 * 1024 * 2, world=4, sms=132):
     c = comm_mod.Communicator.__new__(comm_mod.Communicator)
@@ -59,6 +63,50 @@ def test_plan_dispatch():
         c.plan(16, 8192, 2, None, 500)
     with pytest.raises(ValueError, match="algo"):
         c.plan(16, 8192, 2, "three_shot")
+
+
+def test_lamport_two_shot_limits_and_dispatch():
+    """Forced: 2-byte dtypes, hidden <= 16384, each rank's shard of ceil(T / W) rows within 2 MiB, each refusal
+    saying what to use instead. Dispatched only where the card's config sets lamport_two_shot_max_bytes."""
+    from dataclasses import replace
+
+    from tokenweave import tuning
+
+    code = tw.comm.ALGOS["lamport_two_shot"]
+    c = fake_comm(capacity_bytes=64 << 20)  # TP4
+    assert c.plan(512, 8192, 2, "lamport_two_shot").algo == code  # 128-row shards: exactly 2 MiB
+    with pytest.raises(ValueError, match=r"lamport_two_shot.*2113536 bytes per shard.*use 'two_shot'"):
+        c.plan(513, 8192, 2, "lamport_two_shot")  # 129-row shards
+    with pytest.raises(ValueError, match=r"lamport_two_shot' takes bfloat16/float16.*4-byte elements"):
+        c.plan(8, 4096, 4, "lamport_two_shot")
+    with pytest.raises(ValueError, match=r"hidden <= 16384.*hidden 32768"):
+        c.plan(4, 32768, 2, "lamport_two_shot")
+    # the shipped config does not name it (no measurement): never chosen
+    assert all(c.plan(t, 8192, 2).algo != code for t in (32, 64, 128, 256, 512))
+    measured = fake_comm(capacity_bytes=64 << 20)
+    measured._dispatch = lambda itemsize, hidden: replace(tuning.dispatch_config("h200", 4, itemsize, hidden),
+                                                          lamport_two_shot_max_bytes=4 << 20)
+    assert measured.plan(16, 8192, 2).algo == tw.comm.ALGOS["one_shot"]  # the one-shots come first
+    assert [measured.plan(t, 8192, 2).algo for t in (128, 256)] == [code, code]
+    assert measured.plan(512, 8192, 2).algo == tw.comm.ALGOS["two_shot"]  # 8 MiB: above the measured limit
+    assert measured.plan(64, 32768, 2).algo == tw.comm.ALGOS["two_shot"]  # rows too long for the Lamport kernels
+    assert measured.plan(128, 8192, 4).algo == tw.comm.ALGOS["two_shot"]  # float32
+
+
+def test_sharded_residual_takes_lamport_two_shot_with_any_out(recorder):
+    c = fake_comm(capacity_bytes=64 << 20)
+    c.rank = 1
+    x, w = torch.randn(10, 64, dtype=torch.bfloat16), torch.ones(64, dtype=torch.bfloat16)
+    first, n = c.shard_rows(10)
+    assert (first, n) == (3, 3)
+    res = torch.randn(n, 64, dtype=torch.bfloat16)
+    out = tw.fused_allreduce_rmsnorm(c, x, res, w, 1e-5, algo="lamport_two_shot", sharded_residual=True)
+    (call,) = recorder.calls
+    assert call["op"] == "sharded" and call["algo"] == tw.comm.ALGOS["lamport_two_shot"]
+    assert call["residual"] is res and call["out"] is out and call["x"] is x
+    with pytest.raises(ValueError, match="sharded_residual=True needs algo 'lean', 'lamport_two_shot'"):
+        tw.fused_allreduce_rmsnorm(c, x, res, w, 1e-5, algo="two_shot", sharded_residual=True)
+    assert len(recorder.calls) == 1
 
 
 def test_launch_arguments_and_views(recorder):

@@ -20,7 +20,8 @@ from tokenweave.testing import EmulatedWorld  # noqa: E402
 
 EPS = 1e-5
 TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-5}
-ALGOS = ("one_shot", "two_shot", "lamport", "lean", "lean_sharded")
+ALGOS = ("one_shot", "two_shot", "lamport", "lean", "lean_sharded", "lamport_two_shot", "lamport_two_shot_sharded",
+         "lean_bulk", "lean_bulk_sharded")
 SHAPES = ((1, 4096), (3, 1032), (37, 2056), (300, 8192))
 
 
@@ -40,10 +41,12 @@ def _reference(xs, residual, weight):
 
 
 def _call(world, algo, xs, residual, weight, **kw):
-    """One fused call on every rank; returns (outs, residuals as full [tokens, hidden] per rank)."""
+    """One fused call on every rank; returns (outs, residuals as full [tokens, hidden] per rank).
+    ``<algo>_sharded``: ``algo`` with a sharded residual."""
     W, (tokens, hidden), dtype = world.world_size, xs[0].shape, xs[0].dtype
     lean = algo.startswith("lean")
-    sharded = algo == "lean_sharded"
+    sharded = algo.endswith("_sharded")
+    algo = algo.removesuffix("_sharded")
     outs = world.empty(tokens, hidden, dtype=dtype) if lean else [torch.empty_like(residual) for _ in range(W)]
     if sharded:
         shards = [world.ranks[r].shard_rows(tokens) for r in range(W)]
@@ -57,7 +60,7 @@ def _call(world, algo, xs, residual, weight, **kw):
     for o in outs:
         o.fill_(float("nan"))
     world.run(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r],
-                                                         algo="lean" if lean else algo, sharded_residual=sharded, **kw))
+                                                         algo=algo, sharded_residual=sharded, **kw))
     world.synchronize()
     if sharded:
         res = [torch.cat(res)] * W  # the shards together are the whole residual
@@ -75,10 +78,12 @@ def world(request):
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=str)
 @pytest.mark.parametrize("tokens,hidden", SHAPES)
 def test_matches_float64_and_ranks_agree(world, algo, dtype, tokens, hidden):
-    if algo == "lamport" and dtype == torch.float32:
+    if algo.startswith("lamport") and dtype == torch.float32:
         pytest.skip("lamport takes 2-byte dtypes")
     if algo == "lamport" and tokens * hidden * 2 > 2 << 20:
         pytest.skip("lamport takes at most 2 MiB")
+    if algo.startswith("lamport_two_shot") and -(-tokens // world.world_size) * hidden * 2 > 2 << 20:
+        pytest.skip("lamport_two_shot takes at most 2 MiB per rank's shard")
     if algo == "one_shot" and tokens * hidden * dtype.itemsize > world.ranks[0]._layout["one_shot_bytes"]:
         pytest.skip("one-shot limit")
     gen = torch.Generator(world.device).manual_seed(hash((world.world_size, algo, str(dtype), tokens, hidden)) % 2**31)
@@ -94,7 +99,8 @@ def test_matches_float64_and_ranks_agree(world, algo, dtype, tokens, hidden):
     torch.testing.assert_close(outs[0].double(), out_ref, rtol=tol, atol=tol * 4)
 
 
-@pytest.mark.parametrize("algo", ("one_shot", "two_shot", "lean", "lean_sharded"))
+@pytest.mark.parametrize("algo", ("one_shot", "two_shot", "lean", "lean_sharded", "lamport_two_shot",
+                                  "lamport_two_shot_sharded", "lean_bulk", "lean_bulk_sharded"))
 def test_same_values_as_lamport(algo):
     """Every algorithm computes the same bits (Lamport: up to the sign of an exact zero)."""
     with EmulatedWorld(4, max_tokens=64, hidden=4096, timeout_ms=5000) as world:
@@ -105,17 +111,47 @@ def test_same_values_as_lamport(algo):
         assert torch.equal(outs[0], ref_out[0]) and torch.equal(res[0], ref_res[0])
 
 
+@pytest.mark.parametrize("algo", ("lamport_two_shot", "lamport_two_shot_sharded"))
+@pytest.mark.parametrize("W", (2, 4, 8))
+def test_lamport_two_shot_signed_zeros_equal_two_shot_up_to_their_sign(algo, W):
+    """-0.0 in x and the residual (the sentinel's bit pattern: must be canonicalised, never hang) and sums that are
+    exactly zero: the flagged two-shot's bits, but for the sign of exact zeros; bitwise equal across ranks."""
+    T, H = 37, 2056
+    with EmulatedWorld(W, max_tokens=64, hidden=H, timeout_ms=5000) as world:
+        gen = torch.Generator(world.device).manual_seed(13 + W)
+        xs, residual, weight = _inputs(world, T, H, torch.bfloat16, gen)
+        xs[0][:, :64] = -0.0
+        for x in xs:
+            x[:5] = -0.0  # whole rows of -0.0: z = residual
+        xs[1][5:9] = -xs[0][5:9]
+        for x in xs[2:]:
+            x[5:9] = -0.0  # rows 5..8 sum to exactly zero
+        residual[:, :16] = -0.0
+        residual[5:7] = -0.0  # z = -0.0 (flagged) / +0.0 (Lamport) on these rows
+        ref_out, ref_res = _call(world, "two_shot", xs, residual, weight)
+        outs, res = _call(world, algo, xs, residual, weight)
+        for r in range(W):
+            assert torch.equal(outs[r].view(torch.int16), outs[0].view(torch.int16)), f"rank {r} differs bitwise"
+            assert torch.equal(res[r].view(torch.int16), res[0].view(torch.int16))
+        for got, want in ((outs[0], ref_out[0]), (res[0], ref_res[0])):
+            assert torch.equal(got, want)  # as values (-0.0 == +0.0)
+            differ = got.view(torch.int16) != want.view(torch.int16)
+            assert (got[differ] == 0).all(), "bits may differ only in the sign of an exact zero"
+        assert (res[0][5:7] == 0).all() and not torch.signbit(res[0][5:7].float()).any(), "z = 0 is +0.0 (canonical)"
+
+
 def test_lamport_buffers_rotate_over_1000_graph_replays():
-    """Lamport calls interleaved with flagged ones, captured once, replayed 1000 times on fresh data."""
-    W, T, H = 4, 8, 4096
+    """Lamport calls of both kinds (one-shot, two-shot: they share the 3 buffers and the sequence) interleaved
+    with a flagged one, captured once, replayed 1000 times on fresh data; uneven shards (37 rows over 4 ranks)."""
+    W, T, H = 4, 37, 4096
     with EmulatedWorld(W, max_tokens=64, hidden=H, timeout_ms=5000) as world:
         gen = torch.Generator(world.device).manual_seed(11)
-        bank = [_inputs(world, T, H, torch.bfloat16, gen) for _ in range(4)]
-        xs = [x.clone() for x in bank[0][0]]
-        residual0, weight = bank[0][1].clone(), bank[0][2]
-        res = [[residual0.clone() for _ in range(W)] for _ in range(3)]
-        outs = [[torch.empty_like(residual0) for _ in range(W)] for _ in range(3)]
-        algos = ("lamport", "two_shot", "lamport")
+        xs, residual0, weight = _inputs(world, T, H, torch.bfloat16, gen)
+        # 4 Lamport calls per replay: the buffer each call uses shifts by one every replay, so each kind meets
+        # every buffer after each kind
+        algos = ("lamport", "two_shot", "lamport_two_shot", "lamport", "lamport_two_shot")
+        res = [[residual0.clone() for _ in range(W)] for _ in algos]
+        outs = [[torch.empty_like(residual0) for _ in range(W)] for _ in algos]
 
         def step():
             for k, algo in enumerate(algos):
@@ -128,17 +164,17 @@ def test_lamport_buffers_rotate_over_1000_graph_replays():
         with torch.cuda.graph(graph):
             step()
         for i in range(1000):
-            bx, bres, _ = bank[i % len(bank)]
+            bres = torch.randn(T, H, generator=gen, device=world.device).to(torch.bfloat16)  # fresh every replay
             for r in range(W):
-                xs[r].copy_(bx[r])
-                for k in range(3):
+                xs[r].copy_(torch.randn(T, H, generator=gen, device=world.device))
+                for k in range(len(algos)):
                     res[k][r].copy_(bres)
                     outs[k][r].fill_(float("nan"))
             graph.replay()
             if i % 97 == 0 or i == 999:
                 world.synchronize()
-                z_ref, out_ref = _reference(bx, bres, weight)
-                for k in range(3):
+                z_ref, out_ref = _reference(xs, bres, weight)
+                for k in range(len(algos)):
                     for r in range(W):
                         assert torch.equal(outs[k][r], outs[0][0]), f"replay {i}, call {k}, rank {r} differs"
                     torch.testing.assert_close(outs[k][0].double(), out_ref, rtol=2e-2, atol=8e-2)
@@ -146,7 +182,7 @@ def test_lamport_buffers_rotate_over_1000_graph_replays():
         world.synchronize()
 
 
-@pytest.mark.parametrize("algo", ("one_shot", "two_shot", "lamport", "lean"))
+@pytest.mark.parametrize("algo", ("one_shot", "two_shot", "lamport", "lean", "lamport_two_shot", "lean_bulk"))
 def test_rank_that_never_launches_times_out(algo):
     W = 4
     with EmulatedWorld(W, max_tokens=64, hidden=4096, timeout_ms=300) as world:
@@ -167,7 +203,7 @@ def test_rank_that_never_launches_times_out(algo):
         assert any(world.ranks[r]._error.peer == W - 1 for r in range(W - 1))
 
 
-@pytest.mark.parametrize("algo", ("two_shot", "lamport", "lean"))
+@pytest.mark.parametrize("algo", ("two_shot", "lamport", "lean", "lamport_two_shot", "lean_bulk"))
 def test_ranks_making_different_calls_fail_as_mismatch(algo):
     """Rank 0 calls with 8 tokens, rank 1 with 4: an error on both, a mismatch on at least one; no hang."""
     W, tokens = 2, (8, 4)

@@ -2,9 +2,11 @@
 
 - Every block shape of csrc/kernels/launch.cu (the op's ``shape``) matches float64 and writes every element
   (outputs are NaN-poisoned first); the shapes the card's config switches between by size give the same bits.
-- With PDL on, a kernel may start while the one before it in its stream finishes. A chain in which a torch
-  kernel rewrites x right before each tokenweave call (captured in a CUDA graph and replayed) must give the
-  same bits as with PDL off: a kernel that read x before its wait would see the old x. The same for every
+- With PDL on, a kernel may start while the one before it in its stream finishes. A chain in which a kernel
+  rewrites x right before each tokenweave call (captured in a CUDA graph and replayed) must give the same
+  bits as with PDL off: a kernel that read x before its wait would see the old x. The writer is a torch
+  kernel, or a Triton kernel that triggers its dependents first (griddepcontrol.launch_dependents) and then
+  spins 20 us before it writes: our kernel then surely starts before x is written. The same for every
   collective algorithm in the emulated world (W ranks on this GPU).
 """
 from __future__ import annotations
@@ -25,6 +27,41 @@ from tokenweave.testing import EmulatedWorld  # noqa: E402
 
 EPS = 1e-5
 TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+WRITERS = ("torch", "early_trigger")
+LATE_NS = 20_000  # the early-triggering writer's spin before it writes x: far longer than a launch
+
+try:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _late_rewrite_kernel(x_ptr, n, scale, shift, delay_ns, BLOCK: tl.constexpr):
+        # Let the next kernel in the stream launch now (it is launched with PDL), then write x only later.
+        zero = tl.inline_asm_elementwise("griddepcontrol.launch_dependents;\n mov.u32 $0, 0;", "=r", [],
+                                         dtype=tl.int32, is_pure=False, pack=1)
+        start = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                          pack=1)
+        now = start
+        while now - start < delay_ns:
+            now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                            pack=1)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        v = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+        tl.store(x_ptr + offs, (v * scale + shift + zero.to(tl.float32)).to(x_ptr.dtype.element_ty), mask=mask)
+except ImportError:  # pragma: no cover - the GPU image has Triton
+    triton = None
+
+
+def _rewrite_x(writer, x, scale, shift):
+    """x <- x * scale + shift in place, by the chosen writer (see the module docstring)."""
+    if writer == "torch":
+        x.mul_(scale).add_(shift)
+        return
+    if triton is None:
+        pytest.skip("the early-triggering writer needs Triton")
+    n = x.numel()
+    _late_rewrite_kernel[(triton.cdiv(n, 1024),)](x, n, scale, shift, LATE_NS, BLOCK=1024)
 
 
 @pytest.fixture
@@ -77,8 +114,9 @@ def test_every_norm_shape_matches_float64(dtype, tokens, hidden):
         assert torch.equal(got[k], got[0]), f"{card}: the configured shape {k} gives other bits than shape 0"
 
 
-def test_pdl_chain_in_a_graph_gives_the_same_bits(pdl):
-    """x is rewritten by a torch kernel right before each add_rmsnorm: the norm must wait for it."""
+@pytest.mark.parametrize("writer", WRITERS)
+def test_pdl_chain_in_a_graph_gives_the_same_bits(pdl, writer):
+    """x is rewritten by a kernel right before each add_rmsnorm: the norm must wait for it."""
     tokens, hidden, dtype = 64, 8192, torch.bfloat16
     x, residual, weight = _norm_inputs(tokens, hidden, dtype, 3)
     results = {}
@@ -89,7 +127,7 @@ def test_pdl_chain_in_a_graph_gives_the_same_bits(pdl):
 
         def chain():
             for i in range(8):
-                xs.mul_(1.0 + 1.0 / 64).add_(0.25 * (i + 1))  # the previous kernel writes x ...
+                _rewrite_x(writer, xs, 1.0 + 1.0 / 64, 0.25 * (i + 1))  # the previous kernel writes x ...
                 tw.add_rmsnorm(xs, res, weight, EPS, out=out)  # ... which this call reads after its wait
                 outs.append(out.clone())
 
@@ -110,17 +148,18 @@ def test_pdl_chain_in_a_graph_gives_the_same_bits(pdl):
     assert not results[True][0].isnan().any()
 
 
+@pytest.mark.parametrize("writer", WRITERS)
 @pytest.mark.parametrize("W", (2, 4))
-@pytest.mark.parametrize("algo", ("one_shot", "two_shot", "lamport", "lean"))
-def test_pdl_collectives_in_the_emulated_world(pdl, W, algo):
-    """Every rank's stream: a torch kernel rewrites x, then the fused call, 6 times; graph-replayed."""
+@pytest.mark.parametrize("algo", ("one_shot", "two_shot", "lamport", "lean", "lean_bulk", "lamport_two_shot"))
+def test_pdl_collectives_in_the_emulated_world(pdl, W, algo, writer):
+    """Every rank's stream: a kernel rewrites x, then the fused call, 6 times; graph-replayed."""
     tokens, hidden, dtype = 40, 4096, torch.bfloat16
     with EmulatedWorld(W, max_tokens=512, hidden=hidden, dtype=dtype, timeout_ms=5000) as world:
         gen = torch.Generator("cuda").manual_seed(W * 10 + len(algo))
         xs0 = [torch.randn(tokens, hidden, generator=gen, device="cuda").to(dtype) for _ in range(W)]
         residual = torch.randn(tokens, hidden, generator=gen, device="cuda").to(dtype)
         weight = (1 + 0.1 * torch.randn(hidden, generator=gen, device="cuda")).to(dtype)
-        lean = algo == "lean"
+        lean = algo.startswith("lean")
         results = {}
         for on in (False, True):
             tw.set_programmatic_launch(on)
@@ -131,7 +170,7 @@ def test_pdl_collectives_in_the_emulated_world(pdl, W, algo):
 
             def step(comm, r):
                 for i in range(6):
-                    xs[r].mul_(1.0 + 1.0 / 32).add_(0.125 * (i + 1))
+                    _rewrite_x(writer, xs[r], 1.0 + 1.0 / 32, 0.125 * (i + 1))
                     tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r], algo=algo)
                     snaps[r].append(outs[r].clone())
 

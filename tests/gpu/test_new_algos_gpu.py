@@ -240,7 +240,7 @@ def _record_launches():
     lean, plain = o.allreduce_lean, o.allreduce
 
     def lean_logged(*args):
-        log.append("lean")
+        log.append(names[args[6]])  # lean or lean_bulk: same argument order as allreduce
         return lean(*args)
 
     def plain_logged(*args):

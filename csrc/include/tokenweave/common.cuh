@@ -58,4 +58,35 @@ template <> struct Pack<float> {
   }
 };
 
+// The CTA-wide barrier of the threads that run a kernel's data path. In every kernel but lean_bulk those are
+// all of the CTA's threads (__syncthreads). lean_bulk adds a copy warp that never joins them (it would wait
+// behind its own bulk copies), so there the kBlockThreads workers meet on named barrier kWorkersBarrier
+// instead; barriers 1 .. kWorkersBarrier - 1 are the row groups' (rownorm.cuh).
+constexpr int kWorkersBarrier = 15;
+
+template <bool kWorkersOnly>
+__device__ __forceinline__ void data_sync() {
+  if constexpr (kWorkersOnly) {
+    asm volatile("bar.sync %0, %1;" ::"n"(kWorkersBarrier), "n"(kBlockThreads) : "memory");
+  } else {
+    __syncthreads();
+  }
+}
+
+// data_sync() that also returns whether v held on every participating thread.
+template <bool kWorkersOnly>
+__device__ __forceinline__ bool data_sync_and(bool v) {
+  if constexpr (kWorkersOnly) {
+    uint32_t all;
+    asm volatile(
+        "{\n .reg .pred p, q;\n setp.ne.u32 q, %1, 0;\n bar.red.and.pred p, %2, %3, q;\n selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(all)
+        : "r"(uint32_t(v)), "n"(kWorkersBarrier), "n"(kBlockThreads)
+        : "memory");
+    return all != 0;
+  } else {
+    return __syncthreads_and(v) != 0;
+  }
+}
+
 }  // namespace tokenweave

@@ -43,9 +43,12 @@ inline int plan_row_group(int hidden, int lanes, int threads = kBlockThreads, in
 //           the groups of a pass drift apart and one group's stores overlap another's loads. Safe for the
 //           double buffer: a group's next write to red[p & 1] follows its own barrier of pass p + 1, which
 //           each of its threads reaches only after reading pass p's values.
+//   kGroupOfWorkers  kGroup in a CTA with a copy warp beside the rows' threads (lean_bulk): the CTA-wide
+//           barriers are the workers' (data_sync<true>, common.cuh), never __syncthreads.
 // Either way the sum is the same, in the same order.
-enum class RowSync { kCta, kGroup };
-constexpr int kGroupBarriers = 15;  // barriers 1..15; more groups than that fall back to __syncthreads
+enum class RowSync { kCta, kGroup, kGroupOfWorkers };
+// Barriers 1..14 (15 is the workers' barrier, common.cuh); more groups than that use the CTA-wide barrier.
+constexpr int kGroupBarriers = kWorkersBarrier - 1;
 
 // Sum of v over the G threads of each group. `red` is one of two shared buffers, alternated by the
 // caller, so a single barrier per pass suffices.
@@ -55,10 +58,12 @@ __device__ __forceinline__ float group_sum(float v, int G, float* red) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   if (G <= 32) return v;
   if ((threadIdx.x & 31) == 0) red[threadIdx.x / 32] = v;
-  if (kSync == RowSync::kGroup && int(blockDim.x) / G <= kGroupBarriers) {
+  constexpr bool kWorkersOnly = kSync == RowSync::kGroupOfWorkers;
+  const int groups = (kWorkersOnly ? kBlockThreads : int(blockDim.x)) / G;
+  if (kSync != RowSync::kCta && groups <= kGroupBarriers) {
     asm volatile("bar.sync %0, %1;" ::"r"(1 + int(threadIdx.x) / G), "r"(G) : "memory");
   } else {
-    __syncthreads();
+    data_sync<kWorkersOnly>();
   }
   const int first = (threadIdx.x / G) * (G / 32);
   float s = 0.f;
@@ -140,7 +145,7 @@ __device__ __forceinline__ void finish_rows(const Source& src, const Sink& sink,
       }
     }
   }
-  __syncthreads();  // the shared buffers may be reused by the next call
+  data_sync<kSync == RowSync::kGroupOfWorkers>();  // the shared buffers may be reused by the next call
 }
 
 // A call that gave up must never leave output that looks valid: NaN into rows [r0, r1) of out.

@@ -151,31 +151,37 @@ __device__ __forceinline__ uint64_t* flag_ptr(char* base, const Layout& l, int p
   return f + ((size_t(parity) * 2 + phase) * kMaxWorld + src) * kMaxChunks + chunk;
 }
 
-// Producer side: after the whole CTA stored its part of `chunk`, tell every rank (itself included).
-// Tr is the transport: its fence_before_signal() orders its own kind of stores before the release.
-// One thread fences once (cumulative over the barrier) and then posts W relaxed flag stores: W
-// separate st.release would cost W system-scope fences for the same ordering.
-template <class Tr, int W>
+// The release of a flag by one thread, once everything it must publish is ordered before it (by a barrier,
+// or by its own program order): one cumulative fence, then W relaxed flag stores to every rank (itself
+// included). W separate st.release would cost W system-scope fences for the same ordering.
+template <int W>
+__device__ __forceinline__ void post_flags(const CommDevice& c, const CallId& id, int phase, int chunk) {
+  fence_acq_rel_sys();
+#pragma unroll
+  for (int q = 0; q < W; ++q)
+    st_relaxed_sys(flag_ptr(c.ws[q], c.layout, id.epoch & 1, phase, c.rank, chunk), make_flag(id.epoch, id.sig));
+}
+
+// Producer side: after the whole CTA stored its part of `chunk`, tell every rank. Tr is the transport: its
+// fence_before_signal() orders its own kind of stores before the release; the barrier orders every thread's
+// stores before thread 0's fence (cumulative).
+// kWorkersOnly: the CTA has a copy warp that does not take part (data_sync, common.cuh).
+template <class Tr, int W, bool kWorkersOnly = false>
 __device__ __forceinline__ void signal_all(const CommDevice& c, const CallId& id, int phase, int chunk) {
   Tr::fence_before_signal();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    fence_acq_rel_sys();
-#pragma unroll
-    for (int q = 0; q < W; ++q)
-      st_relaxed_sys(flag_ptr(c.ws[q], c.layout, id.epoch & 1, phase, c.rank, chunk), make_flag(id.epoch, id.sig));
-  }
+  data_sync<kWorkersOnly>();
+  if (threadIdx.x == 0) post_flags<W>(c, id, phase, chunk);
 }
 
 // Consumer side: every rank's part of `chunk` has arrived (or the CTA must give up: returns false).
-template <int W>
+template <int W, bool kWorkersOnly = false>
 __device__ __forceinline__ bool wait_all(const CommDevice& c, const CallId& id, int phase, int chunk) {
   bool ok = true;
   if (threadIdx.x < W) {
     ok = wait_flag(c, flag_ptr(c.ws[c.rank], c.layout, id.epoch & 1, phase, threadIdx.x, chunk), id,
                    threadIdx.x, chunk);
   }
-  return __syncthreads_and(ok) != 0;
+  return data_sync_and<kWorkersOnly>(ok);
 }
 
 // Copy-engine feed, consumer side: thread q waits until source q's copy engine raised our staged flag

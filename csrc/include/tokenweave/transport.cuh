@@ -1,6 +1,7 @@
 // The two transports. Kernels are written once against this interface; a transport decides only
 // where bytes go and how a sum over ranks is read:
 //   stage(c, half, q, slot_vec, v)   two-shot: make my copy of rank q's piece available to rank q
+//   stage_ptr(c, half, q)            where stage() puts vector 0 of that piece (lean_bulk's bulk copies)
 //   reduce(c, half, slot_vec, acc)   two-shot: fp32 sum over all ranks of my piece
 //   broadcast(c, byte_off, v)        store v at byte_off of every rank's workspace (all-gather, one-shot push)
 //   store_all(table, byte_off, v)    store v at byte_off of every rank's copy of a symmetric tensor (lean)
@@ -63,8 +64,12 @@ template <typename T, int W>
 struct P2P {
   static constexpr bool kStagesOwnPiece = false;  // the owner reads its own rows straight from x
 
+  __device__ static char* stage_ptr(const CommDevice& c, int half, int q) {
+    return slot_ptr(c.ws[q], c.layout, half, c.rank);
+  }
+
   __device__ static void stage(const CommDevice& c, int half, int q, uint64_t slot_vec, const Vec& v) {
-    reinterpret_cast<Vec*>(slot_ptr(c.ws[q], c.layout, half, c.rank))[slot_vec] = v;
+    reinterpret_cast<Vec*>(stage_ptr(c, half, q))[slot_vec] = v;
   }
 
   __device__ static void reduce(const CommDevice& c, int half, uint64_t slot_vec, float* acc) {
@@ -146,8 +151,12 @@ template <typename T, int W>
 struct Multimem {
   static constexpr bool kStagesOwnPiece = true;  // the switch sums every rank's slot, mine included
 
+  __device__ static char* stage_ptr(const CommDevice& c, int half, int q) {
+    return slot_ptr(c.ws[c.rank], c.layout, half, q);
+  }
+
   __device__ static void stage(const CommDevice& c, int half, int q, uint64_t slot_vec, const Vec& v) {
-    reinterpret_cast<Vec*>(slot_ptr(c.ws[c.rank], c.layout, half, q))[slot_vec] = v;
+    reinterpret_cast<Vec*>(stage_ptr(c, half, q))[slot_vec] = v;
   }
 
   __device__ static void reduce(const CommDevice& c, int half, uint64_t slot_vec, float* acc) {

@@ -19,9 +19,14 @@ constexpr int kMaxChunks = 4096;
 // Lamport one-shot: bytes of x one call takes (per slot). 2 MiB = 128 tokens x 8192 bf16, past where a
 // one-shot (W-1 full copies per rank) can beat the two-shot (ANCHORS: one-shot loses from 512 KiB at TP4).
 constexpr uint64_t kLamportSlotBytes = 2ull << 20;
+// Regions of each Lamport buffer: S (pushed x) and G (the Lamport two-shot's reduced rows).
+constexpr int kLamportRegionS = 0, kLamportRegionG = 1, kLamportRegions = 2;
 // Vectors a thread keeps in registers for one row of the norm epilogue: 8 x 16 B = 32 registers.
 // With at most 512 threads per row that bounds hidden at 512 * 8 * 8 = 32768 for 2-byte types.
 constexpr int kMaxVecsPerThread = 8;
+// Vectors per thread of a lean owner's rows: W slot loads each, so fewer than the other epilogues keep
+// (4 x 16 B x 512 threads: hidden up to 16384 for 2-byte types, 8192 for float32).
+constexpr int kLeanVecs = 4;
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum class Transport : int { kP2P = 0, kMultimem = 1 };
@@ -30,7 +35,11 @@ enum class Transport : int { kP2P = 0, kMultimem = 1 };
 // kLamport  one-shot without flags: the pushed data is its own flag (sentinel-filled buffers, polled).
 // kLean     two-shot by whole rows: the owner adds the residual and norms in registers and pushes the
 //           finished rows straight into every rank's out (and residual): destinations are symmetric.
-enum class Algo : int { kAuto = 0, kOneShot = 1, kTwoShot = 2, kLamport = 3, kLean = 4 };
+// kLamportTwoShot  two-shot without flags: the reduce-scatter and the all-gather both poll sentinel-filled
+//           buffers (the mid range, where a one-shot moves too many bytes and flags cost a crossing each).
+// kLeanBulk kLean with its scatter moved to a copy warp (TMA bulk copies through shared memory), which also
+//           releases the scatter's flags: the other warps finish rows meanwhile and never wait on a fence.
+enum class Algo : int { kAuto = 0, kOneShot = 1, kTwoShot = 2, kLamport = 3, kLean = 4, kLamportTwoShot = 5, kLeanBulk = 6 };
 // Where the kernel's input comes from:
 //   kResident    x is complete when the kernel starts
 //   kTracked     x is being written by a producer on another stream; chunk c is read once ready[c] says so
@@ -46,7 +55,9 @@ static_assert(sizeof(Vec) == 16, "all data movement is in 16-byte vectors");
 //   headers  [2 parity][kMaxWorld src] CallHeader                    what src called (diagnostics)
 //   probe    [kMaxWorld src] uint64                                  peer-access check at creation
 //   staged   [kMaxWorld src][kMaxChunks] uint32                      copy-engine feed: 1 = src's piece landed
-//   lamport  [3 buffers][world src] { header Vec, data [kLamportSlotBytes] }   sentinel-filled (-0.0 halves)
+//   lamport  [3 buffers][2 regions][world src] { header Vec, data [kLamportSlotBytes] }  sentinel-filled (-0.0
+//            halves); region 0 (S) takes pushed x (Lamport one-shot, the Lamport two-shot's scatter), region 1 (G)
+//            the Lamport two-shot's reduced rows (its gather)
 //   data     [2 halves] { slots [world][slot_bytes], gather [gather_bytes] }
 // Calls alternate halves and flag parities by epoch, so call e may overwrite what call e-2 used:
 // a rank that finished call e-1 saw every peer start e-1, hence finish e-2 (kernels on one stream).
@@ -102,7 +113,7 @@ __host__ __device__ inline Layout make_layout(uint64_t capacity_bytes, int world
   l.staged_off = l.probe_off + kProbeBytes;
   l.lamport_off = round_up(l.staged_off + kStagedBytes, 4096);
   l.lamport_slot_bytes = 16 + kLamportSlotBytes;
-  l.data_off = round_up(l.lamport_off + 3ull * world * l.lamport_slot_bytes, 4096);
+  l.data_off = round_up(l.lamport_off + 3ull * kLamportRegions * world * l.lamport_slot_bytes, 4096);
   l.slot_bytes = round_up(l.capacity_bytes / world + 16 + uint64_t(kMaxChunks) * 16, 256);
   l.gather_bytes = round_up(l.capacity_bytes, 256);
   l.half_bytes = round_up(world * l.slot_bytes + l.gather_bytes, 4096);
@@ -135,8 +146,13 @@ struct LocalState {
   // Lamport calls completed (only Lamport calls count: buffer k % 3 belongs to the k-th Lamport call, so
   // calls of other algorithms in between never leave a buffer uncleared).
   uint32_t lamport_seq;
-  uint32_t lamport_vecs[3];  // vectors per slot that the call using buffer i wrote: what must be re-cleared
+  // What the call using buffer i wrote, i.e. what must be re-cleared: vectors per slot in the low bits
+  // (at most kLamportSlotBytes / 16 = 2^17), and kLamportUsedG when region G was written too (Lamport
+  // two-shot). A flag bit rather than a field: sizeof(LocalState) is fixed by Python's STATE_WORDS.
+  uint32_t lamport_vecs[3];
 };
+constexpr uint32_t kLamportUsedG = 1u << 31;
+static_assert(kLamportSlotBytes / 16 < kLamportUsedG, "the vector count must leave lamport_vecs' flag bit free");
 static_assert(sizeof(LocalState) == 32, "LocalState is allocated by Python as STATE_WORDS int32");
 
 // Everything a kernel needs to reach its peers. Passed by value (fits in kernel parameter space).
