@@ -39,6 +39,7 @@ import torch
 
 from tokenweave.bench import harness
 from tokenweave.comm import traffic_per_byte
+from tokenweave.errors import TokenweaveError
 from tokenweave.testing import EmulatedWorld
 
 HIDDEN = 8192
@@ -46,6 +47,7 @@ DTYPE = torch.bfloat16
 EPS = 1e-5
 CTA_TOKENS = 4096
 CTAS = (1, 2, 4, 8, 16, 32)
+VARIANTS = ("two_shot", "lean", "lean_sharded", "lean_bulk", "lean_bulk_sharded", "two_shot_repeat")
 ONE_SHOT_TOKENS = (1, 4, 16, 64, 128)
 MID_TOKENS = (32, 64, 128, 256, 512)
 
@@ -59,9 +61,14 @@ def _inputs(world, tokens, gen):
 
 
 def per_cta_rows(W: int, args) -> list[dict]:
+    """The per-CTA table. A variant whose call fails (a rank's wait timed out) is recorded as a row with its
+    error, and the table goes on in a fresh world (the failed one is broken)."""
     rows = []
     tokens = args.cta_tokens
-    with EmulatedWorld(W, max_tokens=tokens, hidden=HIDDEN, dtype=DTYPE) as world:
+    world = None
+
+    def new_world():
+        world = EmulatedWorld(W, max_tokens=tokens, hidden=HIDDEN, dtype=DTYPE, timeout_ms=args.timeout_ms)
         gen = torch.Generator(world.device).manual_seed(1)
         xs, residual, weight = _inputs(world, tokens, gen)
         plain_out = [torch.empty_like(residual) for _ in range(W)]
@@ -77,23 +84,44 @@ def per_cta_rows(W: int, args) -> list[dict]:
             "lean_bulk_sharded": (sym_out, shard_res, dict(algo="lean_bulk", sharded_residual=True), "sharded"),
         }
         setups["two_shot_repeat"] = setups["two_shot"]
+        return world, xs, weight, setups
+
+    try:
         for ctas in CTAS:
-            if W * ctas > world.num_sms:
-                continue
-            for variant, (outs, res, kw, residual_mode) in setups.items():
+            for variant in VARIANTS:
+                if world is None:
+                    world, xs, weight, setups = new_world()
+                if W * ctas > world.num_sms:
+                    continue
+                outs, res, kw, residual_mode = setups[variant]
+
                 def fn(outs=outs, res=res, kw=kw):
                     world.run(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS,
                                                                          out=outs[r], ctas=ctas, **kw))
-                us = harness.time_cuda_graph(fn, calls=args.calls, replays=args.replays)
-                world.synchronize()
+                row = {"table": "per_cta", "W": W, "tokens": tokens, "hidden": HIDDEN, "ctas": ctas,
+                       "variant": variant,
+                       "traffic_per_byte": traffic_per_byte(kw["algo"], W, residual_mode)["total"]}
+                try:
+                    us = harness.time_cuda_graph(fn, calls=args.calls, replays=args.replays)
+                    world.synchronize()
+                except TokenweaveError as e:
+                    row["error"] = str(e)
+                    rows.append(row)
+                    print(f"W={W} ctas={ctas:3d} {variant:16s} FAILED: {e}", flush=True)
+                    try:
+                        world.close()
+                    except TokenweaveError:
+                        pass
+                    world = None
+                    continue
                 x_bytes = tokens * HIDDEN * DTYPE.itemsize
-                algo = kw["algo"]
-                rows.append({"table": "per_cta", "W": W, "tokens": tokens, "hidden": HIDDEN, "ctas": ctas,
-                             "variant": variant, "us": us,
-                             "gb_per_s_per_cta": x_bytes / (us * 1e3) / ctas,
-                             "traffic_per_byte": traffic_per_byte(algo, W, residual_mode)["total"]})
+                row.update(us=us, gb_per_s_per_cta=x_bytes / (us * 1e3) / ctas)
+                rows.append(row)
                 print(f"W={W} ctas={ctas:3d} {variant:16s} {us:9.1f} us  "
                       f"{rows[-1]['gb_per_s_per_cta']:6.2f} GB/s of x per CTA", flush=True)
+    finally:
+        if world is not None:
+            world.close()
     return rows
 
 
@@ -162,6 +190,7 @@ def main(argv=None):
     parser.add_argument("--cta-tokens", type=int, default=CTA_TOKENS)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--replays", type=int, default=5)
+    parser.add_argument("--timeout-ms", type=int, default=30000, help="bound of every wait (a failed variant: its row)")
     args = parser.parse_args(argv)
     if not (torch.cuda.is_available() and tw.HAS_EXTENSION):
         raise SystemExit("bench/emulated_world.py needs a CUDA GPU and the tokenweave extension")
