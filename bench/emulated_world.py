@@ -25,6 +25,8 @@ Writes ``emulated_per_cta-<card>-tp<W>``, ``emulated_one_shot-<card>-tp<W>`` and
 """
 from __future__ import annotations
 
+import os
+
 import argparse
 import sys
 from pathlib import Path
@@ -36,6 +38,9 @@ except ImportError:  # run from a source checkout without installing
     import tokenweave as tw
 
 import torch
+
+# lean_bulk is experimental (tokenweave/env.py): measured here on purpose
+os.environ.setdefault("TOKENWEAVE_EXPERIMENTAL_LEAN_BULK", "1")
 
 from tokenweave.bench import harness
 from tokenweave.comm import traffic_per_byte

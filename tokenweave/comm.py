@@ -362,6 +362,10 @@ class Communicator:
                                  f"and at most {self._layout['lamport_max_bytes']} bytes in each rank's shard of "
                                  f"ceil(tokens / world_size) rows; x has {itemsize}-byte elements, hidden {hidden} and "
                                  f"{shard_bytes} bytes per shard: use 'two_shot' (or 'lean')")
+            if algo == "lean_bulk" and not env.experimental_lean_bulk():
+                raise ValueError("algo='lean_bulk' is experimental: it was slower than 'lean' at every CTA count "
+                                 "measured and one of its emulated-world runs timed out (docs/PERFORMANCE.md); use "
+                                 "'lean', or set TOKENWEAVE_EXPERIMENTAL_LEAN_BULK=1 to run it anyway")
             if algo in ("lean", "lean_bulk") and not lean_ok:
                 raise ValueError(f"algo={algo!r} writes out (and a replicated residual) on every rank: allocate them "
                                  "with comm.empty(...)")
@@ -378,8 +382,10 @@ class Communicator:
         return plan
 
     def lean_variant(self, itemsize: int, hidden: int) -> str:
-        """The lean kernel the card's config picks where lean is used: ``"lean_bulk"`` or ``"lean"``."""
-        return "lean_bulk" if self._dispatch(itemsize, hidden).lean_bulk else "lean"
+        """The lean kernel the card's config picks where lean is used: ``"lean_bulk"`` (only with
+        ``TOKENWEAVE_EXPERIMENTAL_LEAN_BULK=1``) or ``"lean"``."""
+        use_bulk = self._dispatch(itemsize, hidden).lean_bulk and env.experimental_lean_bulk()
+        return "lean_bulk" if use_bulk else "lean"
 
     def _dispatch(self, itemsize: int, hidden: int):
         from tokenweave.tuning import dispatch_config

@@ -34,6 +34,12 @@ def requested_transport(environ: Mapping[str, str] = os.environ) -> str | None:
     return value
 
 
+def experimental_lean_bulk(environ: Mapping[str, str] = os.environ) -> bool:
+    """``TOKENWEAVE_EXPERIMENTAL_LEAN_BULK=1``: ``algo="lean_bulk"`` may be forced (docs/PERFORMANCE.md says why
+    it is gated: slower than lean in every measured case, and one unexplained timeout in the emulated world)."""
+    return environ.get("TOKENWEAVE_EXPERIMENTAL_LEAN_BULK") == "1"
+
+
 def timeout_ms(environ: Mapping[str, str] = os.environ) -> int:
     value = environ.get("TOKENWEAVE_TIMEOUT_MS")
     if value is None or value == "":

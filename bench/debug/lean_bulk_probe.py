@@ -5,9 +5,14 @@ what does PDL cost the lean kernels' per-CTA time? Not a benchmark of record: pr
 """
 from __future__ import annotations
 
+import os
+
 import time
 
 import torch
+
+# lean_bulk is experimental (tokenweave/env.py): measured here on purpose
+os.environ.setdefault("TOKENWEAVE_EXPERIMENTAL_LEAN_BULK", "1")
 
 import tokenweave as tw
 from tokenweave.bench import harness

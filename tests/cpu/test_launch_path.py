@@ -179,3 +179,30 @@ def test_host_cost_of_the_torch_fallback(benchmark):
     res, w, out = torch.randn_like(x), torch.ones(64), torch.empty_like(x)
     assert _median_seconds(benchmark, tw.add_rmsnorm, x, res, w, 1e-5, out=out) < 1e-3
 
+
+
+def test_lean_limits_and_the_gated_lean_bulk(monkeypatch):
+    """lean and lean_bulk keep a row in 4 vectors per thread: hidden <= 16384 (2-byte) / 8192 (float32), refused
+    beyond with what to use; the dispatcher then falls back to two_shot. lean_bulk runs only when opted in."""
+    from dataclasses import replace
+
+    from tokenweave import tuning
+
+    c = fake_comm(capacity_bytes=64 << 20)
+    lean = tw.comm.ALGOS["lean"]
+    assert c.plan(64, 16384, 2, "lean", lean_ok=True).algo == lean
+    with pytest.raises(ValueError, match=r"algo='lean' takes hidden <= 8192 for 4-byte.*use 'two_shot'"):
+        c.plan(64, 16384, 4, "lean", lean_ok=True)
+    with pytest.raises(ValueError, match=r"hidden <= 16384 for 2-byte"):
+        c.plan(64, 32768, 2, "lean", lean_ok=True)
+    c._dispatch = lambda itemsize, hidden: replace(tuning.dispatch_config("h200", 4, itemsize, hidden), lean=True,
+                                                   one_shot_max_bytes=0, lean_bulk=True)
+    assert c.plan(4096, 8192, 2, lean_ok=True).algo == lean  # lean_bulk asked for by the config, not opted in
+    assert c.plan(512, 32768, 2, lean_ok=True).algo == tw.comm.ALGOS["two_shot"]  # rows too long for lean
+    monkeypatch.delenv("TOKENWEAVE_EXPERIMENTAL_LEAN_BULK", raising=False)
+    with pytest.raises(ValueError, match="TOKENWEAVE_EXPERIMENTAL_LEAN_BULK=1"):
+        c.plan(64, 8192, 2, "lean_bulk", lean_ok=True)
+    monkeypatch.setenv("TOKENWEAVE_EXPERIMENTAL_LEAN_BULK", "1")
+    assert c.plan(64, 8192, 2, "lean_bulk", lean_ok=True).algo == tw.comm.ALGOS["lean_bulk"]
+    c._plans.clear()  # plans are cached per call shape
+    assert c.plan(4096, 8192, 2, lean_ok=True).algo == tw.comm.ALGOS["lean_bulk"]
