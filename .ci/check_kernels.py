@@ -34,6 +34,31 @@ def find_tool(name: str) -> str | None:
     return None
 
 
+POLLS = r"LDG\.E\.128\.STRONG\.SYS|LD\.E\.128\.STRONG\.SYS|LDG\.E\.128\.VOLATILE"
+# Kernels of their own (kernel name -> the kind counted, whether its multimem build reduces through the switch
+# (LDGMC), and the SASS it must contain with why). The Lamport kernels push with the transport but poll their own
+# buffers with volatile 16-byte loads; lean_bulk's copy warp moves the scatter with bulk copies.
+OWN_KERNELS = {
+    "lamport_kernel": ("lamport", False, [(POLLS, "volatile 16-byte polls of the Lamport buffer")]),
+    "lamport_two_shot_kernel": ("lamport_two_shot", False, [(POLLS, "volatile 16-byte polls of the Lamport buffers")]),
+    "lean_kernel": ("lean", True, []),
+    "lean_bulk_kernel": ("lean_bulk", True, [(r"UBLKCP\.S\.G", "bulk loads (UBLKCP.S.G)"),
+                                             (r"UBLKCP\.G\.S", "bulk stores (UBLKCP.G.S)")]),
+}
+
+
+def transport_problems(fn: str, sass: str, transport: str, what: str, needs_ld_reduce: bool) -> list[str]:
+    """Multimem builds must use the multicast store (and the switch's reduce-load where the algorithm reduces
+    through it); p2p builds neither (multimem.st assembles to STG.E.128.STRONG.SYS on the multicast address)."""
+    has_ld_reduce, has_mc_store = "LDGMC" in sass, "STG.E.128.STRONG.SYS" in sass
+    if transport == "Multimem" and not (has_mc_store and (has_ld_reduce or not needs_ld_reduce)):
+        return [f"{fn}: multimem {what} kernel without " + ("LDGMC/multicast store" if needs_ld_reduce else
+                                                            "the multicast store")]
+    if transport == "P2P" and (has_ld_reduce or has_mc_store):
+        return [f"{fn}: P2P {what} kernel contains multimem instructions"]
+    return []
+
+
 def sass_by_function(cuobjdump: str, obj: Path) -> dict[str, str]:
     env = dict(os.environ)
     nvdisasm = find_tool("nvdisasm")
@@ -59,48 +84,16 @@ def main() -> int:
     for name, obj in sorted(objs.items()):
         for fn, sass in sass_by_function(cuobjdump, obj).items():
             transport = "Multimem" if "Multimem" in fn else "P2P"
+            own = next((k for k in OWN_KERNELS if re.search(rf"\d{k}I", fn)), None)  # mangled: <len><name>I
             # griddepcontrol.wait assembles to ACQBULK: without it a kernel launched with PDL (pdl.cuh)
             # could read x before the kernel that writes it has finished
-            if (re.search(r"lamport_kernel|lamport_two_shot_kernel|lean_kernel|lean_bulk_kernel|allreduce_kernel|add_rmsnorm", fn)
-                    and "ACQBULK" not in sass):
+            if (own or re.search(r"allreduce_kernel|add_rmsnorm", fn)) and "ACQBULK" not in sass:
                 problems.append(f"{fn}: no griddepcontrol.wait (ACQBULK): unsafe under programmatic launch")
-            if "lamport_kernel" in fn:  # flag-free one-shot: pushes through the transport, polls with volatile loads
-                counted[(transport, "lamport")] = counted.get((transport, "lamport"), 0) + 1
-                has_mc_store = "STG.E.128.STRONG.SYS" in sass
-                if transport == "Multimem" and not has_mc_store:
-                    problems.append(f"{fn}: multimem Lamport kernel without the multicast store")
-                if transport == "P2P" and ("LDGMC" in sass or has_mc_store):
-                    problems.append(f"{fn}: P2P Lamport kernel contains multimem instructions")
-                if not re.search(r"LDG\.E\.128\.STRONG\.SYS|LD\.E\.128\.STRONG\.SYS|LDG\.E\.128\.VOLATILE", sass):
-                    problems.append(f"{fn}: no volatile 16-byte polls of the Lamport buffer")
-                continue
-            if "lamport_two_shot_kernel" in fn:  # flag-free two-shot: unicast scatter, gather through the transport
-                counted[(transport, "lamport_two_shot")] = counted.get((transport, "lamport_two_shot"), 0) + 1
-                has_mc_store = "STG.E.128.STRONG.SYS" in sass
-                if transport == "Multimem" and not has_mc_store:
-                    problems.append(f"{fn}: multimem Lamport two-shot kernel without the multicast store")
-                if transport == "P2P" and ("LDGMC" in sass or has_mc_store):
-                    problems.append(f"{fn}: P2P Lamport two-shot kernel contains multimem instructions")
-                if not re.search(r"LDG\.E\.128\.STRONG\.SYS|LD\.E\.128\.STRONG\.SYS|LDG\.E\.128\.VOLATILE", sass):
-                    problems.append(f"{fn}: no volatile 16-byte polls of the Lamport buffers")
-                continue
-            if "lean_bulk_kernel" in fn:  # lean with a copy warp: bulk copies global -> shared -> global
-                counted[(transport, "lean_bulk")] = counted.get((transport, "lean_bulk"), 0) + 1
-                if "UBLKCP.S.G" not in sass or "UBLKCP.G.S" not in sass:
-                    problems.append(f"{fn}: lean_bulk kernel without its bulk copies (UBLKCP.S.G / UBLKCP.G.S)")
-                has_ld_reduce, has_mc_store = "LDGMC" in sass, "STG.E.128.STRONG.SYS" in sass
-                if transport == "Multimem" and not (has_ld_reduce and has_mc_store):
-                    problems.append(f"{fn}: multimem lean_bulk kernel without LDGMC/multicast store")
-                if transport == "P2P" and (has_ld_reduce or has_mc_store):
-                    problems.append(f"{fn}: P2P lean_bulk kernel contains multimem instructions")
-                continue
-            if "lean_kernel" in fn:  # lean two-shot: stage, reduce (ld_reduce on multimem), store_all
-                counted[(transport, "lean")] = counted.get((transport, "lean"), 0) + 1
-                has_ld_reduce, has_mc_store = "LDGMC" in sass, "STG.E.128.STRONG.SYS" in sass
-                if transport == "Multimem" and not (has_ld_reduce and has_mc_store):
-                    problems.append(f"{fn}: multimem lean kernel without LDGMC/multicast store")
-                if transport == "P2P" and (has_ld_reduce or has_mc_store):
-                    problems.append(f"{fn}: P2P lean kernel contains multimem instructions")
+            if own is not None:  # the algorithms with a kernel of their own
+                kind, needs_ld_reduce, required = OWN_KERNELS[own]
+                counted[(transport, kind)] = counted.get((transport, kind), 0) + 1
+                problems += transport_problems(fn, sass, transport, kind, needs_ld_reduce)
+                problems += [f"{fn}: no {why}" for pattern, why in required if not re.search(pattern, sass)]
                 continue
             if "allreduce_kernel" not in fn:
                 continue
@@ -110,12 +103,7 @@ def main() -> int:
                 problems.append(f"{fn}: tracked kernel without the gpu-scope acquire of its ready counters")
             if feed == "copy_engine" and "ST.E.STRONG.SYS" not in sass and "STG.E.STRONG.SYS" not in sass:
                 problems.append(f"{fn}: copy-engine kernel without the system-scope release of its handshake word")
-            has_ld_reduce = "LDGMC" in sass
-            has_mc_store = "STG.E.128.STRONG.SYS" in sass
-            if transport == "Multimem" and not (has_ld_reduce and has_mc_store):
-                problems.append(f"{fn}: multimem kernel without LDGMC/multicast store")
-            if transport == "P2P" and (has_ld_reduce or has_mc_store):
-                problems.append(f"{fn}: P2P kernel contains multimem instructions")
+            problems += transport_problems(fn, sass, transport, feed, needs_ld_reduce=True)
             if not re.search(r"LDG\.E\.128", sass):
                 problems.append(f"{fn}: no 16-byte loads")
     print("check_kernels: all-reduce kernels disassembled from", len(objs), "objects:",

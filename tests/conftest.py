@@ -8,6 +8,12 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture
+def experimental_lean_bulk(monkeypatch):
+    """Lets a test force the gated algo="lean_bulk" (tokenweave/env.py: experimental_lean_bulk)."""
+    monkeypatch.setenv("TOKENWEAVE_EXPERIMENTAL_LEAN_BULK", "1")
+
+
+@pytest.fixture
 def user_config(tmp_path, monkeypatch):
     """A user config file path named by TOKENWEAVE_CONFIG (not created), with tokenweave.tuning's cache cleared."""
     from tokenweave import tuning

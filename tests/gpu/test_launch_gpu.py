@@ -16,7 +16,7 @@ import torch
 
 import tokenweave as tw
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("experimental_lean_bulk")]  # lean_bulk too
 
 if not (torch.cuda.is_available() and tw.HAS_EXTENSION):
     pytest.skip("needs a CUDA GPU and the tokenweave extension", allow_module_level=True)
@@ -26,13 +26,6 @@ from tokenweave import tuning  # noqa: E402
 from tokenweave.testing import EmulatedWorld  # noqa: E402
 
 EPS = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _run_the_gated_lean_bulk(monkeypatch):
-    monkeypatch.setenv("TOKENWEAVE_EXPERIMENTAL_LEAN_BULK", "1")  # experimental (tokenweave/env.py): tested too
-
-
 TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 WRITERS = ("torch", "early_trigger")
 LATE_NS = 20_000  # the early-triggering writer's spin before it writes x: far longer than a launch
