@@ -9,7 +9,8 @@ Two tables, bf16, CUDA events around CUDA-graph replays (20 calls per graph, med
     and the useful throughput per CTA: bytes of x one rank completes per second per CTA. Variants:
     ``two_shot`` (out in ordinary memory: the flagged two-shot), ``lean`` (out and residual symmetric),
     ``lean_sharded`` (sharded residual), ``lean_bulk`` / ``lean_bulk_sharded`` (the same with the scatter done
-    by a copy warp's bulk copies). ``two_shot_repeat`` times two_shot again: the run-to-run noise.
+    by a copy warp's bulk copies). ``two_shot_repeat`` times two_shot again: the run-to-run noise. Each rank's calls are one graph of
+    its own (``EmulatedWorld.capture``), as on W GPUs.
 ``one_shot`` (hidden 8192, W = 2, 4, 8, tokens 1..128)
     Latency per call of the flagged one-shot against the flag-free Lamport one-shot (dispatcher's CTAs).
 ``mid_range`` (hidden 8192, W = 2 and 4, tokens 32..512)
@@ -100,14 +101,13 @@ def per_cta_rows(W: int, args) -> list[dict]:
                     continue
                 outs, res, kw, residual_mode = setups[variant]
 
-                def fn(outs=outs, res=res, kw=kw):
-                    world.run(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS,
-                                                                         out=outs[r], ctas=ctas, **kw))
+                def fn(comm, r, outs=outs, res=res, kw=kw):
+                    tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r], ctas=ctas, **kw)
                 row = {"table": "per_cta", "W": W, "tokens": tokens, "hidden": HIDDEN, "ctas": ctas,
                        "variant": variant,
                        "traffic_per_byte": traffic_per_byte(kw["algo"], W, residual_mode)["total"]}
                 try:
-                    us = harness.time_cuda_graph(fn, calls=args.calls, replays=args.replays)
+                    us = harness.time_cuda_graph(fn, calls=args.calls, replays=args.replays, world=world)
                     world.synchronize()
                 except TokenweaveError as e:
                     row["error"] = str(e)
@@ -142,10 +142,9 @@ def one_shot_rows(W: int, args) -> list[dict]:
             for variant in ("one_shot", "lamport", "one_shot_repeat"):
                 algo = variant.replace("_repeat", "")
 
-                def fn(algo=algo):
-                    world.run(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r],
-                                                                         algo=algo))
-                us = harness.time_cuda_graph(fn, calls=args.calls, replays=args.replays)
+                def fn(comm, r, algo=algo):
+                    tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r], algo=algo)
+                us = harness.time_cuda_graph(fn, calls=args.calls, replays=args.replays, world=world)
                 world.synchronize()
                 rows.append({"table": "one_shot", "W": W, "tokens": tokens, "hidden": HIDDEN, "variant": variant,
                              "us": us})
@@ -175,10 +174,9 @@ def mid_range_rows(W: int, args) -> list[dict]:
                     continue
                 ctas = world.ranks[0].plan(tokens, HIDDEN, DTYPE.itemsize, algo, lean_ok=algo == "lean").ctas
 
-                def fn(outs=outs, res=res, algo=algo):
-                    world.run(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r],
-                                                                         algo=algo))
-                us = harness.time_cuda_graph(fn, calls=args.calls, replays=args.replays)
+                def fn(comm, r, outs=outs, res=res, algo=algo):
+                    tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r], algo=algo)
+                us = harness.time_cuda_graph(fn, calls=args.calls, replays=args.replays, world=world)
                 world.synchronize()
                 rows.append({"table": "mid_range", "W": W, "tokens": tokens, "hidden": HIDDEN, "variant": variant,
                              "ctas": ctas, "us": us, "traffic_per_byte": traffic_per_byte(algo, W)["total"]})

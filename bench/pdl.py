@@ -43,11 +43,12 @@ EMULATED_TOKENS = (1, 16, 128)
 VARIANTS = (("pdl_off", False), ("pdl_on", True), ("pdl_off_repeat", False))
 
 
-def _timed(fn, reset, args) -> dict:
+def _timed(fn, reset, args, world=None) -> dict:
     out = {}
     for name, on in VARIANTS:
         tw.set_programmatic_launch(on)  # recorded into the graph's kernel nodes at capture
-        out[name] = harness.time_cuda_graph(fn, calls=args.calls, replays=args.replays, before_replay=reset)
+        out[name] = harness.time_cuda_graph(fn, calls=args.calls, replays=args.replays, before_replay=reset,
+                                            world=world)
     tw.set_programmatic_launch(False)
     return out
 
@@ -90,14 +91,14 @@ def emulated_rows(W: int, args) -> list[dict]:
             res = [residual0.clone() for _ in range(W)]
             outs = [torch.empty_like(residual0) for _ in range(W)]
 
-            def fn():
-                world.run(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r]))
+            def fn(comm, r):
+                tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r])
 
             def reset():
                 for r in res:
                     r.copy_(residual0)
 
-            for name, us in _timed(fn, reset, args).items():
+            for name, us in _timed(fn, reset, args, world).items():
                 world.synchronize()
                 rows.append({"table": "emulated", "W": W, "hidden": HIDDEN, "tokens": T, "variant": name, "us": us})
                 print(f"emulated W={W} T={T:4d} {name:15s} {us:8.2f} us", flush=True)

@@ -9,12 +9,17 @@ be tested and measured without a multi-GPU machine. What it cannot show is the N
 stores land in local HBM.
 
 The W grids must be resident at once (every rank's CTAs wait for its peers' CTAs): the dispatcher of an
-emulated rank uses at most ``SMs // W`` CTAs, and an explicit ``ctas`` must keep ``W * ctas <= SMs``.
+emulated rank uses at most ``SMs // W`` CTAs, and an explicit ``ctas`` must keep ``W * ctas <= SMs``. And the W
+ranks' kernels must run side by side, which CUDA does not promise: W streams (``run``) and one CUDA graph per
+rank (``capture``) have always done so here; one graph holding every rank as a branch did not
+(``bench/debug/coschedule_probe.py``, docs/PERFORMANCE.md).
 
 Example
 -------
 >>> world = EmulatedWorld(4, max_tokens=1024, hidden=4096)
 >>> outs = world.run(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], w))
+>>> graphs = world.capture(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], w))  # one per rank
+>>> graphs.replay()
 >>> world.close()
 """
 from __future__ import annotations
@@ -139,11 +144,48 @@ class EmulatedWorld:
             current.wait_stream(self.streams[r])
         return results
 
+    def capture(self, fn: Callable[[EmulatedRank, int], object], ranks: Sequence[int] | None = None) -> "RankGraphs":
+        """Capture ``fn(comm, rank)`` into one CUDA graph per rank, as each process of a real group would.
+
+        One graph holding every rank's work leaves it to CUDA to run the W branches side by side, which it
+        does not promise; what a graph branch is mapped onto depends on the process's history, and a rank
+        whose branch waits behind another rank's kernels deadlocks that call until the timeout. Per-rank
+        graphs replayed on the W rank streams keep the concurrency of :meth:`run`.
+        """
+        ranks = list(range(self.world_size) if ranks is None else ranks)
+        graphs = {}
+        current = torch.cuda.current_stream(self.device)
+        for r in ranks:
+            self.streams[r].wait_stream(current)
+            graphs[r] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[r], stream=self.streams[r]):
+                fn(self.ranks[r], r)
+        for r in ranks:
+            current.wait_stream(self.streams[r])
+        return RankGraphs(self, graphs)
+
+    def error_report(self) -> str:
+        """Every rank's error record and device state, one line each (what a timeout needs to be read)."""
+        lines = []
+        for comm in self.ranks:
+            code, rank, peer, epoch, chunk = (int(v) for v in comm._err_view[:5])
+            st = comm._state[:5].tolist()
+            what = (f"code {code}: waited for rank {peer} at call #{epoch}, chunk {chunk}" if code else "no error")
+            lines.append(f"rank {comm.rank}: {what}; state epoch={st[0]} ticket={st[1]} claimed={st[2]} "
+                         f"abort={st[3]} lamport_seq={st[4]}")
+        return "\n".join(lines)
+
     def synchronize(self):
-        """Wait for every rank's work, then raise the first error a rank's kernels recorded."""
+        """Wait for every rank's work, then raise the first error a rank's kernels recorded, with every
+        rank's record appended (which ranks waited, for whom, and how far each got)."""
         torch.cuda.synchronize(self.device)
         for comm in self.ranks:
-            comm.check()
+            try:
+                comm.check()
+            except Exception as e:
+                e.args = (f"{e.args[0] if e.args else e}\nemulated world, every rank:\n{self.error_report()}",
+                          *e.args[1:])
+                raise
 
     def close(self):
         torch.cuda.synchronize(self.device)
@@ -156,6 +198,27 @@ class EmulatedWorld:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class RankGraphs:
+    """The per-rank CUDA graphs of :meth:`EmulatedWorld.capture`; :meth:`replay` launches all of them."""
+
+    def __init__(self, world: EmulatedWorld, graphs: dict):
+        self.world, self.graphs = world, graphs
+
+    def replay(self):
+        """Replay every rank's graph on its rank stream, forked from and joined to the current stream."""
+        current = torch.cuda.current_stream(self.world.device)
+        for r, g in self.graphs.items():
+            self.world.streams[r].wait_stream(current)
+            with torch.cuda.stream(self.world.streams[r]):
+                g.replay()
+        for r in self.graphs:
+            current.wait_stream(self.world.streams[r])
+
+    def reset(self):
+        for g in self.graphs.values():
+            g.reset()
 
 
 def _new_workspace(layout: dict, device: torch.device) -> torch.Tensor:

@@ -36,6 +36,7 @@ def dump(world, label):
                 v = int(flags[comm.rank][((parity * 2 + phase) * MAX_WORLD + peer) * MAX_CHUNKS + chunk]) & (2**64 - 1)
                 line += f" | flag phase {phase} from {peer}: epoch {v & 0xffffffff} sig {v >> 32:#x}"
         print(line, flush=True)
+    print(world.error_report(), flush=True)
 
 
 def lean_sequence(before, then, ctas, calls_before=30, calls_then=5, T=4096, H=8192, W=4):
@@ -89,10 +90,13 @@ def lamport_chain(algo, writer_kernels, graph, W=4, T=40, H=4096):
         try:
             world.run(step)
             world.synchronize()
-            if graph:
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    world.run(step)
+            if graph:  # "one": every rank's chain a branch of one graph; "rank": a graph per rank
+                if graph == "one":
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        world.run(step)
+                else:
+                    g = world.capture(step)
                 for _ in range(3):
                     g.replay()
                     world.synchronize()
@@ -107,10 +111,25 @@ def lamport_chain(algo, writer_kernels, graph, W=4, T=40, H=4096):
 
 
 if __name__ == "__main__":
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--after-pytest", nargs="*", default=None,
+                    help="run these pytest arguments in this process first (the history the failures needed), "
+                         "then only the Lamport chains, combined graph vs per-rank graphs")
+    a = ap.parse_args()
+    if a.after_pytest is not None:
+        import pytest
+        print("pytest exit:", pytest.main(["-q", "-p", "no:cacheprovider", *a.after_pytest]), flush=True)
+        tw.set_programmatic_launch(False)
+        for graph in ("one", "rank", "one", "rank"):
+            for algo in ("lamport", "lamport_two_shot", "one_shot"):
+                lamport_chain(algo, 1, graph)
+        sys.exit(0)
     tw.set_programmatic_launch(False)
     for algo in ("lamport", "lamport_two_shot", "one_shot"):
         for writer_kernels in (1, 2, 3):
-            for graph in (False, True):
+            for graph in (None, "one", "rank"):
                 lamport_chain(algo, writer_kernels, graph)
     tw.set_programmatic_launch(True)
     lean_sequence([], "lean_bulk", 16)

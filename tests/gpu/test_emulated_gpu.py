@@ -153,16 +153,13 @@ def test_lamport_buffers_rotate_over_1000_graph_replays():
         res = [[residual0.clone() for _ in range(W)] for _ in algos]
         outs = [[torch.empty_like(residual0) for _ in range(W)] for _ in algos]
 
-        def step():
+        def step(comm, r):
             for k, algo in enumerate(algos):
-                world.run(lambda comm, r: tw.fused_allreduce_rmsnorm(comm, xs[r], res[k][r], weight, EPS,
-                                                                     out=outs[k][r], algo=algo))
+                tw.fused_allreduce_rmsnorm(comm, xs[r], res[k][r], weight, EPS, out=outs[k][r], algo=algo)
 
-        step()  # warm-up outside the graph
+        world.run(step)  # warm-up outside the graph
         world.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        graph = world.capture(step)  # one graph per rank, as on W GPUs
         for i in range(1000):
             bres = torch.randn(T, H, generator=gen, device=world.device).to(torch.bfloat16)  # fresh every replay
             for r in range(W):
@@ -201,6 +198,11 @@ def test_rank_that_never_launches_times_out(algo):
             assert e.value.rank == r
             assert torch.isnan(outs[r].float()).any(), "a call that gave up must leave NaN, not plausible output"
         assert any(world.ranks[r]._error.peer == W - 1 for r in range(W - 1))
+        with pytest.raises(CollectiveTimeoutError) as e:  # the world's report: every rank's record, in order
+            world.synchronize()
+        report = str(e.value).split("every rank:\n", 1)[1].splitlines()
+        assert [line.split(":")[0] for line in report] == [f"rank {r}" for r in range(W)]
+        assert report[W - 1].startswith(f"rank {W - 1}: no error") and "waited for rank" in report[0]
 
 
 @pytest.mark.parametrize("algo", ("two_shot", "lamport", "lean", "lamport_two_shot", "lean_bulk"))

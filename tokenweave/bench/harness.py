@@ -34,8 +34,8 @@ LOW_BANDWIDTH_FRACTION = 0.7
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def time_cuda_graph(fn: Callable[[], object], *, calls: int = 20, replays: int = 5, warmup: int = 3,
-                    before_replay: Callable[[], None] | None = None) -> float:
+def time_cuda_graph(fn: Callable[..., object], *, calls: int = 20, replays: int = 5, warmup: int = 3,
+                    before_replay: Callable[[], None] | None = None, world=None) -> float:
     """Median time of one ``fn()`` call, measured inside a CUDA graph.
 
     ``calls`` back-to-back calls are captured into one graph, so launch overhead is excluded the
@@ -52,12 +52,19 @@ def time_cuda_graph(fn: Callable[[], object], *, calls: int = 20, replays: int =
     before_replay : callable, optional
         Called before every timed replay, outside the timed region (reset in-place inputs so
         repeated all-reduces do not overflow; align the ranks).
+    world : tokenweave.testing.EmulatedWorld, optional
+        ``fn`` is then ``fn(comm, rank)``, issued for every emulated rank, and each rank's ``calls`` calls
+        are captured into a graph of its own (``EmulatedWorld.capture``: one graph with every rank as a
+        branch may serialise the ranks).
 
     Returns
     -------
     float
         Median over replays of (replay time / ``calls``), in microseconds.
     """
+    if world is not None:
+        rank_fn = fn
+        fn = lambda: world.run(rank_fn)  # noqa: E731
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -66,10 +73,13 @@ def time_cuda_graph(fn: Callable[[], object], *, calls: int = 20, replays: int =
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
 
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    if world is not None:
+        graph = world.capture(lambda comm, r: [rank_fn(comm, r) for _ in range(calls)])
+    else:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
     try:
         for _ in range(warmup):
             if before_replay is not None:
