@@ -114,13 +114,15 @@ if __name__ == "__main__":
     import argparse
     import sys
     ap = argparse.ArgumentParser()
-    ap.add_argument("--after-pytest", nargs="*", default=None,
-                    help="run these pytest arguments in this process first (the history the failures needed), "
-                         "then only the Lamport chains, combined graph vs per-rank graphs")
+    ap.add_argument("--after-pytest", default=None,
+                    help="pytest arguments (one string) run in this process first (the history the failures "
+                         "needed), then only the Lamport chains, combined graph vs per-rank graphs")
     a = ap.parse_args()
     if a.after_pytest is not None:
+        import shlex
+
         import pytest
-        print("pytest exit:", pytest.main(["-q", "-p", "no:cacheprovider", *a.after_pytest]), flush=True)
+        print("pytest exit:", pytest.main(["-q", "-p", "no:cacheprovider", *shlex.split(a.after_pytest)]), flush=True)
         tw.set_programmatic_launch(False)
         for graph in ("one", "rank", "one", "rank"):
             for algo in ("lamport", "lamport_two_shot", "one_shot"):
