@@ -116,8 +116,8 @@ def make_history(n_graphs, W):
         branches = [torch.cuda.Stream() for _ in range(W + i % 5)]
         xs = [torch.randn(64, device="cuda") for _ in branches]
         g = torch.cuda.CUDAGraph()
-        cur = torch.cuda.current_stream()
         with torch.cuda.graph(g):
+            cur = torch.cuda.current_stream()  # the capturing stream
             for s, x in zip(branches, xs):
                 s.wait_stream(cur)
                 with torch.cuda.stream(s):
