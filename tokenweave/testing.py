@@ -173,7 +173,32 @@ class EmulatedWorld:
             what = (f"code {code}: waited for rank {peer} at call #{epoch}, chunk {chunk}" if code else "no error")
             lines.append(f"rank {comm.rank}: {what}; state epoch={st[0]} ticket={st[1]} claimed={st[2]} "
                          f"abort={st[3]} lamport_seq={st[4]}")
-        return "\n".join(lines)
+        return "\n".join(lines + self._lamport_report())
+
+    def _lamport_report(self) -> list[str]:
+        """Per rank, Lamport buffer and region S: each slot's header (seq it carries, or "-" for the sentinel) and
+        how many of the previous call's data vectors in it are not the sentinel (arrived and not re-armed)."""
+        W, l = self.world_size, self.layout
+        slot, off = int(l["lamport_slot_bytes"]), int(l["lamport_off"])
+        lines = []
+        for comm, ws in zip(self.ranks, self.workspaces):
+            vecs = comm._state[5:8].tolist()  # LocalState.lamport_vecs (types.h)
+            cells = []
+            for b in range(3):
+                used = int(vecs[b]) & 0x7fffffff  # minus the region-G flag bit (kLamportUsedG)
+                heads = []
+                for s in range(W):
+                    base = off + ((b * 2 + 0) * W + s) * slot
+                    lanes = ws[base: base + 16].view(torch.int16).tolist()
+                    if any(v == -32768 for v in lanes):
+                        heads.append("-")
+                        continue
+                    seq = sum((lanes[4 + i] & 0xff) << (8 * i) for i in range(4))
+                    data = ws[base + 16: base + 16 + 16 * min(used, 4096)].view(torch.int16)
+                    heads.append(f"{seq}:{int((data != -32768).sum().item()) // 8}")
+                cells.append(f"buf{b}(vecs {used}) [{' '.join(heads)}]")
+            lines.append(f"rank {comm.rank} Lamport region S, slot header seq:vectors arrived: {'; '.join(cells)}")
+        return lines
 
     def synchronize(self):
         """Wait for every rank's work, then raise the first error a rank's kernels recorded, with every

@@ -200,7 +200,7 @@ def test_rank_that_never_launches_times_out(algo):
         assert any(world.ranks[r]._error.peer == W - 1 for r in range(W - 1))
         with pytest.raises(CollectiveTimeoutError) as e:  # the world's report: every rank's record, in order
             world.synchronize()
-        report = str(e.value).split("every rank:\n", 1)[1].splitlines()
+        report = str(e.value).split("every rank:\n", 1)[1].splitlines()[:W]
         assert [line.split(":")[0] for line in report] == [f"rank {r}" for r in range(W)]
         assert report[W - 1].startswith(f"rank {W - 1}: no error") and "waited for rank" in report[0]
 
