@@ -489,6 +489,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan", &plan);
   m.def("comm_register", &comm_register);
   m.def("add_rmsnorm_configs", &tw::add_rmsnorm_configs);
+  // (shape, hidden, itemsize) -> threads per row, -1 where the shape cannot hold the row (tokenweave.tune)
+  m.def("add_rmsnorm_row_group", [](int64_t shape, int64_t hidden, int64_t itemsize) {
+    TORCH_CHECK_VALUE(itemsize == 2 || itemsize == 4, "tokenweave.add_rmsnorm_row_group: itemsize must be 2 or 4");
+    return tw::add_rmsnorm_row_group(int(shape), int(hidden), itemsize == 2 ? tw::DType::kBFloat16 : tw::DType::kFloat32);
+  });
   m.def("set_programmatic_launch", &tw::set_programmatic_launch);
   m.def("programmatic_launch", &tw::programmatic_launch);
   m.attr("STATE_WORDS") = int(sizeof(tw::LocalState) / 4);

@@ -11,8 +11,9 @@ stores land in local HBM.
 The W grids must be resident at once (every rank's CTAs wait for its peers' CTAs): the dispatcher of an
 emulated rank uses at most ``SMs // W`` CTAs, and an explicit ``ctas`` must keep ``W * ctas <= SMs``. And the W
 ranks' kernels must run side by side, which CUDA does not promise: W streams (``run``) and one CUDA graph per
-rank (``capture``) have always done so here; one graph holding every rank as a branch did not
-(``bench/debug/coschedule_probe.py``, docs/PERFORMANCE.md).
+rank (``capture``) have always done so here; one graph holding every rank as a branch did not, in a long test
+process (two ranks' kernels of a call ran only after the other two had timed out:
+``bench/results/logs/device_run_17_h200x1_one_graph_lamport.txt``, docs/PERFORMANCE.md).
 
 Example
 -------

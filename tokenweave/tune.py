@@ -117,10 +117,14 @@ class NormOp:
 
     ``probe(shape, hidden)`` returns ``(out, residual)`` of one call of the add + RMSNorm op in that block shape
     on a batch of :data:`NORM_PROBE_ROWS` rows of fresh random data (raising ``RuntimeError`` when the shape cannot
-    hold the row); ``time(shape, tokens, hidden)`` returns microseconds per call.
+    hold the row); ``time(shape, tokens, hidden)`` returns microseconds per call; ``row_group(shape, hidden)`` the
+    shape's threads per row (shapes with other groups than shape 0's sum a row in another order).
     """
 
     def probe(self, shape: int, hidden: int) -> Sequence[torch.Tensor]:
+        raise NotImplementedError
+
+    def row_group(self, shape: int, hidden: int) -> int:
         raise NotImplementedError
 
     def time(self, shape: int, tokens: int, hidden: int) -> float:
@@ -241,12 +245,16 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
 
 
-def norm_candidates(run: Callable[[int], Sequence[torch.Tensor]], shapes: Iterable[int]) -> dict[int, str]:
+def norm_candidates(run: Callable[[int], Sequence[torch.Tensor]], shapes: Iterable[int],
+                    row_group: Callable[[int], int] | None = None) -> dict[int, str]:
     """What may replace shape 0 at one hidden: ``{shape: SAME_BITS | CANNOT_HOLD_ROW | DIFFERENT_BITS}``.
 
     ``run(shape)`` gives the tensors of one call (out, residual) on one batch; a shape that raises
     ``RuntimeError`` cannot hold the row. Only shapes with shape 0's bits may be switched between by batch size:
-    then a row's result never depends on the batch it came in. Shape 0 itself must run.
+    then a row's result never depends on the batch it came in. Shape 0 itself must run. ``row_group(shape)``, where
+    given, is the shape's threads per row, which fixes the order a row is summed in: a shape whose group differs
+    from shape 0's has other bits even where one probe batch happens to agree (bf16 rounding hides most
+    last-bit differences of the float32 sum), so it never qualifies.
     """
     reference = [t.clone() for t in run(0)]
     status = {}
@@ -259,6 +267,8 @@ def norm_candidates(run: Callable[[int], Sequence[torch.Tensor]], shapes: Iterab
             status[shape] = CANNOT_HOLD_ROW
             continue
         same = len(got) == len(reference) and all(same_bits(g, r) for g, r in zip(got, reference))
+        if row_group is not None and row_group(shape) != row_group(0):
+            same = False
         status[shape] = SAME_BITS if same else DIFFERENT_BITS
     return status
 
@@ -486,7 +496,8 @@ def tune_norm(op: NormOp, hiddens: Sequence[int], tokens: Sequence[int], num_sha
     counts = sorted(set(tokens))
     result = {}
     for hidden in hiddens:
-        status = norm_candidates(lambda shape: op.probe(shape, hidden), range(num_shapes))
+        status = norm_candidates(lambda shape: op.probe(shape, hidden), range(num_shapes),
+                                 lambda shape: op.row_group(shape, hidden))
         shapes = [0] + [s for s, why in status.items() if why == SAME_BITS]
         measured: dict[int, dict[int, float]] = {}
         if len(shapes) > 1:
@@ -925,6 +936,11 @@ class NormBench(NormOp):
     def _views(self, tokens: int, hidden: int):
         return (_rows(self.x, tokens, hidden), _rows(self.residual, tokens, hidden), _rows(self.work, tokens, hidden),
                 _rows(self.out, tokens, hidden), self.weights[hidden])
+
+    def row_group(self, shape: int, hidden: int) -> int:
+        from tokenweave._ext import _C
+
+        return int(_C.add_rmsnorm_row_group(shape, hidden, self.x.element_size()))
 
     def probe(self, shape: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, src, res, out, w = self._views(NORM_PROBE_ROWS, hidden)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 import triton
@@ -157,7 +158,8 @@ def main():
             rows.append({"history_graphs": h, "structure": name, "launches": a.rounds, "launches_with_a_lost_rendezvous": fails})
             print(f"history {h:4d} graphs  {name:12s}: {fails}/{a.rounds} launches lost a rendezvous", flush=True)
     if a.out:
-        json.dump({"world": W, "calls_per_chain": CALLS, "device": torch.cuda.get_device_name(), "rows": rows},
+        json.dump({"world": W, "calls_per_chain": CALLS, "device": torch.cuda.get_device_name(),
+                   "git": os.environ.get("TOKENWEAVE_GIT_SHA", "unknown"), "torch": torch.__version__, "rows": rows},
                   open(a.out, "w"), indent=1)
 
 

@@ -251,8 +251,7 @@ constexpr int kTwoPassVecs = 1 << 20;
 constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false},           {256, 4, 8, false},
                                        {512, 4, 8, false},  {256, 4, 4, true},            {512, 2, 2, true},
                                        {1024, 1, 2, false}, {512, 2, 2, false},           {512, 2, 2, false},
-                                       {256, 4, kTwoPassVecs, false}, {128, 8, kTwoPassVecs, false},
-                                       {1024, 1, 1, false}};
+                                       {256, 4, kTwoPassVecs, false}, {128, 8, kTwoPassVecs, false}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
@@ -308,27 +307,33 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     // two passes, 32 registers: 8 x 256 and 16 x 128 threads per SM (2048, the compiled norm's occupancy)
     case 9: return launch_add_rmsnorm_two_pass<T, 256, 8>(ra, x, residual, out, tokens, stream);
     case 10: return launch_add_rmsnorm_two_pass<T, 128, 16>(ra, x, residual, out, tokens, stream);
-    // one vector per thread (the compiled norm's layout at hidden 4096: 512 threads x 8 elements a row), so a
-    // row's loads are spread over as many threads as it has vectors: hidden up to 8192 for 2-byte types
-    case 11: return launch_add_rmsnorm<T, 1024, 1, false>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+static int group_of(int config, int hidden, DType dtype) {
+  const NormConfig& g = kNormConfigs[config];
+  return plan_row_group(hidden, lanes_of(dtype), g.threads, g.target_vecs, g.max_vecs);
+}
+
+// Shape 0: the fallback where the card's config ("norm", tokenweave.tuning.norm_shape) names no shape: the
+// one-pass shape that holds the row in the fewest registers (4 vectors x 256 threads, else 8 x 256: hidden up to
+// 16384 for 2-byte types, else 8 x 512). Measured choices by size live in the config, not here.
+static int resolve_config(int config, int hidden, DType dtype) {
+  if (config != 0) return config;
+  return group_of(1, hidden, dtype) > 0 ? 1 : group_of(2, hidden, dtype) > 0 ? 2 : 3;
+}
+
+int add_rmsnorm_row_group(int config, int hidden, DType dtype) {
+  if (config < 0 || config >= kNormConfigCount || hidden % 8 != 0 || hidden < 8) return -1;
+  return group_of(resolve_config(config, hidden, dtype), hidden, dtype);
 }
 
 cudaError_t add_rmsnorm(const void* x, void* residual, const void* weight, void* out, int64_t tokens, int hidden,
                         float eps, DType dtype, cudaStream_t stream, int config) {
   if (config < 0 || config >= kNormConfigCount || hidden % 8 != 0 || tokens < 1) return cudaErrorInvalidValue;
-  auto group_of = [&](int k) {
-    const NormConfig& g = kNormConfigs[k];
-    return plan_row_group(hidden, lanes_of(dtype), g.threads, g.target_vecs, g.max_vecs);
-  };
-  if (config == 0) {
-    // The fallback where the card's config ("norm", tokenweave.tuning.norm_shape) names no shape: the one-pass
-    // shape that holds the row in the fewest registers (4 vectors x 256 threads, else 8 x 256: hidden up to
-    // 16384 for 2-byte types, else 8 x 512). Measured choices by size live in the config, not here.
-    config = group_of(1) > 0 ? 1 : group_of(2) > 0 ? 2 : 3;
-  }
-  const int group = group_of(config);
+  config = resolve_config(config, hidden, dtype);
+  const int group = group_of(config, hidden, dtype);
   if (group < 0) return cudaErrorInvalidValue;
   const RowArgs ra{weight, hidden, group, eps};
   switch (dtype) {

@@ -269,14 +269,17 @@ def fresh_tuning(user_config, monkeypatch):
 
 class FakeNormOp(tune.NormOp):
     """An add + RMSNorm with 11 block shapes: ``different`` change one output bit, ``cannot`` raise at launch,
-    ``lazy`` write nothing (the poisoned out stays NaN). Times from ``speed`` (shape -> factor of shape 0's time,
-    or a function of tokens); every call is recorded, with the PDL state ``pdl`` holds at the time."""
+    ``lazy`` write nothing (the poisoned out stays NaN), ``other_group`` give shape 0's bits on the probe batch but
+    have another row group (a lucky probe). Times from ``speed`` (shape -> factor of shape 0's time, or a function
+    of tokens); every call is recorded, with the PDL state ``pdl`` holds at the time."""
 
-    def __init__(self, different=(6, 7), cannot=(3,), lazy=(8,), residual_differs=(9,), speed=None, pdl=None):
+    def __init__(self, different=(6, 7), cannot=(3,), lazy=(8,), residual_differs=(9,), speed=None, pdl=None,
+                 other_group=()):
         import torch
 
         self.torch = torch
         self.different, self.cannot, self.lazy, self.residual_differs = different, cannot, lazy, residual_differs
+        self.other_group = other_group
         self.speed = speed or {}
         self.pdl = pdl
         self.calls = []
@@ -311,6 +314,9 @@ class FakeNormOp(tune.NormOp):
             z.view(self.torch.int16)[self.rows - 1, 0] ^= 1
         return out, z
 
+    def row_group(self, shape, hidden):
+        return 512 if shape in self.other_group else 256
+
     def time(self, shape, tokens, hidden):
         self.calls.append(("time", shape, tokens, hidden, None if self.pdl is None else self.pdl[-1]))
         factor = self.speed.get(shape, 1.0 if shape == 0 else 1.1)
@@ -342,6 +348,11 @@ def test_norm_candidates_keep_only_shapes_with_shape_0s_bits():
                       9: tune.DIFFERENT_BITS, 10: tune.SAME_BITS}
     with pytest.raises(RuntimeError):  # shape 0 must run: nothing to compare with otherwise
         tune.norm_candidates(lambda s: FakeNormOp(cannot=(0,)).probe(s, 1024), range(3))
+    # same bits on the probe batch but another row group (another summation order): never a candidate
+    op = FakeNormOp(other_group=(2, 5))
+    status = tune.norm_candidates(lambda s: op.probe(s, 1024), range(11), lambda s: op.row_group(s, 1024))
+    assert status[2] == status[5] == tune.DIFFERENT_BITS and status[1] == status[4] == tune.SAME_BITS
+    assert tune.tune_norm(op, [1024], [1, 16], 11)[1024]["shapes"][5] == tune.DIFFERENT_BITS
 
 
 def test_norm_decision_needs_more_than_the_margin():

@@ -107,6 +107,12 @@ def test_every_norm_shape_matches_float64(dtype, tokens, hidden):
     assert 0 in got and 9 in got and 10 in got
     if 1 in got:
         assert torch.equal(got[9], got[1]), "two-pass shape 9: other bits than one-pass shape 1"
+    # the row group decides the summation order: every shape with shape 0's group has shape 0's bits
+    group = {k: _C.add_rmsnorm_row_group(k, hidden, x.element_size()) for k in [0, *got]}
+    assert all(g > 0 for g in group.values())
+    same_group = [k for k in got if group[k] == group[0]]
+    for k in same_group:
+        assert torch.equal(got[k], got[0]), f"shape {k} has shape 0's row group but other bits"
     # what the card's config picks at any batch size gives these same bits (batch invariance)
     card = tuning.device_slug()
     picked = {tuning.norm_shape(card, T, hidden, x.element_size()) for T in (1, 128, 1024, 4096, 16384)}

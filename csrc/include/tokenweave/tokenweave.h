@@ -19,6 +19,9 @@ cudaError_t allreduce(const CommDevice& c, const CallArgs& a, Transport t, cudaS
 cudaError_t add_rmsnorm(const void* x, void* residual, const void* weight, void* out, int64_t tokens, int hidden,
                         float eps, DType dtype, cudaStream_t stream, int config = 0);
 int add_rmsnorm_configs();
+// Threads per row (row group) of shape `config` at this hidden, -1 where the shape cannot hold the row. The group
+// fixes the order a row's squares are summed in: shapes with equal groups give the same bits.
+int add_rmsnorm_row_group(int config, int hidden, DType dtype);
 
 // Programmatic dependent launch (pdl.cuh), process-wide, off by default: when on, every kernel above is
 // launched so that it may start while the previous kernel in its stream finishes.
