@@ -2,15 +2,16 @@
 
     python bench/emulated_world.py --out-dir bench/results
 
-Two tables, bf16, CUDA events around CUDA-graph replays (20 calls per graph, median of 5 replays):
+Three tables, bf16, CUDA events around 20 calls, median of 5 repeats; the calls are CUDA-graph replays (one graph
+per rank), except in the per-CTA table, whose calls (hundreds of microseconds) are launched eagerly by default
+(``--per-cta-timing``):
 
 ``per_cta``  (hidden 8192, 4096 tokens per rank, W = 2 and 4, CTAs per rank 1..32)
     Time of one fused all-reduce + residual + RMSNorm on every rank at once (all W grids side by side),
     and the useful throughput per CTA: bytes of x one rank completes per second per CTA. Variants:
     ``two_shot`` (out in ordinary memory: the flagged two-shot), ``lean`` (out and residual symmetric),
     ``lean_sharded`` (sharded residual), ``lean_bulk`` / ``lean_bulk_sharded`` (the same with the scatter done
-    by a copy warp's bulk copies). ``two_shot_repeat`` times two_shot again: the run-to-run noise. Each rank's calls are one graph of
-    its own (``EmulatedWorld.capture``), as on W GPUs.
+    by a copy warp's bulk copies). ``two_shot_repeat`` times two_shot again: the run-to-run noise.
 ``one_shot`` (hidden 8192, W = 2, 4, 8, tokens 1..128)
     Latency per call of the flagged one-shot against the flag-free Lamport one-shot (dispatcher's CTAs).
 ``mid_range`` (hidden 8192, W = 2 and 4, tokens 32..512)
@@ -106,13 +107,18 @@ def per_cta_rows(W: int, args) -> list[dict]:
                 row = {"table": "per_cta", "W": W, "tokens": tokens, "hidden": HIDDEN, "ctas": ctas,
                        "variant": variant,
                        "traffic_per_byte": traffic_per_byte(kw["algo"], W, residual_mode)["total"]}
+                row["timing"] = args.per_cta_timing
                 try:
-                    us = harness.time_cuda_graph(fn, calls=args.calls, replays=args.replays, world=world)
+                    if args.per_cta_timing == "graph":
+                        us = harness.time_cuda_graph(fn, calls=args.calls, replays=args.replays, world=world)
+                    else:
+                        us = harness.time_cuda_eager(lambda: world.run(fn), calls=args.calls, replays=args.replays)
                     world.synchronize()
                 except TokenweaveError as e:
-                    row["error"] = str(e)
+                    torch.cuda.synchronize()
+                    row["error"] = f"{e}\n{world.error_report()}"
                     rows.append(row)
-                    print(f"W={W} ctas={ctas:3d} {variant:16s} FAILED: {e}", flush=True)
+                    print(f"W={W} ctas={ctas:3d} {variant:16s} FAILED: {row['error']}", flush=True)
                     try:
                         world.close()
                     except TokenweaveError:
@@ -194,6 +200,9 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--replays", type=int, default=5)
     parser.add_argument("--timeout-ms", type=int, default=30000, help="bound of every wait (a failed variant: its row)")
+    parser.add_argument("--per-cta-timing", choices=("eager", "graph"), default="eager",
+                        help="per-CTA table: calls launched eagerly between the events (default: per-rank CUDA "
+                             "graphs timed out twice in the 8c1207d run), or one CUDA graph per rank")
     args = parser.parse_args(argv)
     if not (torch.cuda.is_available() and tw.HAS_EXTENSION):
         raise SystemExit("bench/emulated_world.py needs a CUDA GPU and the tokenweave extension")

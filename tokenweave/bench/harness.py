@@ -122,6 +122,33 @@ def time_wall(fn: Callable[[], object], *, calls: int = 20, replays: int = 5, wa
     return statistics.median(times)
 
 
+def time_cuda_eager(fn: Callable[[], object], *, calls: int = 20, replays: int = 5, warmup: int = 3) -> float:
+    """Like :func:`time_cuda_graph` but the ``calls`` calls are launched eagerly between the CUDA events.
+
+    For the emulated world's long calls (hundreds of microseconds each: the host enqueues far faster than the GPU
+    runs them, so launch cost stays hidden), where W ranks' kernels must run side by side and eager streams are the
+    launch structure that has always given that (``tokenweave.testing``).
+
+    Returns
+    -------
+    float
+        Median over replays of (event time of ``calls`` calls / ``calls``), in microseconds.
+    """
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e3 / calls for s, e in events)
+
+
 def timer_for(device: torch.device) -> Callable[..., float]:
     """:func:`time_cuda_graph` for CUDA devices, :func:`time_wall` otherwise (same signature)."""
     return time_cuda_graph if device.type == "cuda" else time_wall
