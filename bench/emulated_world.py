@@ -201,8 +201,9 @@ def main(argv=None):
     parser.add_argument("--replays", type=int, default=5)
     parser.add_argument("--timeout-ms", type=int, default=30000, help="bound of every wait (a failed variant: its row)")
     parser.add_argument("--per-cta-timing", choices=("eager", "graph"), default="eager",
-                        help="per-CTA table: calls launched eagerly between the events (default: per-rank CUDA "
-                             "graphs timed out twice in the 8c1207d run), or one CUDA graph per rank")
+                        help="per-CTA table: calls launched eagerly between the events (default; the committed "
+                             "table), or one CUDA graph per rank (timed out at 8c1207d: the world's fork order, "
+                             "fixed since)")
     args = parser.parse_args(argv)
     if not (torch.cuda.is_available() and tw.HAS_EXTENSION):
         raise SystemExit("bench/emulated_world.py needs a CUDA GPU and the tokenweave extension")

@@ -9,11 +9,9 @@ be tested and measured without a multi-GPU machine. What it cannot show is the N
 stores land in local HBM.
 
 The W grids must be resident at once (every rank's CTAs wait for its peers' CTAs): the dispatcher of an
-emulated rank uses at most ``SMs // W`` CTAs, and an explicit ``ctas`` must keep ``W * ctas <= SMs``. And the W
-ranks' kernels must run side by side, which CUDA does not promise: W streams (``run``) and one CUDA graph per
-rank (``capture``) have always done so here; one graph holding every rank as a branch did not, in a long test
-process (two ranks' kernels of a call ran only after the other two had timed out:
-``bench/results/logs/device_run_17_h200x1_one_graph_lamport.txt``, docs/PERFORMANCE.md).
+emulated rank uses at most ``SMs // W`` CTAs, and an explicit ``ctas`` must keep ``W * ctas <= SMs``. And no rank's
+kernel may be ordered behind another's: every fork from the caller's stream is recorded before any rank's work
+(``on_rank_streams`` says why).
 
 Example
 -------
@@ -134,36 +132,46 @@ class EmulatedWorld:
         Every rank's work is enqueued before any of it is waited for; the current stream then waits for
         all of them. CUDA-graph capturable (the streams fork from and join the capturing stream).
         """
-        current = torch.cuda.current_stream(self.device)
         ranks = range(self.world_size) if ranks is None else ranks
         results = [None] * self.world_size
-        for r in ranks:
-            self.streams[r].wait_stream(current)
-            with torch.cuda.stream(self.streams[r]):
-                results[r] = fn(self.ranks[r], r)
-        for r in ranks:
-            current.wait_stream(self.streams[r])
+        for r, result in self.on_rank_streams(ranks, lambda r: fn(self.ranks[r], r)).items():
+            results[r] = result
         return results
 
-    def capture(self, fn: Callable[[EmulatedRank, int], object], ranks: Sequence[int] | None = None) -> "RankGraphs":
-        """Capture ``fn(comm, rank)`` into one CUDA graph per rank, as each process of a real group would.
+    def on_rank_streams(self, ranks: Sequence[int], body: Callable[[int], object]) -> dict:
+        """``body(r)`` with stream r current, for each rank r in ``ranks``, forked from and joined to the current
+        stream; returns ``{r: body(r)}``.
 
-        One graph holding every rank's work leaves it to CUDA to run the W branches side by side, which it
-        does not promise; what a graph branch is mapped onto depends on the process's history, and a rank
-        whose branch waits behind another rank's kernels deadlocks that call until the timeout. Per-rank
-        graphs replayed on the W rank streams keep the concurrency of :meth:`run`.
+        Every fork is recorded before any rank's work is enqueued. torch hands out its streams round-robin from a
+        pool of 32, so the current stream may be one of the rank streams; a fork recorded after rank r's kernels
+        would make the later ranks wait for kernels that wait for them: a deadlock until the timeout, which is
+        what the harness's per-variant side stream hit once the pool wrapped (docs/PERFORMANCE.md, "Emulated
+        world and CUDA graphs").
         """
-        ranks = list(range(self.world_size) if ranks is None else ranks)
-        graphs = {}
         current = torch.cuda.current_stream(self.device)
         for r in ranks:
             self.streams[r].wait_stream(current)
-            graphs[r] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graphs[r], stream=self.streams[r]):
-                fn(self.ranks[r], r)
+        out = {}
+        for r in ranks:
+            with torch.cuda.stream(self.streams[r]):
+                out[r] = body(r)
         for r in ranks:
             current.wait_stream(self.streams[r])
-        return RankGraphs(self, graphs)
+        return out
+
+    def capture(self, fn: Callable[[EmulatedRank, int], object], ranks: Sequence[int] | None = None) -> "RankGraphs":
+        """Capture ``fn(comm, rank)`` into one CUDA graph per rank, as each process of a real group would;
+        :meth:`RankGraphs.replay` launches them on the rank streams. (One graph captured around :meth:`run`
+        works too: the ranks are its branches.)
+        """
+        ranks = list(range(self.world_size) if ranks is None else ranks)
+
+        def one(r):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=self.streams[r]):
+                fn(self.ranks[r], r)
+            return g
+        return RankGraphs(self, self.on_rank_streams(ranks, one))
 
     def error_report(self) -> str:
         """Every rank's error record and device state, one line each (what a timeout needs to be read)."""
@@ -234,13 +242,7 @@ class RankGraphs:
 
     def replay(self):
         """Replay every rank's graph on its rank stream, forked from and joined to the current stream."""
-        current = torch.cuda.current_stream(self.world.device)
-        for r, g in self.graphs.items():
-            self.world.streams[r].wait_stream(current)
-            with torch.cuda.stream(self.world.streams[r]):
-                g.replay()
-        for r in self.graphs:
-            current.wait_stream(self.world.streams[r])
+        self.world.on_rank_streams(list(self.graphs), lambda r: self.graphs[r].replay())
 
     def reset(self):
         for g in self.graphs.values():

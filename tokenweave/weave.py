@@ -60,9 +60,16 @@ class StreamPair:
         self.enabled = self.device.type == "cuda"
         if self.enabled:
             _, highest = torch.cuda.Stream.priority_range()  # (least, greatest): greatest is numerically lowest
-            self.comm = torch.cuda.Stream(device=self.device, priority=highest)
+            self._draw = lambda: torch.cuda.Stream(device=self.device, priority=highest)
+            self.comm = self._draw()
         else:
             self.comm = None
+
+    def keep_apart(self, caller) -> None:
+        """Replace the communication stream if it is ``caller``'s: torch's stream pool hands out 32 streams
+        round-robin, and a communication stream that is the caller's would silently serialise the overlap."""
+        if self.enabled and self.comm.cuda_stream == caller.cuda_stream:
+            self.comm = self._draw()  # the pool's next stream: a different one
 
     def compute(self):
         return torch.cuda.current_stream(self.device) if self.enabled else None
@@ -140,6 +147,7 @@ class WovenPass:
             self._compute.wait_stream(self._caller)  # fork: inputs and residual are ready on the caller's stream
         elif self.streams is not None:
             self._caller = self._compute = self.streams.compute()
+            self.streams.keep_apart(self._caller)
             self._comm_stream = self.streams.comm
         else:
             self._caller = self._compute = self._comm_stream = None

@@ -181,3 +181,22 @@ def test_e2e_bench_pipeline_on_cpu(tmp_path):
         assert r["us"] > 0 and r["hidden"] and r["dtype"] == "bfloat16"
         if r["variant"] != "comm_removed":
             assert r["max_rel_diff"] < 5e-2, r
+
+
+def test_stream_pair_never_uses_the_callers_stream_for_communication():
+    """torch's stream pool wraps after 32: the communication stream may BE the caller's, which would serialise
+    the overlap silently; keep_apart draws the pool's next one."""
+    from types import SimpleNamespace
+
+    from tokenweave.weave import StreamPair
+
+    pool = [SimpleNamespace(cuda_stream=2000 + i) for i in range(32)]
+    drawn = iter(range(10 ** 6))
+    pair = StreamPair("cpu")
+    pair.enabled, pair._draw = True, lambda: pool[next(drawn) % 32]
+    pair.comm = pool[5]
+    pair.keep_apart(pool[5])
+    assert pair.comm.cuda_stream != 2005
+    pair.comm = pool[6]
+    pair.keep_apart(pool[5])
+    assert pair.comm is pool[6]  # nothing coincides: kept

@@ -194,3 +194,21 @@ def test_stream_consumer_checks_the_epilogue_before_producing(world):
     with pytest.raises(ValueError, match="out must not be the residual"):
         trigger.plan_call(aliased)
     assert world.log == []  # nothing enqueued
+
+
+def test_tracker_streams_never_alias_the_callers_stream():
+    """torch's stream pool hands out 32 streams round-robin: a Tracker's stream may BE the caller's (or the two
+    may coincide); keep_streams_apart replaces the coinciding one with the pool's next."""
+    pool = [SimpleNamespace(cuda_stream=1000 + i) for i in range(32)]
+    drawn = iter(range(10 ** 6))
+    tracker = trigger.Tracker("cpu")
+    tracker._draw = lambda: pool[next(drawn) % 32]
+    for start in range(40):  # the caller's stream, the Tracker's and its copy stream at every offset
+        compute = pool[start % 32]
+        tracker.stream, tracker.copy_stream = pool[start % 32], pool[(start + 32 * (start % 2)) % 32]
+        tracker.keep_streams_apart(compute)
+        handles = {compute.cuda_stream, tracker.stream.cuda_stream, tracker.copy_stream.cuda_stream}
+        assert len(handles) == 3, (start, handles)
+    tracker.stream, tracker.copy_stream = pool[1], pool[2]
+    tracker.keep_streams_apart(pool[0])  # nothing coincides: nothing is replaced
+    assert (tracker.stream, tracker.copy_stream) == (pool[1], pool[2])

@@ -278,3 +278,44 @@ def test_tracked_feed_takes_the_plans_chunk_rows(W):
             ops.allreduce_tracked(xs[0], res[0], weight, outs[0], EPS, world.ranks[0]._id, two_shot, ctas, 0,
                                   ready[0], consumed[0], 1, 1)
         world.synchronize()
+
+
+@pytest.mark.parametrize("W", (2, 4))
+@pytest.mark.parametrize("how", ("run", "graphs", "one_graph"))
+def test_the_callers_stream_may_be_a_rank_stream(W, how):
+    """torch's pooled streams wrap around after 32, so the caller's stream can BE rank 0's stream: the forks to
+    the other ranks must not be ordered behind rank 0's kernel (they were once: a timeout at every such call)."""
+    T, H = 24, 1024
+    with EmulatedWorld(W, max_tokens=64, hidden=H, timeout_ms=3000) as world:
+        gen = torch.Generator(world.device).manual_seed(W)
+        xs, residual, weight = _inputs(world, T, H, torch.bfloat16, gen)
+        res = [residual.clone() for _ in range(W)]
+        outs = [torch.full_like(residual, float("nan")) for _ in range(W)]
+
+        def call(comm, r):
+            tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r], algo="two_shot", ctas=2)
+
+        world.run(call)  # warm-up from the default stream: loads every kernel
+        world.synchronize()
+        for r in res:
+            r.copy_(residual)
+        side = world.streams[0]  # what a wrapped pool hands out as the caller's stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            if how == "run":
+                world.run(call)
+            elif how == "graphs":
+                graphs = world.capture(call)
+                graphs.replay()
+            else:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=world.streams[1]):  # the capturing stream is rank 1's
+                    world.run(call)
+        if how == "one_graph":
+            graph.replay()
+        torch.cuda.current_stream().wait_stream(side)
+        world.synchronize()  # raises a timeout if any rank waited behind another
+        z_ref, out_ref = _reference(xs, residual, weight)
+        for r in range(W):
+            assert torch.equal(outs[r], outs[0]), f"rank {r} differs from rank 0"
+        torch.testing.assert_close(outs[0].double(), out_ref, rtol=2e-2, atol=8e-2)

@@ -65,7 +65,7 @@ def time_cuda_graph(fn: Callable[..., object], *, calls: int = 20, replays: int 
     if world is not None:
         rank_fn = fn
         fn = lambda: world.run(rank_fn)  # noqa: E731
-    side = torch.cuda.Stream()
+    side = _side_stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):
@@ -85,19 +85,21 @@ def time_cuda_graph(fn: Callable[..., object], *, calls: int = 20, replays: int 
             if before_replay is not None:
                 before_replay()
             graph.replay()
-        events = []
-        for _ in range(replays):
-            if before_replay is not None:
-                before_replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            events.append((start, end))
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) * 1e3 / calls for s, e in events)
+        return _event_median(graph.replay, calls, replays, before_replay)
     finally:
         graph.reset()  # give the graph's private memory pool back before the next variant
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream() -> torch.cuda.Stream:
+    """One warm-up stream per device for the whole process: a new ``torch.cuda.Stream()`` per timing would walk
+    torch's round-robin pool of 32 and hand out, sooner or later, a stream something else is using."""
+    device = torch.cuda.current_device()
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream()
+    return _SIDE_STREAMS[device]
 
 
 def time_wall(fn: Callable[[], object], *, calls: int = 20, replays: int = 5, warmup: int = 3,
@@ -125,9 +127,8 @@ def time_wall(fn: Callable[[], object], *, calls: int = 20, replays: int = 5, wa
 def time_cuda_eager(fn: Callable[[], object], *, calls: int = 20, replays: int = 5, warmup: int = 3) -> float:
     """Like :func:`time_cuda_graph` but the ``calls`` calls are launched eagerly between the CUDA events.
 
-    For the emulated world's long calls (hundreds of microseconds each: the host enqueues far faster than the GPU
-    runs them, so launch cost stays hidden), where W ranks' kernels must run side by side and eager streams are the
-    launch structure that has always given that (``tokenweave.testing``).
+    For long calls (hundreds of microseconds each, as in the emulated world's per-CTA table): the host enqueues far
+    faster than the GPU runs them, so launch cost stays hidden.
 
     Returns
     -------
@@ -137,12 +138,20 @@ def time_cuda_eager(fn: Callable[[], object], *, calls: int = 20, replays: int =
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    return _event_median(lambda: [fn() for _ in range(calls)], calls, replays)
+
+
+def _event_median(run: Callable[[], object], calls: int, replays: int,
+                  before: Callable[[], None] | None = None) -> float:
+    """Median over ``replays`` of the CUDA-event time of ``run()`` (which issues ``calls`` calls) / ``calls``, in us;
+    ``before()`` runs outside the timed region."""
     events = []
     for _ in range(replays):
+        if before is not None:
+            before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(calls):
-            fn()
+        run()
         end.record()
         events.append((start, end))
     torch.cuda.synchronize()

@@ -152,6 +152,8 @@ def plan_call(call: TriggerCall) -> TriggerPlan:
     # At most half the SMs spin; on a partition, at most its communication SMs (each consumer CTA fills an SM).
     half_sms = part.comm_sms if part is not None else max(1, c.comm.num_sms // 2)
     compute = torch.cuda.current_stream(c.x.device)
+    if part is None:
+        c.tracker.keep_streams_apart(compute)
     streams = (part.gemm_stream, part.comm_stream) if part is not None else (compute, c.tracker.stream)
     if c.consumer == "stream":
         return _plan_stream(c, part, half_sms, compute, *streams)

@@ -29,10 +29,30 @@ class Tracker:
         self.go = torch.zeros(1, dtype=torch.int32, device=device)                   # copy engine handshake
         self.ones = torch.ones(max_chunks, dtype=torch.int32, device=device)         # the staged flags' value
         on_gpu = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device=device, priority=-1) if on_gpu else None
-        self.copy_stream = torch.cuda.Stream(device=device, priority=-1) if on_gpu else None
+        self._draw = (lambda: torch.cuda.Stream(device=device, priority=-1)) if on_gpu else None
+        self.stream = self._draw() if on_gpu else None
+        self.copy_stream = self._draw() if on_gpu else None
         self.broken = False  # a failed copy-engine enqueue may leave `go`/group counters armed
         self._warm: set = set()
+
+    def keep_streams_apart(self, compute) -> None:
+        """Make sure neither of this Tracker's streams is ``compute`` (the caller's stream) or the other one.
+
+        torch hands out ``torch.cuda.Stream()`` round-robin from a pool of 32 per priority, so with enough
+        Trackers (two streams each) or a caller that also draws from the high-priority pool, a Tracker's stream
+        can BE the caller's: the consumer would then be enqueued ahead of its own producer on one stream (a
+        timeout), or the copy stream's unbounded counter waits ahead of the GEMM that satisfies them (a hang).
+        A stream that coincides is replaced by the pool's next one; the caller joins the old one every call.
+        """
+        if self._draw is None:
+            return
+        taken = {compute.cuda_stream}
+        for name in ("stream", "copy_stream"):
+            for _ in range(64):  # the pool's next streams differ from this one within 32 draws
+                if getattr(self, name).cuda_stream not in taken:
+                    break
+                setattr(self, name, self._draw())
+            taken.add(getattr(self, name).cuda_stream)
 
     def is_warm(self, key) -> bool:
         """Whether a call of this shape (``TriggerPlan.warm_key``) already ran once on this Tracker, so every
