@@ -192,6 +192,14 @@ __device__ __forceinline__ bool lamport_headers_match(const CommDevice& c, const
   return __syncthreads_and(ok) != 0;
 }
 
+// After a CTA's polls (the finish_rows loop ends with a barrier, so `failed` is final): whether none gave up; the
+// first that did is recorded as a timeout waiting for its peer.
+__device__ __forceinline__ bool lamport_polls_ok(const CommDevice& c, const CallId& id, int failed) {
+  if (failed == 0) return true;
+  if (threadIdx.x == 0 && !aborted(c)) record_error(c, kErrTimeout, failed - 1, id.epoch, -1, id.sig, id.op, 0);
+  return false;
+}
+
 // Re-arms buffer `stale`, which the previous Lamport call used (see the header comments for why it is quiet):
 // the headers and vectors that call wrote (c.state->lamport_vecs), in region S and, after a two-shot, region G,
 // split evenly over this call's CTAs.
@@ -255,11 +263,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lamport_kernel(const CommDev
     const LamportSink sink{LocalSink{reinterpret_cast<Vec*>(a.out), reinterpret_cast<Vec*>(a.residual), nvr}, &failed};
     for (int i = 0; i < n_mine; ++i)
       finish_rows<T, kBlockThreads, kLamportVecs, false, RowSync::kGroup>(src, sink, rows, row_begin(chunk_at(i)), row_end(chunk_at(i)), red);
-    // finish_rows ends with a barrier: `failed` is final here
-    if (failed != 0) {
-      if (threadIdx.x == 0 && !aborted(c)) record_error(c, kErrTimeout, failed - 1, id.epoch, -1, id.sig, id.op, 0);
-      ok = false;
-    }
+    ok = lamport_polls_ok(c, id, failed);
   }
   if (ok) {
     rearm_lamport_buffer(c, stale);
@@ -375,11 +379,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lamport_two_shot_kernel(cons
       }
     }
   }
-  // finish_rows ends with a barrier: `failed` is final here
-  if (failed != 0) {
-    if (threadIdx.x == 0 && !aborted(c)) record_error(c, kErrTimeout, failed - 1, id.epoch, -1, id.sig, id.op, 0);
-    ok = false;
-  }
+  ok = lamport_polls_ok(c, id, failed) && ok;
   if (ok) {
     rearm_lamport_buffer(c, stale);
   } else {
