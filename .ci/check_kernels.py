@@ -70,6 +70,20 @@ def sass_by_function(cuobjdump: str, obj: Path) -> dict[str, str]:
     return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
 
 
+# Global loads narrower than 16 bytes. The data path moves 16-byte vectors only; what is left are a kernel's few
+# state words (a call counter, a slot header, a ready flag). A data vector read through a reference compiled to
+# four 4-byte loads for the 2-byte types (Pack::unpack, common.cuh): 16-115 per kernel before that fix.
+# Flag polls (.STRONG) are excluded: they are narrow by design.
+NARROW_LOADS = re.compile(r"\bLDG\.E(?:\.(?:U8|S8|U16|S16|64|CONSTANT))* ")
+MAX_NARROW_LOADS = 8
+
+
+def narrow_load_problems(fn: str, sass: str) -> list[str]:
+    n = len(NARROW_LOADS.findall(sass))
+    return [f"{fn}: {n} global loads narrower than 16 bytes (at most {MAX_NARROW_LOADS}: state words only)"] \
+        if n > MAX_NARROW_LOADS else []
+
+
 def main() -> int:
     build = ROOT / "build" / "kernels"
     nvcc, cuobjdump = find_tool("nvcc"), find_tool("cuobjdump")
@@ -89,6 +103,8 @@ def main() -> int:
             # could read x before the kernel that writes it has finished
             if (own or re.search(r"allreduce_kernel|add_rmsnorm", fn)) and "ACQBULK" not in sass:
                 problems.append(f"{fn}: no griddepcontrol.wait (ACQBULK): unsafe under programmatic launch")
+            if own or re.search(r"allreduce_kernel|add_rmsnorm", fn):
+                problems += narrow_load_problems(fn, sass)
             if own is not None:  # the algorithms with a kernel of their own
                 kind, needs_ld_reduce, required = OWN_KERNELS[own]
                 counted[(transport, kind)] = counted.get((transport, kind), 0) + 1
