@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests on 2 and 4 GPUs, benchmarks; everything lands under $OUT.
-# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [newalgos] [partgpu] [onegpu] [emubench] [launch] [pdl] [variants] [phases] [norm] [ncu] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
+# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [newalgos] [partgpu] [onegpu] [emubench] [launch] [pdl] [variants] [phases] [tune] [norm] [ncu] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
 # Never touches NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS.
 set -u
 OUT=${OUT:-/tmp/tokenweave-out}
@@ -73,6 +73,12 @@ if has phases; then
   rc=$?
   cp /tmp/variants/timers/results/*.json bench/results/ 2>/dev/null
   log "lean phases: rc=$rc"; grep -A4 measured "$OUT/lean_phases.log" | head -12
+fi
+if has tune; then  # the one-GPU stages of tokenweave-tune ("norm" block shapes, "launch" PDL) into the shipped config
+  t0=$(date +%s); card=$(python -c "import tokenweave.tuning as t; print(t.device_slug())" 2>/dev/null || echo h200)
+  timeout ${T_TUNE:-200} tokenweave-tune --no-allreduce --hidden ${TUNE_HIDDEN:-4096 8192} --key world \
+    --out tokenweave/configs/$card.json --results-dir bench/results ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
+  log "tune: rc=$? in $(( $(date +%s) - t0 )) s"; tail -15 "$OUT/tune.log"
 fi
 if has norm; then
   t0=$(date +%s); timeout ${T_NORM:-200} python bench/add_rmsnorm.py --out-dir bench/results ${NORM_ARGS:-} > "$OUT/norm.log" 2>&1

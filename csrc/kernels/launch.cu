@@ -251,7 +251,8 @@ constexpr int kTwoPassVecs = 1 << 20;
 constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false},           {256, 4, 8, false},
                                        {512, 4, 8, false},  {256, 4, 4, true},            {512, 2, 2, true},
                                        {1024, 1, 2, false}, {512, 2, 2, false},           {512, 2, 2, false},
-                                       {256, 4, kTwoPassVecs, false}, {128, 8, kTwoPassVecs, false}};
+                                       {256, 4, kTwoPassVecs, false}, {128, 8, kTwoPassVecs, false},
+                                       {128, 4, 4, false}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
@@ -307,6 +308,9 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     // two passes, 32 registers: 8 x 256 and 16 x 128 threads per SM (2048, the compiled norm's occupancy)
     case 9: return launch_add_rmsnorm_two_pass<T, 256, 8>(ra, x, residual, out, tokens, stream);
     case 10: return launch_add_rmsnorm_two_pass<T, 128, 16>(ra, x, residual, out, tokens, stream);
+    // one row per CTA up to 4 x 128 vectors (hidden 4096 in 2-byte types; shape 1 takes two such rows per CTA):
+    // below one row per SM, rows spread over twice the SMs, and a row streams at one SM's L2 bandwidth
+    case 11: return launch_add_rmsnorm<T, 128, 4, false>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }
