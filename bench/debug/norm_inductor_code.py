@@ -1,0 +1,40 @@
+"""The Triton source torch.compile generates for the baseline add + RMSNorm (what the norm is measured against).
+
+    python bench/debug/norm_inductor_code.py OUT_DIR [TOKENS:HIDDEN ...]     # default 16:4096 1024:4096 16:8192 1024:8192
+
+Compiles :func:`tokenweave.bench.fused.baseline_add_rmsnorm` per static shape, as bench/add_rmsnorm.py does, with a
+fresh inductor cache, and copies every generated kernel file (``triton_*`` kernels: block sizes, warps, eviction
+hints) to ``OUT_DIR/<tokens>x<hidden>/``. Needs a CUDA GPU.
+"""
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "norm_inductor_code")
+shapes = [tuple(int(v) for v in s.split(":")) for s in sys.argv[2:]] or [(16, 4096), (1024, 4096), (16, 8192),
+                                                                        (1024, 8192)]
+for tokens, hidden in shapes:
+    cache = tempfile.mkdtemp(prefix="inductor-")
+    # a fresh cache per shape, set before torch reads it, so that each folder holds exactly that shape's kernels
+    code = ("import os, sys, torch\n"
+            "from tokenweave.bench.fused import EPS, baseline_add_rmsnorm\n"
+            "f = torch.compile(baseline_add_rmsnorm, fullgraph=True, dynamic=False)\n"
+            f"x = torch.randn({tokens}, {hidden}, device='cuda', dtype=torch.bfloat16)\n"
+            "r = torch.randn_like(x); w = torch.randn(x.shape[1], device='cuda').to(x.dtype)\n"
+            "f(x, r, w, EPS); torch.cuda.synchronize()\n")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)  # a copy of os.environ: the multicast settings stay
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    dest = out_dir / f"{tokens}x{hidden}"
+    dest.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for p in Path(cache).rglob("*.py"):
+        text = p.read_text(errors="replace")
+        if "@triton.jit" in text:
+            shutil.copy(p, dest / p.name)
+            n += 1
+    print(f"{tokens}x{hidden}: {n} kernel files -> {dest}")
+    shutil.rmtree(cache, ignore_errors=True)
