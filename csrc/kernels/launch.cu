@@ -193,15 +193,12 @@ __global__ void __launch_bounds__(Threads, 2) add_rmsnorm_pipelined_kernel(RowAr
   }
 }
 
-// Two passes over each row, few registers: pass 1 computes z = round_T(x + residual) and sums its squares; pass 2
-// writes out. A thread holds one or two vectors at a time instead of the whole row, so MinBlocks CTAs fit on an SM
-// (the compiled norm's trade: occupancy for an L2 re-read). Where pass 2 gets z:
-//   kReload false  pass 1 writes z back to the residual; pass 2 reads it there (x when there is no residual)
-//   kReload true   pass 1 only reads, x and residual with L2 priority evict_last; pass 2 reads them again
-//                  evict-first (__ldcs), recomputes z and writes residual and out. The torch.compile'd norm's pattern
-//                  (bench/debug/norm_inductor_code.py): the re-read hits L2 while many rows are in flight.
+// Two passes over each row, few registers: pass 1 computes z = round_T(x + residual), writes it back to the
+// residual and sums its squares; pass 2 reads z again (the residual just written, from L2; x when there is
+// no residual) with the weight and writes out. A thread holds one or two vectors at a time instead of the
+// whole row, so MinBlocks CTAs fit on an SM (the compiled norm's trade: occupancy for an L2 re-read).
 // Same arithmetic and order as finish_rows (per thread j = lane, lane + G, ...; then group_sum): same bits.
-template <typename T, int Threads, int MinBlocks, bool kReload = false>
+template <typename T, int Threads, int MinBlocks>
 __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kernel(RowArgs ra, const Vec* x,
                                                                                 Vec* residual, Vec* out,
                                                                                 int64_t tokens) {
@@ -218,13 +215,10 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
   const LocalSource<T> src{x, residual, nvr};
   float ss = 0.f;
   if (active) {
-    const uint64_t keep = l2_evict_last_policy();
 #pragma unroll 2
     for (int j = lane; j < nvr; j += G) {
-      const Vec z = kReload ? add_z<T>(load_l2_hinted(x + row * nvr + j, keep),
-                                       residual ? load_l2_hinted(residual + row * nvr + j, keep) : Vec{}, residual)
-                            : src.load_z(row, j);
-      if (!kReload && residual) residual[row * nvr + j] = z;
+      const Vec z = src.load_z(row, j);
+      if (residual) residual[row * nvr + j] = z;
       float f[L];
       Pack<T>::unpack(z, f);
 #pragma unroll
@@ -233,18 +227,11 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
   }
   const float rstd = rsqrtf(group_sum(ss, G, red[0]) / float(ra.hidden) + ra.eps);
   if (!active) return;
-  const Vec* zs = residual ? residual : x;  // kReload false: this thread's own stores of pass 1, program order
+  const Vec* zs = residual ? residual : x;  // this thread's own stores of pass 1: program order
 #pragma unroll 2
   for (int j = lane; j < nvr; j += G) {
-    Vec z;
-    if constexpr (kReload) {
-      z = add_z<T>(__ldcs(x + row * nvr + j), residual ? __ldcs(residual + row * nvr + j) : Vec{}, residual);
-      if (residual) residual[row * nvr + j] = z;
-    } else {
-      z = zs[row * nvr + j];
-    }
     float f[L], gw[L];
-    Pack<T>::unpack(z, f);
+    Pack<T>::unpack(zs[row * nvr + j], f);
     Pack<T>::unpack(w[j], gw);
 #pragma unroll
     for (int i = 0; i < L; ++i) f[i] = f[i] * rstd * gw[i];
@@ -265,8 +252,7 @@ constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false}, 
                                        {512, 4, 8, false},  {256, 4, 4, true},            {512, 2, 2, true},
                                        {1024, 1, 2, false}, {512, 2, 2, false},           {512, 2, 2, false},
                                        {256, 4, kTwoPassVecs, false}, {128, 8, kTwoPassVecs, false},
-                                       {128, 4, 4, false},  {256, 2, 2, false},           {512, 1, 1, false},
-                                       {256, 4, kTwoPassVecs, false}};
+                                       {128, 4, 4, false}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
@@ -295,12 +281,12 @@ cudaError_t launch_add_rmsnorm(const RowArgs& ra, const void* x, void* residual,
                        ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
 }
 
-template <typename T, int Threads, int MinBlocks, bool kReload = false>
+template <typename T, int Threads, int MinBlocks>
 cudaError_t launch_add_rmsnorm_two_pass(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
                                         cudaStream_t stream) {
   const int rows_per_cta = Threads / ra.group;
   const int64_t blocks = (tokens + rows_per_cta - 1) / rows_per_cta;
-  return launch_kernel(add_rmsnorm_two_pass_kernel<T, Threads, MinBlocks, kReload>, dim3(unsigned(blocks)), dim3(Threads), stream,
+  return launch_kernel(add_rmsnorm_two_pass_kernel<T, Threads, MinBlocks>, dim3(unsigned(blocks)), dim3(Threads), stream,
                        ra, reinterpret_cast<const Vec*>(x), reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out),
                        tokens);
 }
@@ -325,11 +311,6 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     // one row per CTA up to 4 x 128 vectors (hidden 4096 in 2-byte types; shape 1 takes two such rows per CTA):
     // below one row per SM, rows spread over twice the SMs, and a row streams at one SM's L2 bandwidth
     case 11: return launch_add_rmsnorm<T, 128, 4, false>(ra, x, residual, out, tokens, stream);
-    // experiments: one row per CTA over more threads (2 and 1 vectors per thread); shape 9 re-reading x and the
-    // residual in pass 2 with L2 eviction priorities, as the compiled norm does
-    case 12: return launch_add_rmsnorm<T, 256, 2, false>(ra, x, residual, out, tokens, stream);
-    case 13: return launch_add_rmsnorm<T, 512, 1, false>(ra, x, residual, out, tokens, stream);
-    case 14: return launch_add_rmsnorm_two_pass<T, 256, 8, true>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -61,25 +61,6 @@ template <> struct Pack<float> {
   }
 };
 
-// L2 eviction priority evict_last for the loads given this policy (PTX createpolicy): lines a kernel reads again
-// soon stay while lines marked evict-first (__ldcs) make room.
-__device__ __forceinline__ uint64_t l2_evict_last_policy() {
-  uint64_t policy;
-  asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
-}
-
-// A 16-byte load with an L2 cache policy. The "memory" clobber keeps it in program order with the stores around it
-// (the compiler cannot see what the asm reads).
-__device__ __forceinline__ Vec load_l2_hinted(const Vec* p, uint64_t policy) {
-  Vec v;
-  asm volatile("ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p), "l"(policy)
-               : "memory");
-  return v;
-}
-
 // The CTA-wide barrier of the threads that run a kernel's data path. In every kernel but lean_bulk those are
 // all of the CTA's threads (__syncthreads). lean_bulk adds a copy warp that never joins them (it would wait
 // behind its own bulk copies), so there the kBlockThreads workers meet on named barrier kWorkersBarrier
