@@ -194,11 +194,13 @@ __global__ void __launch_bounds__(Threads, 2) add_rmsnorm_pipelined_kernel(RowAr
 }
 
 // Two passes over each row, few registers: pass 1 computes z = round_T(x + residual), writes it back to the
-// residual and sums its squares; pass 2 reads z again (the residual just written, from L2; x when there is
-// no residual) with the weight and writes out. A thread holds one or two vectors at a time instead of the
+// residual and sums its squares; pass 2 reads z again (the residual just written, from L2; x when there is no
+// residual) with the weight and writes out. A thread holds Batch vectors (of each input) at a time instead of the
 // whole row, so MinBlocks CTAs fit on an SM (the compiled norm's trade: occupancy for an L2 re-read).
+// Each batch issues all its loads before its first store: the compiler may not move a load above a store that
+// could alias it, so a plain loop waits one memory latency per vector (Batch 1: 2 x hidden / (8 G) latencies a row).
 // Same arithmetic and order as finish_rows (per thread j = lane, lane + G, ...; then group_sum): same bits.
-template <typename T, int Threads, int MinBlocks>
+template <typename T, int Threads, int MinBlocks, int Batch>
 __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kernel(RowArgs ra, const Vec* x,
                                                                                 Vec* residual, Vec* out,
                                                                                 int64_t tokens) {
@@ -212,30 +214,58 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
   prefetch_l2(ra.weight, int64_t(ra.hidden) * int64_t(sizeof(T)));
   wait_for_prior_grid();  // PDL (pdl.cuh): only the weight is touched above
   const bool active = row < tokens;
-  const LocalSource<T> src{x, residual, nvr};
+  const int64_t base = row * nvr;
   float ss = 0.f;
   if (active) {
-#pragma unroll 2
-    for (int j = lane; j < nvr; j += G) {
-      const Vec z = src.load_z(row, j);
-      if (residual) residual[row * nvr + j] = z;
-      float f[L];
-      Pack<T>::unpack(z, f);
+    for (int j0 = lane; j0 < nvr; j0 += Batch * G) {
+      Vec xv[Batch], rv[Batch];
 #pragma unroll
-      for (int i = 0; i < L; ++i) ss += f[i] * f[i];
+      for (int b = 0; b < Batch; ++b) {
+        const int j = j0 + b * G;
+        if (j < nvr) {
+          xv[b] = x[base + j];
+          if (residual) rv[b] = residual[base + j];
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < Batch; ++b) {
+        const int j = j0 + b * G;
+        if (j < nvr) {
+          const Vec z = add_z<T>(xv[b], rv[b], residual != nullptr);
+          if (residual) residual[base + j] = z;
+          float f[L];
+          Pack<T>::unpack(z, f);
+#pragma unroll
+          for (int i = 0; i < L; ++i) ss += f[i] * f[i];
+        }
+      }
     }
   }
   const float rstd = rsqrtf(group_sum(ss, G, red[0]) / float(ra.hidden) + ra.eps);
   if (!active) return;
   const Vec* zs = residual ? residual : x;  // this thread's own stores of pass 1: program order
-#pragma unroll 2
-  for (int j = lane; j < nvr; j += G) {
-    float f[L], gw[L];
-    Pack<T>::unpack(zs[row * nvr + j], f);
-    Pack<T>::unpack(w[j], gw);
+  for (int j0 = lane; j0 < nvr; j0 += Batch * G) {
+    Vec zv[Batch], wv[Batch];
 #pragma unroll
-    for (int i = 0; i < L; ++i) f[i] = f[i] * rstd * gw[i];
-    out[row * nvr + j] = Pack<T>::pack(f);
+    for (int b = 0; b < Batch; ++b) {
+      const int j = j0 + b * G;
+      if (j < nvr) {
+        zv[b] = zs[base + j];
+        wv[b] = w[j];
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < Batch; ++b) {
+      const int j = j0 + b * G;
+      if (j < nvr) {
+        float f[L], gw[L];
+        Pack<T>::unpack(zv[b], f);
+        Pack<T>::unpack(wv[b], gw);
+#pragma unroll
+        for (int i = 0; i < L; ++i) f[i] = f[i] * rstd * gw[i];
+        out[base + j] = Pack<T>::pack(f);
+      }
+    }
   }
 }
 
@@ -246,13 +276,15 @@ struct NormConfig {
   int threads, target_vecs, max_vecs;
   bool pipelined;
 };
-// Two-pass shapes (9, 10) keep no row in registers: any row length fits (kTwoPassVecs bounds nothing).
+// Two-pass shapes (9, 10, 12-14) keep no row in registers: any row length fits (kTwoPassVecs bounds nothing).
 constexpr int kTwoPassVecs = 1 << 20;
 constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false},           {256, 4, 8, false},
                                        {512, 4, 8, false},  {256, 4, 4, true},            {512, 2, 2, true},
                                        {1024, 1, 2, false}, {512, 2, 2, false},           {512, 2, 2, false},
                                        {256, 4, kTwoPassVecs, false}, {128, 8, kTwoPassVecs, false},
-                                       {128, 4, 4, false}};
+                                       {128, 4, 4, false},
+                                       {256, 4, kTwoPassVecs, false}, {256, 4, kTwoPassVecs, false},
+                                       {256, 4, kTwoPassVecs, false}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
@@ -281,12 +313,12 @@ cudaError_t launch_add_rmsnorm(const RowArgs& ra, const void* x, void* residual,
                        ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
 }
 
-template <typename T, int Threads, int MinBlocks>
+template <typename T, int Threads, int MinBlocks, int Batch = 1>
 cudaError_t launch_add_rmsnorm_two_pass(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
                                         cudaStream_t stream) {
   const int rows_per_cta = Threads / ra.group;
   const int64_t blocks = (tokens + rows_per_cta - 1) / rows_per_cta;
-  return launch_kernel(add_rmsnorm_two_pass_kernel<T, Threads, MinBlocks>, dim3(unsigned(blocks)), dim3(Threads), stream,
+  return launch_kernel(add_rmsnorm_two_pass_kernel<T, Threads, MinBlocks, Batch>, dim3(unsigned(blocks)), dim3(Threads), stream,
                        ra, reinterpret_cast<const Vec*>(x), reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out),
                        tokens);
 }
@@ -311,6 +343,11 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     // one row per CTA up to 4 x 128 vectors (hidden 4096 in 2-byte types; shape 1 takes two such rows per CTA):
     // below one row per SM, rows spread over twice the SMs, and a row streams at one SM's L2 bandwidth
     case 11: return launch_add_rmsnorm<T, 128, 4, false>(ra, x, residual, out, tokens, stream);
+    // shape 9 with every load of a batch of 2 or 4 vectors in flight before its stores (registers for 6, 8 and
+    // 4 CTAs of 256 threads per SM)
+    case 12: return launch_add_rmsnorm_two_pass<T, 256, 6, 2>(ra, x, residual, out, tokens, stream);
+    case 13: return launch_add_rmsnorm_two_pass<T, 256, 8, 2>(ra, x, residual, out, tokens, stream);
+    case 14: return launch_add_rmsnorm_two_pass<T, 256, 4, 4>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }

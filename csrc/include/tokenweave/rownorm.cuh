@@ -156,6 +156,19 @@ __device__ void poison_rows(void* out, int hidden, int64_t r0, int64_t r1) {
   for (int64_t i = r0 * nvr + threadIdx.x; i < r1 * nvr; i += Threads) o[i] = nan_vec<T>();
 }
 
+// z = round_T(x + r), or x where there is no residual (has_residual false: r is not read).
+template <typename T>
+__device__ __forceinline__ Vec add_z(Vec x, Vec r, bool has_residual) {
+  if (!has_residual) return x;
+  constexpr int L = Pack<T>::kLanes;
+  float f[L], g[L];
+  Pack<T>::unpack(x, f);
+  Pack<T>::unpack(r, g);
+#pragma unroll
+  for (int i = 0; i < L; ++i) f[i] += g[i];
+  return Pack<T>::pack(f);
+}
+
 // z = round_T(x + residual): the standalone add + RMSNorm.
 template <typename T>
 struct LocalSource {
@@ -164,14 +177,7 @@ struct LocalSource {
   int nvr;
   __device__ Vec load_z(int64_t row, int j) const {
     const Vec v = x[row * nvr + j];
-    if (residual == nullptr) return v;
-    constexpr int L = Pack<T>::kLanes;
-    float f[L], r[L];
-    Pack<T>::unpack(v, f);
-    Pack<T>::unpack(residual[row * nvr + j], r);
-#pragma unroll
-    for (int i = 0; i < L; ++i) f[i] += r[i];
-    return Pack<T>::pack(f);
+    return residual ? add_z<T>(v, residual[row * nvr + j], true) : v;
   }
 };
 
