@@ -276,15 +276,13 @@ struct NormConfig {
   int threads, target_vecs, max_vecs;
   bool pipelined;
 };
-// Two-pass shapes (9, 10, 12-14) keep no row in registers: any row length fits (kTwoPassVecs bounds nothing).
+// Two-pass shapes (9, 10, 12) keep no row in registers: any row length fits (kTwoPassVecs bounds nothing).
 constexpr int kTwoPassVecs = 1 << 20;
 constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false},           {256, 4, 8, false},
                                        {512, 4, 8, false},  {256, 4, 4, true},            {512, 2, 2, true},
                                        {1024, 1, 2, false}, {512, 2, 2, false},           {512, 2, 2, false},
                                        {256, 4, kTwoPassVecs, false}, {128, 8, kTwoPassVecs, false},
-                                       {128, 4, 4, false},
-                                       {256, 4, kTwoPassVecs, false}, {256, 4, kTwoPassVecs, false},
-                                       {256, 4, kTwoPassVecs, false}};
+                                       {128, 4, 4, false},  {256, 4, kTwoPassVecs, false}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
@@ -343,11 +341,10 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     // one row per CTA up to 4 x 128 vectors (hidden 4096 in 2-byte types; shape 1 takes two such rows per CTA):
     // below one row per SM, rows spread over twice the SMs, and a row streams at one SM's L2 bandwidth
     case 11: return launch_add_rmsnorm<T, 128, 4, false>(ra, x, residual, out, tokens, stream);
-    // shape 9 with every load of a batch of 2 or 4 vectors in flight before its stores (registers for 6, 8 and
-    // 4 CTAs of 256 threads per SM)
+    // shape 9 with both loads of two vectors in flight before their stores: 40 registers, 6 CTAs per SM (a batch
+    // of 2 at 8 CTAs spilled and a batch of 4 at 4 CTAs was no faster than shape 9: bench/results/add_rmsnorm at
+    // 366fe1d)
     case 12: return launch_add_rmsnorm_two_pass<T, 256, 6, 2>(ra, x, residual, out, tokens, stream);
-    case 13: return launch_add_rmsnorm_two_pass<T, 256, 8, 2>(ra, x, residual, out, tokens, stream);
-    case 14: return launch_add_rmsnorm_two_pass<T, 256, 4, 4>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }
