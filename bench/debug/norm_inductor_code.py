@@ -8,6 +8,7 @@ hints) to ``OUT_DIR/<tokens>x<hidden>/``. Needs a CUDA GPU.
 """
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,10 +25,8 @@ for tokens, hidden in shapes:
             f"x = torch.randn({tokens}, {hidden}, device='cuda', dtype=torch.bfloat16)\n"
             "r = torch.randn_like(x); w = torch.randn(x.shape[1], device='cuda').to(x.dtype)\n"
             "f(x, r, w, EPS); torch.cuda.synchronize()\n")
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)  # a copy of os.environ: the multicast settings stay
-    import subprocess
-
-    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    # the child's environment is a copy of os.environ (the multicast settings stay) plus the fresh cache
+    subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache), check=True)
     dest = out_dir / f"{tokens}x{hidden}"
     dest.mkdir(parents=True, exist_ok=True)
     n = 0
