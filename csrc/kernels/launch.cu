@@ -342,8 +342,7 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     // below one row per SM, rows spread over twice the SMs, and a row streams at one SM's L2 bandwidth
     case 11: return launch_add_rmsnorm<T, 128, 4, false>(ra, x, residual, out, tokens, stream);
     // shape 9 with both loads of two vectors in flight before their stores: 40 registers, 6 CTAs per SM (a batch
-    // of 2 at 8 CTAs spilled and a batch of 4 at 4 CTAs was no faster than shape 9: bench/results/add_rmsnorm at
-    // 366fe1d)
+    // of 2 at 8 CTAs spilled, and a batch of 4 at 4 CTAs beat no shipped choice: bench/results/variants/366fe1d)
     case 12: return launch_add_rmsnorm_two_pass<T, 256, 6, 2>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
