@@ -1,0 +1,39 @@
+"""The SASS checks of .ci/check_kernels.py on synthetic disassembly: each must fail on what it guards against."""
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("check_kernels", ROOT / ".ci" / "check_kernels.py")
+ck = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ck)
+
+
+def _sass(*lines: str) -> str:
+    return "\n".join(f"        /*{16 * i:04x}*/                   {line} ;" for i, line in enumerate(lines))
+
+
+def test_narrow_loads_of_a_data_vector_fail_and_state_words_pass():
+    # the pattern the by-reference unpack compiled to: a 16-byte vector read as four 4-byte loads
+    quartered = [f"LDG.E R{4 + k}, desc[UR4][R2.64+0x{4 * k:x}]" for k in range(4)] * 3
+    assert ck.narrow_load_problems("k", _sass(*quartered))
+    # a few state words, 16-byte data loads and flag polls (.STRONG) are fine
+    ok = _sass("LDG.E R5, desc[UR4][R2.64]", "LDG.E.64 R6, desc[UR4][R8.64]",
+               *["LDG.E.128 R8, desc[UR4][R10.64]"] * 20, *["LDG.E.STRONG.SYS R0, desc[UR4][R12.64]"] * 20,
+               *["LDG.E.128.STRONG.SYS R8, desc[UR4][R12.64]"] * 5)
+    assert ck.narrow_load_problems("k", ok) == []
+
+
+def test_the_narrow_load_bound_is_strict():
+    at = _sass(*["LDG.E R5, desc[UR4][R2.64]"] * ck.MAX_NARROW_LOADS)
+    over = _sass(*["LDG.E.U16 R5, desc[UR4][R2.64]"] * (ck.MAX_NARROW_LOADS + 1))
+    assert ck.narrow_load_problems("k", at) == []
+    assert ck.narrow_load_problems("k", over)
+
+
+def test_transport_problems_tell_multimem_from_p2p():
+    mc = _sass("LDGMC.E.ADD.F32x4.BF16x8.RN.STRONG.SYS R4, desc[UR4][R2.64]", "STG.E.128.STRONG.SYS desc[UR4][R6.64], R8")
+    p2p = _sass("LDG.E.128 R4, desc[UR4][R2.64]", "STG.E.128 desc[UR4][R6.64], R8")
+    assert ck.transport_problems("f", mc, "Multimem", "resident", True) == []
+    assert ck.transport_problems("f", p2p, "Multimem", "resident", True)  # multimem build without multicast
+    assert ck.transport_problems("f", mc, "P2P", "resident", True)  # p2p build with multimem instructions
+    assert ck.transport_problems("f", p2p, "P2P", "resident", True) == []
