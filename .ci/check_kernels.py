@@ -37,11 +37,13 @@ def find_tool(name: str) -> str | None:
 POLLS = r"LDG\.E\.128\.STRONG\.SYS|LD\.E\.128\.STRONG\.SYS|LDG\.E\.128\.VOLATILE"
 # Kernels of their own (kernel name -> the kind counted, whether its multimem build reduces through the switch
 # (LDGMC), and the SASS it must contain with why). The Lamport kernels push with the transport but poll their own
-# buffers with volatile 16-byte loads; lean_bulk's copy warp moves the scatter with bulk copies.
+# buffers with volatile 16-byte loads; lean_bulk's copy warp moves the scatter with bulk copies; lean_pull's multimem
+# build reduces every rank's x through the switch (LDGMC) and stores through the multicast address.
 OWN_KERNELS = {
     "lamport_kernel": ("lamport", False, [(POLLS, "volatile 16-byte polls of the Lamport buffer")]),
     "lamport_two_shot_kernel": ("lamport_two_shot", False, [(POLLS, "volatile 16-byte polls of the Lamport buffers")]),
     "lean_kernel": ("lean", True, []),
+    "lean_pull_kernel": ("lean_pull", True, []),
     "lean_bulk_kernel": ("lean_bulk", True, [(r"UBLKCP\.S\.G", "bulk loads (UBLKCP.S.G)"),
                                              (r"UBLKCP\.G\.S", "bulk stores (UBLKCP.G.S)")]),
 }
@@ -133,6 +135,7 @@ def main() -> int:
                 ("P2P", "tracked"): 14, ("P2P", "copy_engine"): 14, ("Multimem", "lamport"): 14, ("P2P", "lamport"): 14,
                 ("Multimem", "lamport_two_shot"): 14, ("P2P", "lamport_two_shot"): 14,
                 ("Multimem", "lean"): 21, ("P2P", "lean"): 21,  # lean: 3 dtypes x 2..8, resident only
+                ("Multimem", "lean_pull"): 21, ("P2P", "lean_pull"): 21,
                 ("Multimem", "lean_bulk"): 21, ("P2P", "lean_bulk"): 21}
     if counted != expected:
         print(f"  PROBLEM: expected {expected}")

@@ -9,13 +9,14 @@ per rank; ``--per-cta-timing eager`` launches the per-CTA table's calls, hundred
     Time of one fused all-reduce + residual + RMSNorm on every rank at once (all W grids side by side),
     and the useful throughput per CTA: bytes of x one rank completes per second per CTA. Variants:
     ``two_shot`` (out in ordinary memory: the flagged two-shot), ``lean`` (out and residual symmetric),
-    ``lean_sharded`` (sharded residual), ``lean_bulk`` / ``lean_bulk_sharded`` (the same with the scatter done
-    by a copy warp's bulk copies). ``two_shot_repeat`` times two_shot again: the run-to-run noise.
+    ``lean_sharded`` (sharded residual), ``lean_pull`` / ``lean_pull_sharded`` (x symmetric too: no scatter, the
+    owners read every rank's x in place), ``lean_bulk`` / ``lean_bulk_sharded`` (the scatter done by a copy warp's
+    bulk copies). ``two_shot_repeat`` times two_shot again: the run-to-run noise.
 ``one_shot`` (hidden 8192, W = 2, 4, 8, tokens 1..128)
     Latency per call of the flagged one-shot against the flag-free Lamport one-shot (dispatcher's CTAs).
 ``mid_range`` (hidden 8192, W = 2 and 4, tokens 32..512)
-    Latency per call of the flag-free Lamport two-shot (``lamport_two_shot``) against the flagged two-shot and
-    lean (out and residual symmetric), replicated residual, each with the CTAs the dispatcher's plan gives it
+    Latency per call of the flag-free Lamport two-shot (``lamport_two_shot``) against the flagged two-shot,
+    lean (out and residual symmetric) and lean_pull (x too), replicated residual, each with the CTAs the dispatcher's plan gives it
     (``ctas`` in each row: requested; a kernel runs at most one CTA per chunk). ``lamport_two_shot_repeat``
     times it again: the run-to-run noise. Sizes where a rank's shard exceeds a Lamport slot (2 MiB) are skipped.
 
@@ -53,7 +54,8 @@ DTYPE = torch.bfloat16
 EPS = 1e-5
 CTA_TOKENS = 4096
 CTAS = (1, 2, 4, 8, 16, 32)
-VARIANTS = ("two_shot", "lean", "lean_sharded", "lean_bulk", "lean_bulk_sharded", "two_shot_repeat")
+VARIANTS = ("two_shot", "lean", "lean_sharded", "lean_pull", "lean_pull_sharded", "lean_bulk", "lean_bulk_sharded",
+            "two_shot_repeat")
 ONE_SHOT_TOKENS = (1, 4, 16, 64, 128)
 MID_TOKENS = (32, 64, 128, 256, 512)
 
@@ -86,11 +88,16 @@ def per_cta_rows(W: int, args) -> list[dict]:
             "two_shot": (plain_out, plain_res, dict(algo="two_shot"), "replicated"),
             "lean": (sym_out, sym_res, dict(algo="lean"), "replicated"),
             "lean_sharded": (sym_out, shard_res, dict(algo="lean", sharded_residual=True), "sharded"),
+            "lean_pull": (sym_out, sym_res, dict(algo="lean_pull"), "replicated"),
+            "lean_pull_sharded": (sym_out, shard_res, dict(algo="lean_pull", sharded_residual=True), "sharded"),
             "lean_bulk": (sym_out, sym_res, dict(algo="lean_bulk"), "replicated"),
             "lean_bulk_sharded": (sym_out, shard_res, dict(algo="lean_bulk", sharded_residual=True), "sharded"),
         }
         setups["two_shot_repeat"] = setups["two_shot"]
-        return world, xs, weight, setups
+        sym_xs = world.empty(tokens, HIDDEN, dtype=DTYPE)  # lean_pull reads x in place: the same values
+        for s, x in zip(sym_xs, xs):
+            s.copy_(x)
+        return world, {"plain": xs, "symmetric": sym_xs}, weight, setups
 
     try:
         for ctas in CTAS:
@@ -100,9 +107,10 @@ def per_cta_rows(W: int, args) -> list[dict]:
                 if W * ctas > world.num_sms:
                     continue
                 outs, res, kw, residual_mode = setups[variant]
+                x_of = xs["symmetric" if kw["algo"] == "lean_pull" else "plain"]
 
-                def fn(comm, r, outs=outs, res=res, kw=kw):
-                    tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r], ctas=ctas, **kw)
+                def fn(comm, r, outs=outs, res=res, kw=kw, x_of=x_of):
+                    tw.fused_allreduce_rmsnorm(comm, x_of[r], res[r], weight, EPS, out=outs[r], ctas=ctas, **kw)
                 row = {"table": "per_cta", "W": W, "tokens": tokens, "hidden": HIDDEN, "ctas": ctas,
                        "variant": variant,
                        "traffic_per_byte": traffic_per_byte(kw["algo"], W, residual_mode)["total"]}
@@ -170,17 +178,23 @@ def mid_range_rows(W: int, args) -> list[dict]:
             sym_res = world.empty(tokens, HIDDEN, dtype=DTYPE)
             for r in sym_res:
                 r.copy_(residual)
+            sym_xs = world.empty(tokens, HIDDEN, dtype=DTYPE)  # lean_pull reads x in place
+            for s, x in zip(sym_xs, xs):
+                s.copy_(x)
             setups = {"two_shot": (plain_out, plain_res, "two_shot"), "lean": (sym_out, sym_res, "lean"),
+                      "lean_pull": (sym_out, sym_res, "lean_pull"),
                       "lamport_two_shot": (plain_out, plain_res, "lamport_two_shot")}
             setups["lamport_two_shot_repeat"] = setups["lamport_two_shot"]
             for variant, (outs, res, algo) in setups.items():
                 if algo == "lamport_two_shot" and -(-tokens // W) * HIDDEN * DTYPE.itemsize > slot_bytes:
                     print(f"W={W} T={tokens:4d} {variant:24s} skipped: a shard exceeds a Lamport slot", flush=True)
                     continue
-                ctas = world.ranks[0].plan(tokens, HIDDEN, DTYPE.itemsize, algo, lean_ok=algo == "lean").ctas
+                lean, pull = algo in ("lean", "lean_pull"), algo == "lean_pull"
+                ctas = world.ranks[0].plan(tokens, HIDDEN, DTYPE.itemsize, algo, lean_ok=lean, pull_ok=pull).ctas
+                x_of = sym_xs if pull else xs
 
-                def fn(comm, r, outs=outs, res=res, algo=algo):
-                    tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=outs[r], algo=algo)
+                def fn(comm, r, outs=outs, res=res, algo=algo, x_of=x_of):
+                    tw.fused_allreduce_rmsnorm(comm, x_of[r], res[r], weight, EPS, out=outs[r], algo=algo)
                 us = harness.time_cuda_graph(fn, calls=args.calls, replays=args.replays, world=world)
                 world.synchronize()
                 rows.append({"table": "mid_range", "W": W, "tokens": tokens, "hidden": HIDDEN, "variant": variant,

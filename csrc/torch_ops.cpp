@@ -63,8 +63,10 @@ bool env_is(const char* name, const char* value) {
   return v != nullptr && std::strcmp(v, value) == 0;
 }
 
-// Every rank's address of `t` (which must lie in one registered symmetric allocation of `comm`).
-tw::PeerTable peer_table(int64_t comm, const at::Tensor& t, int world, const char* op, const char* name) {
+// Every rank's address of `t` (which must lie in one registered symmetric allocation of `comm`). `why` says
+// which algorithm needs it there and for what ("algo 'lean' writes out on every rank").
+tw::PeerTable peer_table(int64_t comm, const at::Tensor& t, int world, const char* op, const char* name,
+                         const char* why) {
   std::lock_guard<std::mutex> lock(g_mu);
   const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uint64_t nbytes = uint64_t(t.numel()) * t.element_size();
@@ -77,7 +79,7 @@ tw::PeerTable peer_table(int64_t comm, const at::Tensor& t, int world, const cha
     pt.ident = (uint64_t(a.index + 1) << 40) ^ off;
     return pt;
   }
-  TORCH_CHECK_VALUE(false, op, ": algo 'lean' writes ", name, " on every rank, so ", name,
+  TORCH_CHECK_VALUE(false, op, ": ", why, ", so ", name,
                     " must live in the communicator's symmetric memory: allocate it with comm.empty(...)");
   return {};
 }
@@ -240,21 +242,25 @@ void allreduce_sharded_cuda(const at::Tensor& x, at::Tensor& residual, const std
   TORCH_CHECK(st == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(st));
 }
 
-// Lean two-shot (algo lean or lean_bulk): out (and a replicated residual) in the communicator's symmetric memory;
-// a sharded residual holds only this rank's rows [rank * shard_rows, ...).
+// Lean two-shot (algo lean, lean_bulk or lean_pull): out (and a replicated residual) in the communicator's
+// symmetric memory, and x too for lean_pull; a sharded residual holds only this rank's rows [rank * shard_rows, ...).
 void allreduce_lean_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                          const std::optional<at::Tensor>& weight, at::Tensor& out, double eps, int64_t comm, int64_t algo,
                          int64_t ctas, int64_t chunks_per_cta, bool sharded_residual) {
   constexpr const char* op = "tokenweave.allreduce_lean";
-  TORCH_CHECK_VALUE(algo == int64_t(tw::Algo::kLean) || algo == int64_t(tw::Algo::kLeanBulk), op,
-                    ": takes algo lean or lean_bulk (other algorithms go through tokenweave.allreduce)");
+  const bool pull = algo == int64_t(tw::Algo::kLeanPull);
+  TORCH_CHECK_VALUE(algo == int64_t(tw::Algo::kLean) || algo == int64_t(tw::Algo::kLeanBulk) || pull, op,
+                    ": takes algo lean, lean_bulk or lean_pull (other algorithms go through tokenweave.allreduce)");
   check_inputs(x, sharded_residual ? std::nullopt : residual, weight, out, op);
   const CommEntry e = lookup(comm, op);
   TORCH_CHECK_VALUE(!sharded_residual || residual, op, ": sharded_residual needs a residual");
   if (sharded_residual) check_sharded_residual(x, *residual, e, op);
   tw::CallArgs a{};
-  a.out_peers = peer_table(comm, out, e.dev.world, op, "out");
-  if (residual && !sharded_residual) a.res_peers = peer_table(comm, *residual, e.dev.world, op, "residual");
+  a.out_peers = peer_table(comm, out, e.dev.world, op, "out", "algo 'lean' writes out on every rank");
+  if (residual && !sharded_residual)
+    a.res_peers = peer_table(comm, *residual, e.dev.world, op, "residual",
+                             "algo 'lean' with a replicated residual writes it on every rank");
+  if (pull) a.x_peers = peer_table(comm, x, e.dev.world, op, "x", "algo 'lean_pull' reads x where it lies on every rank");
   if (sharded_residual) a.op = tw::kOpShardedResidual;
   tw::CallArgs planned = plan_call(op, e, x, residual, weight, out, eps, algo, ctas, chunks_per_cta,
                                    tw::Feed::kResident, a);
@@ -509,6 +515,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   algos["lean"] = int(tw::Algo::kLean);
   algos["lamport_two_shot"] = int(tw::Algo::kLamportTwoShot);
   algos["lean_bulk"] = int(tw::Algo::kLeanBulk);
+  algos["lean_pull"] = int(tw::Algo::kLeanPull);
   feeds["resident"] = int(tw::Feed::kResident);
   feeds["tracked"] = int(tw::Feed::kTracked);
   feeds["copy_engine"] = int(tw::Feed::kCopyEngine);

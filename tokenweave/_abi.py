@@ -15,7 +15,8 @@ from tokenweave._ext import _C
 # As declared in csrc/include/tokenweave/types.h (enums, limits, structs) and plan.h (OpBits).
 _PYTHON = {
     # enum class Algo; kAuto = 0 is the dispatcher's "not chosen yet", never a user-facing algorithm
-    "ALGO_CODES": {"one_shot": 1, "two_shot": 2, "lamport": 3, "lean": 4, "lamport_two_shot": 5, "lean_bulk": 6},
+    "ALGO_CODES": {"one_shot": 1, "two_shot": 2, "lamport": 3, "lean": 4, "lamport_two_shot": 5, "lean_bulk": 6,
+                   "lean_pull": 7},
     "FEED_CODES": {"resident": 0, "tracked": 1, "copy_engine": 2},           # enum class Feed
     "DTYPE_CODES": {"float32": 0, "float16": 1, "bfloat16": 2},             # enum class DType
     "TRANSPORT_CODES": {"p2p": 0, "multimem": 1},                           # enum class Transport

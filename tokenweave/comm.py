@@ -27,6 +27,8 @@ _ERR_TIMEOUT, _ERR_MISMATCH, _ERR_PRODUCER_TIMEOUT = (_abi.ERROR_CODES[k] for k 
 _OP_RESIDUAL, _OP_NORM = _abi.OP_BITS["residual"], _abi.OP_BITS["norm"]
 _DTYPE_NAMES = {code: name for name, code in _abi.DTYPE_CODES.items()}
 _ALGO_NAMES = {code: name for name, code in ALGOS.items()}
+# The row-owning two-shots that write every rank's out themselves (out, a replicated residual: symmetric tensors).
+_LEAN_ALGOS = ("lean", "lean_bulk", "lean_pull")
 _PROBE_MAGIC = 0x7EAF << 48
 # Row length the Lamport kernels take (2-byte types): kBlockThreads x kLamportVecs (lamport.cuh) x 8 lanes.
 _LAMPORT_MAX_HIDDEN = _abi.ROW_THREADS * 4 * 8
@@ -98,7 +100,7 @@ def fill_lamport_sentinel(workspace: torch.Tensor, layout: dict) -> None:
 
 
 def shard_range(tokens: int, world_size: int, rank: int) -> tuple[int, int]:
-    """``(first_row, n_rows)`` that ``rank`` owns under algo ``"lean"``: contiguous shards of ceil(T / W) rows."""
+    """``(first_row, n_rows)`` that ``rank`` owns under the lean algorithms: contiguous shards of ceil(T / W) rows."""
     shard = -(-int(tokens) // world_size)
     first = rank * shard
     return first, max(0, min(shard, int(tokens) - first))
@@ -107,16 +109,18 @@ def shard_range(tokens: int, world_size: int, rank: int) -> tuple[int, int]:
 def traffic_per_byte(algo: str, world_size: int, residual: str = "replicated") -> dict[str, float]:
     """SM-issued memory traffic per byte of x (per rank) of one fused call, counted from the kernels.
 
-    ``residual``: ``"none"``, ``"replicated"`` (every rank holds all rows) or ``"sharded"`` (lean and
-    lamport_two_shot only).
-    Returns local reads, local writes and remote (NVLink) writes, and their total. Reads of slots that
-    peers filled count as local reads; polling (Lamport) counts one extra read of every slot.
+    ``residual``: ``"none"``, ``"replicated"`` (every rank holds all rows) or ``"sharded"`` (the lean algorithms
+    and lamport_two_shot only).
+    Returns local reads, remote (NVLink) reads, local writes and remote writes, and their total. Reads of slots
+    that peers filled count as local reads; polling (Lamport) counts one extra read of every slot. Only
+    ``lean_pull`` reads remotely (its owners read every rank's x in place).
     """
     W = world_size
     res = residual != "none"
-    if residual == "sharded" and algo not in ("lean", "lean_bulk", "lamport_two_shot"):
-        raise ValueError(f"traffic_per_byte: a sharded residual exists only for algos 'lean' and 'lamport_two_shot', "
-                         f"not {algo!r}")
+    remote_reads = 0.0
+    if residual == "sharded" and algo not in (*_LEAN_ALGOS, "lamport_two_shot"):
+        raise ValueError(f"traffic_per_byte: a sharded residual exists only for algos 'lean', 'lean_bulk', "
+                         f"'lean_pull' and 'lamport_two_shot', not {algo!r}")
     if algo in ("one_shot", "lamport"):
         # push: read x, my slot here + W-1 peers; finish: read W slots (+ residual), write out (+ residual)
         reads, local, remote = 1 + W + res, 1 + 1 + res, W - 1
@@ -134,6 +138,13 @@ def traffic_per_byte(algo: str, world_size: int, residual: str = "replicated") -
         reads = (W - 1) / W + (W - 1) / W + 1 / W + res / W
         local = 1 / W + res / W
         remote = (W - 1) / W + (W - 1) / W + (W - 1) / W * (residual == "replicated")
+    elif algo == "lean_pull":
+        # no scatter; owner: my x piece here, the W-1 others where they lie (+ residual piece), out to every rank
+        # (residual: mine only if sharded, else every rank too)
+        reads = 1 / W + res / W
+        remote_reads = (W - 1) / W
+        local = 1 / W + res / W
+        remote = (W - 1) / W + (W - 1) / W * (residual == "replicated")
     elif algo == "lamport_two_shot":
         # scatter: (W-1)/W of x to its owners' S slots; owner: W-1 S pieces of 1/W, polled once more, my x piece
         # (+ residual piece), z to every rank's G slot (mine local), the sharded residual piece; epilogue: every G
@@ -143,7 +154,8 @@ def traffic_per_byte(algo: str, world_size: int, residual: str = "replicated") -
         remote = 2 * (W - 1) / W
     else:
         raise ValueError(f"traffic_per_byte: unknown algo {algo!r}; use one of {tuple(ALGOS)}")
-    return {"local_reads": reads, "local_writes": local, "remote_writes": remote, "total": reads + local + remote}
+    return {"local_reads": reads, "remote_reads": remote_reads, "local_writes": local, "remote_writes": remote,
+            "total": reads + remote_reads + local + remote}
 
 
 @dataclass(frozen=True)
@@ -316,16 +328,18 @@ class Communicator:
         return shard_range(tokens, self.world_size, self.rank)
 
     # ------------------------------------------------------------------ per call
-    def plan(self, tokens: int, hidden: int, itemsize: int, algo=None, ctas=None, *, lean_ok=False) -> LaunchPlan:
+    def plan(self, tokens: int, hidden: int, itemsize: int, algo=None, ctas=None, *, lean_ok=False,
+             pull_ok=False) -> LaunchPlan:
         """Launch settings for one call: the dispatcher (one place).
 
         The thresholds are measured per card and world size (``tokenweave/configs/<card>.json``, through
         :func:`tokenweave.tuning.dispatch_config`, which names the run each came from); a heuristic applies
         where no entry matches. ``lean_ok``: out (and a replicated residual) are symmetric tensors, so the
-        lean two-shot may be chosen. The Lamport two-shot is chosen only up to the config's
-        ``lamport_two_shot_max_bytes`` (0, never, where no run measured it).
+        lean two-shot may be chosen; ``pull_ok``: x is a symmetric tensor too, so lean may read it in place
+        (``lean_pull``, where the config's ``lean_pull`` says). The Lamport two-shot is chosen only up to the
+        config's ``lamport_two_shot_max_bytes`` (0, never, where no run measured it).
         """
-        key = (tokens, hidden, itemsize, algo, ctas, lean_ok)
+        key = (tokens, hidden, itemsize, algo, ctas, lean_ok, pull_ok)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
@@ -343,7 +357,7 @@ class Communicator:
             elif nbytes <= cfg.lamport_two_shot_max_bytes and lamport_two_shot_fits:
                 code = ALGOS["lamport_two_shot"]
             elif lean_ok and cfg.lean and hidden <= _abi.LEAN_MAX_HIDDEN[itemsize]:
-                code = ALGOS[self.lean_variant(itemsize, hidden)]
+                code = ALGOS[self.lean_variant(itemsize, hidden, pull_ok=pull_ok)]
             else:
                 code = ALGOS["two_shot"]
         else:
@@ -366,10 +380,13 @@ class Communicator:
                 raise ValueError("algo='lean_bulk' is experimental: it was slower than 'lean' at every CTA count "
                                  "measured and one of its emulated-world runs timed out (docs/PERFORMANCE.md); use "
                                  "'lean', or set TOKENWEAVE_EXPERIMENTAL_LEAN_BULK=1 to run it anyway")
-            if algo in ("lean", "lean_bulk") and not lean_ok:
+            if algo in _LEAN_ALGOS and not lean_ok:
                 raise ValueError(f"algo={algo!r} writes out (and a replicated residual) on every rank: allocate them "
                                  "with comm.empty(...)")
-            if algo in ("lean", "lean_bulk") and hidden > _abi.LEAN_MAX_HIDDEN[itemsize]:
+            if algo == "lean_pull" and not pull_ok:
+                raise ValueError("algo='lean_pull' reads x where it lies on every rank: allocate x with "
+                                 "comm.empty(...) too (or use algo='lean')")
+            if algo in _LEAN_ALGOS and hidden > _abi.LEAN_MAX_HIDDEN[itemsize]:
                 raise ValueError(f"algo={algo!r} takes hidden <= {_abi.LEAN_MAX_HIDDEN[itemsize]} for "
                                  f"{itemsize}-byte elements (its owner keeps a row in registers); hidden is {hidden}: "
                                  "use 'two_shot'")
@@ -381,11 +398,14 @@ class Communicator:
         self._plans[key] = plan
         return plan
 
-    def lean_variant(self, itemsize: int, hidden: int) -> str:
-        """The lean kernel the card's config picks where lean is used: ``"lean_bulk"`` (only with
+    def lean_variant(self, itemsize: int, hidden: int, *, pull_ok: bool = False) -> str:
+        """The lean kernel the card's config picks where lean is used: ``"lean_pull"`` (x symmetric too,
+        ``pull_ok``, and the config's ``lean_pull``), ``"lean_bulk"`` (only with
         ``TOKENWEAVE_EXPERIMENTAL_LEAN_BULK=1``) or ``"lean"``."""
-        use_bulk = self._dispatch(itemsize, hidden).lean_bulk and env.experimental_lean_bulk()
-        return "lean_bulk" if use_bulk else "lean"
+        cfg = self._dispatch(itemsize, hidden)
+        if pull_ok and cfg.lean_pull:
+            return "lean_pull"
+        return "lean_bulk" if cfg.lean_bulk and env.experimental_lean_bulk() else "lean"
 
     def _dispatch(self, itemsize: int, hidden: int):
         from tokenweave.tuning import dispatch_config

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from tokenweave import _abi
 from tokenweave._ext import HAS_EXTENSION, _C
-from tokenweave.comm import _DTYPE_NAMES, _OP_NORM, _OP_RESIDUAL, ALGOS, Communicator, _op_name
+from tokenweave.comm import _DTYPE_NAMES, _LEAN_ALGOS, _OP_NORM, _OP_RESIDUAL, ALGOS, Communicator, _op_name
 from tokenweave.errors import CollectiveMismatchError, CollectiveTimeoutError, TokenweaveError
 from tokenweave.reference import add_rmsnorm_reference
 
@@ -29,6 +29,7 @@ _SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_CODE = {getattr(torch, name): code for code, name in _DTYPE_NAMES.items()}  # as in the kernels' headers
 # Hidden is bounded per element size by the kernels' row epilogue; every transport and add_rmsnorm enforce it.
 _MAX_HIDDEN = _abi.MAX_HIDDEN
+_LEAN_CODES = tuple(ALGOS[a] for a in _LEAN_ALGOS)  # these go through torch.ops.tokenweave.allreduce_lean
 
 if HAS_EXTENSION:
     # Fake (meta) implementations: the ops only mutate their arguments, so there is nothing to compute.
@@ -307,21 +308,23 @@ def _collective(op, comm: Communicator, x, residual, weight, eps, out, algo, cta
     itemsize = x2.element_size()
     comm.order_stream()
     if tokens * hidden * itemsize <= comm.capacity_bytes:
-        # lean: the owner writes every rank's out (and replicated residual): they must be symmetric
-        lean_ok = (algo in (None, "lean", "lean_bulk") and comm.is_symmetric(out2)
+        # lean: the owner writes every rank's out (and replicated residual): they must be symmetric; lean_pull
+        # also reads every rank's x where it lies
+        lean_ok = (algo in (None, *_LEAN_ALGOS) and comm.is_symmetric(out2)
                    and (res2 is None or sharded_residual or comm.is_symmetric(res2)))
+        pull_ok = lean_ok and comm.is_symmetric(x2)
         if sharded_residual and algo is None:  # only the lean kernels (and lamport_two_shot, if asked) shard it
-            algo = comm.lean_variant(itemsize, hidden)
-        plan = comm.plan(tokens, hidden, itemsize, algo, ctas, lean_ok=lean_ok)
-        if plan.algo in (ALGOS["lean"], ALGOS["lean_bulk"]):
+            algo = comm.lean_variant(itemsize, hidden, pull_ok=pull_ok)
+        plan = comm.plan(tokens, hidden, itemsize, algo, ctas, lean_ok=lean_ok, pull_ok=pull_ok)
+        if plan.algo in _LEAN_CODES:
             _ops().allreduce_lean(x2, res2, weight, out2, float(eps), comm._id, plan.algo, plan.ctas,
                                   plan.chunks_per_cta, sharded_residual)
         elif sharded_residual and plan.algo == ALGOS["lamport_two_shot"]:  # out is written locally
             _ops().allreduce_sharded(x2, res2, weight, out2, float(eps), comm._id, plan.algo, plan.ctas,
                                      plan.chunks_per_cta)
         elif sharded_residual:
-            raise ValueError(f"tokenweave.{op}: sharded_residual=True needs algo 'lean', 'lamport_two_shot' or None "
-                             "(None: lean)")
+            raise ValueError(f"tokenweave.{op}: sharded_residual=True needs algo 'lean', 'lean_pull', "
+                             "'lamport_two_shot' or None (None: lean)")
         else:
             _ops().allreduce(x2, res2, weight, out2, float(eps), comm._id, plan.algo, plan.ctas, plan.chunks_per_cta)
         return out
@@ -413,11 +416,16 @@ def fused_allreduce_rmsnorm(comm: Communicator, x: torch.Tensor, residual: torch
     out : Tensor, optional
         Receives ``RMSNorm(z) * weight``; may be ``x`` itself. Allocated if not given. When ``out`` (and a
         replicated ``residual``) come from ``comm.empty``, the lean two-shot can write them on every rank
-        directly (``algo="lean"``, or chosen by the dispatcher where the card's config says it wins).
-    algo : {"one_shot", "two_shot", "lamport", "lean", "lamport_two_shot"}, optional
+        directly (``algo="lean"``, or chosen by the dispatcher where the card's config says it wins). When
+        ``x`` comes from ``comm.empty`` too, lean can read it in place instead of scattering it
+        (``algo="lean_pull"``).
+    algo : {"one_shot", "two_shot", "lamport", "lean", "lean_pull", "lamport_two_shot"}, optional
         Force an algorithm; by default the dispatcher picks by size. ``"lamport"``: flag-free one-shot
         (bf16/fp16, at most 2 MiB). ``"lean"``: two-shot that writes finished rows straight into every
-        rank's symmetric ``out``. ``"lamport_two_shot"``: flag-free two-shot for the mid range (bf16/fp16,
+        rank's symmetric ``out``. ``"lean_pull"``: lean without the scatter: each row's owner reads that row
+        of every rank's ``x`` where it lies (``x``, ``out`` and a replicated ``residual`` from ``comm.empty``;
+        the call completes on a rank only after every owner has read that rank's ``x``, so later work on the
+        stream may overwrite it). ``"lamport_two_shot"``: flag-free two-shot for the mid range (bf16/fp16,
         hidden <= 16384, each rank's shard of ``ceil(tokens / world_size)`` rows at most 2 MiB; ``out`` may be
         any tensor).
     ctas : int, optional
@@ -425,8 +433,8 @@ def fused_allreduce_rmsnorm(comm: Communicator, x: torch.Tensor, residual: torch
         overlapping with compute.
     sharded_residual : bool
         The residual stream is kept sharded by rows across ranks (upstream TokenWeave's layout): fewer bytes
-        per call. Needs 2-D ``x`` and algo ``"lean"`` (the default here; ``out`` from ``comm.empty``) or
-        ``"lamport_two_shot"`` (any ``out``).
+        per call. Needs 2-D ``x`` and algo ``"lean"`` (the default here; ``out`` from ``comm.empty``),
+        ``"lean_pull"`` or ``"lamport_two_shot"`` (any ``out``).
 
     Returns
     -------

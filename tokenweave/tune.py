@@ -21,6 +21,9 @@ functions of the times, which the CPU tests drive with a fake timer):
 ``lean``
     ``lean`` (out and residual from ``comm.empty``) against ``two_shot`` at every size above those limits:
     on only when lean won at every one of them.
+``lean_pull``
+    ``lean_pull`` (x from ``comm.empty`` too, read in place) against ``lean`` at the same sizes: on only when it
+    won at every one of them. Used only for calls whose x is symmetric.
 ``bytes_per_cta``
     A CTA sweep with the algorithm the decisions above pick at each size: every candidate of
     :data:`BYTES_PER_CTA_CHOICES` is scored by the sum over sizes of (time at the CTA count it gives / best
@@ -89,7 +92,7 @@ DEFAULT_MAX_TOKENS = 8192
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 EPS = 1e-5
 # Fields an entry's decisions and provenance occupy; any other field of an entry it replaces is kept.
-TUNED_FIELDS = ("one_shot_max_bytes", "lamport_max_bytes", "lean", "bytes_per_cta", "source", "device",
+TUNED_FIELDS = ("one_shot_max_bytes", "lamport_max_bytes", "lean", "lean_pull", "bytes_per_cta", "source", "device",
                 "device_name", "gpus", "emulated", "torch", "git", "date", "dtype", "measured")
 
 # measure(variant, tokens, hidden, ctas) -> microseconds per call; variant is an algo of tokenweave.comm.ALGOS
@@ -193,13 +196,19 @@ def decide_lamport(measured: dict, row_bytes: int, one_shot_max: int) -> int:
     return leading_wins(points)
 
 
-def decide_lean(measured: dict) -> bool | None:
-    """Lean on when it beat two-shot at every size measured (None: no size measured, decided elsewhere)."""
-    lean, two = measured.get("lean", {}), measured.get("two_shot", {})
+def decide_lean(measured: dict, variant: str = "lean", against: str = "two_shot") -> bool | None:
+    """Lean on when it beat two-shot at every size measured (None: no size measured, decided elsewhere).
+    ``variant``/``against``: the same rule for another pair (lean_pull against lean)."""
+    lean, two = measured.get(variant, {}), measured.get(against, {})
     pairs = [(lean[t], two[t]) for t in lean if t in two]
     if not pairs:
         return None
     return all(a < b for a, b in pairs)
+
+
+def decide_lean_pull(measured: dict) -> bool | None:
+    """lean_pull on (for calls whose x is symmetric) when it beat lean at every size measured."""
+    return decide_lean(measured, "lean_pull", "lean")
 
 
 def decide_bytes_per_cta(sweeps: Sequence[tuple[int, dict]], max_ctas: int,
@@ -377,7 +386,7 @@ def planned_timings(hiddens: Sequence[int], tokens: Sequence[int], itemsize: int
         sizes = [t * h * itemsize for t in tokens if t * h * itemsize <= limits.capacity_bytes]
         total += 2 * sum(b <= limits.one_shot_bytes for b in sizes)
         total += 2 * sum(b <= limits.lamport_bytes for b in sizes) if itemsize == 2 else 0
-        total += 2 * len(sizes)
+        total += 3 * len(sizes)
         total += sum(len(c) for c in (cta_counts(b, limits.max_ctas) for b in sizes) if len(c) > 1)
     return total
 
@@ -392,7 +401,7 @@ def tune_hidden(measure: Measure, hidden: int, tokens: Sequence[int], itemsize: 
     progress = progress or Progress(0, enabled=False)
     row_bytes = hidden * itemsize
     sizes = [t for t in sorted(set(tokens)) if t * row_bytes <= limits.capacity_bytes]
-    m: dict = {"one_shot": {}, "two_shot": {}, "lamport": {}, "lean": {}, "ctas": {}}
+    m: dict = {"one_shot": {}, "two_shot": {}, "lamport": {}, "lean": {}, "lean_pull": {}, "ctas": {}}
     base_ctas = {t: ctas_for(t * row_bytes, HEURISTIC.bytes_per_cta, limits.max_ctas) for t in sizes}
 
     def timed(variant: str, t: int, ctas: int) -> float:
@@ -429,17 +438,18 @@ def tune_hidden(measure: Measure, hidden: int, tokens: Sequence[int], itemsize: 
         race("lamport", limits.lamport_bytes, lamport_alternative)
         decisions["lamport_max_bytes"] = decide_lamport(m, row_bytes, decisions["one_shot_max_bytes"])
 
-    # 3. lean against two-shot wherever two-shot would run
-    planned, start = 2 * len(sizes), progress.n
+    # 3. lean against two-shot wherever two-shot would run, and lean_pull against lean there
+    planned, start = 3 * len(sizes), progress.n
     floor = max(decisions["one_shot_max_bytes"], decisions.get("lamport_max_bytes", 0))
     for t in sizes:
         if t * row_bytes > floor:
             two_shot(t)
             m["lean"][t] = timed("lean", t, base_ctas[t])
+            m["lean_pull"][t] = timed("lean_pull", t, base_ctas[t])
     progress.skip(planned - (progress.n - start))
-    lean = decide_lean(m)
-    if lean is not None:
-        decisions["lean"] = lean
+    for field, decide in (("lean", decide_lean), ("lean_pull", decide_lean_pull)):
+        if (on := decide(m)) is not None:
+            decisions[field] = on
 
     # 4. the CTA sweep with the algorithm decided at each size
     for t in sizes:
@@ -468,9 +478,10 @@ def combine(per_hidden: dict[int, dict], itemsize: int, max_ctas: int) -> dict:
     out = {"one_shot_max_bytes": min(d["one_shot_max_bytes"] for d in decided)}
     if all("lamport_max_bytes" in d for d in decided):
         out["lamport_max_bytes"] = min(d["lamport_max_bytes"] for d in decided)
-    leans = [d["lean"] for d in decided if "lean" in d]
-    if leans:
-        out["lean"] = all(leans)
+    for field in ("lean", "lean_pull"):
+        ons = [d[field] for d in decided if field in d]
+        if ons:
+            out[field] = all(ons)
     sweeps = [(t * h * itemsize, s["us"]) for h, d in per_hidden.items()
               for t, s in d["measured"].get("ctas", {}).items()]
     bpc = decide_bytes_per_cta(sweeps, max_ctas)
@@ -812,7 +823,7 @@ def result_rows(per_hidden: dict[int, dict], dtype: str) -> list[dict]:
     rows = []
     for h, d in per_hidden.items():
         m = d["measured"]
-        for variant in ("one_shot", "two_shot", "lamport", "lean"):
+        for variant in ("one_shot", "two_shot", "lamport", "lean", "lean_pull"):
             for t, us in sorted(m.get(variant, {}).items()):
                 rows.append({"hidden": h, "tokens": t, "dtype": dtype, "variant": variant, "us": us})
         for t, sweep in sorted(m.get("ctas", {}).items()):
@@ -866,10 +877,12 @@ def real_measure(comm, hiddens: Sequence[int], max_tokens: int, dtype, calls: in
     residual, weights = _shared_inputs(dev, numel, hiddens, dtype)
     plain_out, plain_res = torch.empty_like(residual), torch.empty_like(residual)
     sym_out, sym_res = comm.empty(numel, dtype=dtype), comm.empty(numel, dtype=dtype)  # collective, same order
+    sym_x = comm.empty(numel, dtype=dtype)  # lean_pull reads x in place
+    sym_x.copy_(x)
 
     def measure(variant: str, tokens: int, hidden: int, ctas: int) -> float:
-        lean = variant == "lean"
-        xv, src = _rows(x, tokens, hidden), _rows(residual, tokens, hidden)
+        lean = variant in ("lean", "lean_pull")
+        xv, src = _rows(sym_x if variant == "lean_pull" else x, tokens, hidden), _rows(residual, tokens, hidden)
         out = _rows(sym_out if lean else plain_out, tokens, hidden)
         res = _rows(sym_res if lean else plain_res, tokens, hidden)
         w = weights[hidden]
@@ -899,11 +912,14 @@ def emulated_measure(world, hiddens: Sequence[int], max_tokens: int, dtype, call
     plain_out = [torch.empty_like(residual) for _ in range(W)]
     plain_res = [torch.empty_like(residual) for _ in range(W)]
     sym_out, sym_res = world.empty(numel, dtype=dtype), world.empty(numel, dtype=dtype)
+    sym_xs = world.empty(numel, dtype=dtype)  # lean_pull reads x in place
+    for s, x in zip(sym_xs, xs):
+        s.copy_(x)
 
     def measure(variant: str, tokens: int, hidden: int, ctas: int) -> float:
-        lean = variant == "lean"
+        lean = variant in ("lean", "lean_pull")
         src = _rows(residual, tokens, hidden)
-        xv = [_rows(x, tokens, hidden) for x in xs]
+        xv = [_rows(x, tokens, hidden) for x in (sym_xs if variant == "lean_pull" else xs)]
         out = [_rows(o, tokens, hidden) for o in (sym_out if lean else plain_out)]
         res = [_rows(r, tokens, hidden) for r in (sym_res if lean else plain_res)]
         w = weights[hidden]

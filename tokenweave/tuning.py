@@ -12,6 +12,8 @@ Fields of an entry (all optional; missing ones come from the heuristic):
                          2-byte dtypes, hidden <= 16384, a rank's shard of ceil(T / W) rows within a Lamport slot)
 ``lean``                 whether the lean two-shot is used where out/residual are symmetric
 ``lean_bulk``            where lean is used: its copy-warp variant (bulk copies) instead of the plain kernel
+``lean_pull``            where lean is used and x is symmetric too: the variant that reads every rank's x in place
+                         (no scatter) instead of the plain kernel
 ``bytes_per_cta``        CTAs = ceil(bytes / bytes_per_cta), capped at the SM count
 ``pipeline_from_bytes``  from this size each CTA pipelines ``chunks_per_cta`` chunks
 ``chunks_per_cta``
@@ -45,6 +47,7 @@ class DispatchConfig:
     chunks_per_cta: int
     lamport_two_shot_max_bytes: int = 0
     lean_bulk: bool = False
+    lean_pull: bool = False
     source: str = "heuristic"
 
 

@@ -222,6 +222,10 @@ cudaError_t launch_world(const CommDevice& c, const CallArgs& a, cudaStream_t st
       if constexpr (kFeed == Feed::kResident) return go(lean_kernel<T, W, TransportT>);
       return cudaErrorInvalidValue;
     }
+    if (a.algo == int(Algo::kLeanPull)) {
+      if constexpr (kFeed == Feed::kResident) return go(lean_pull_kernel<T, W, TransportT>);
+      return cudaErrorInvalidValue;
+    }
     if (a.algo == int(Algo::kLeanBulk)) {  // workers + a copy warp with its ring of shared-memory stages
       if constexpr (kFeed == Feed::kResident) {
         auto kernel = lean_bulk_kernel<T, W, TransportT>;

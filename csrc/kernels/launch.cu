@@ -29,10 +29,10 @@ const char* plan_allreduce(CallArgs& a, const Layout& l, int ctas, int chunks_pe
   const uint64_t nvr = a.hidden / lanes;
   if (bytes > l.capacity_bytes) return "x is larger than the workspace: make the Communicator with a larger max_tokens";
   const Algo algo = Algo(a.algo);
-  const bool lean = algo == Algo::kLean || algo == Algo::kLeanBulk;
+  const bool lean = algo == Algo::kLean || algo == Algo::kLeanBulk || algo == Algo::kLeanPull;
   if (algo != Algo::kOneShot && algo != Algo::kTwoShot && algo != Algo::kLamport && !lean &&
       algo != Algo::kLamportTwoShot)
-    return "algo must be one_shot, two_shot, lamport, lean, lean_bulk or lamport_two_shot";
+    return "algo must be one_shot, two_shot, lamport, lean, lean_bulk, lean_pull or lamport_two_shot";
   if (algo == Algo::kOneShot && bytes > l.slot_bytes - uint64_t(kMaxChunks) * 16 - 16)
     return "x is too large for one-shot (limit: workspace capacity / world): use two-shot";
   if (algo == Algo::kLamport) {
@@ -61,7 +61,7 @@ const char* plan_allreduce(CallArgs& a, const Layout& l, int ctas, int chunks_pe
       return "x is too large for lamport_two_shot (a rank's shard of ceil(tokens / world) rows must be at most 2 MiB): "
              "use two_shot";
   } else if ((a.op & kOpShardedResidual) != 0) {
-    return "a sharded residual needs algo lean, lean_bulk or lamport_two_shot";
+    return "a sharded residual needs algo lean, lean_bulk, lean_pull or lamport_two_shot";
   }
   int64_t rows = (span + int64_t(ctas) * chunks_per_cta - 1) / (int64_t(ctas) * chunks_per_cta);
   rows = rows < 1 ? 1 : rows;

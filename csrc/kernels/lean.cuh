@@ -14,6 +14,12 @@
 // Synchronisation is the flag protocol of allreduce.cuh (sync.cuh), with the same halves and parities.
 // Every rank has entered the call before any owner writes into its out or residual: an owner writes only
 // after the phase-A flags of every rank, and a rank raises its phase-A flag only from inside this call.
+//
+// Lean pull (kLeanPull: x is a symmetric tensor too): no scatter. Phase A moves nothing; its flag says "I am
+// in this call" (my x is complete, my out writable), and the owner reads its rows of every rank's x where they
+// lie. Per byte of x (W = 4, sharded residual) 0.5 local reads, 0.75 remote reads, 0.5 local writes, 0.75
+// remote writes: 2.5. A rank's x may change again only after its call returns, i.e. after phase C: every owner
+// raised its phase-B flag (a release, after its reads of my x) for each of my chunks.
 #pragma once
 
 #include "tokenweave/bulk.cuh"
@@ -44,6 +50,25 @@ struct LeanSource {
     if (residual) r = residual[(res_base + lrow) * nvr + j];
     float acc[L];
     Tr::reduce_own(c, half, uint64_t(li), own, acc);
+    if (residual) add_vec<T>(acc, r);
+    return Pack<T>::pack(acc);
+  }
+};
+
+// Lean pull owner: z = round_T(sum over every rank's x at my rows + residual), each x read where it lies. The
+// table is held by value (its W addresses in registers), as LeanSink's are.
+template <typename T, class Tr>
+struct LeanPullSource {
+  PeerTable x;
+  const Vec* residual;  // as LeanSource's
+  int64_t row_base;
+  int64_t res_base;
+  int nvr;
+  __device__ Vec load_z(int64_t lrow, int j) const {
+    Vec r;
+    if (residual) r = residual[(res_base + lrow) * nvr + j];
+    float acc[Pack<T>::kLanes];
+    Tr::reduce_all(x, uint64_t((row_base + lrow) * nvr + j) * 16, acc);
     if (residual) add_vec<T>(acc, r);
     return Pack<T>::pack(acc);
   }
@@ -86,6 +111,14 @@ __device__ __forceinline__ LeanSource<T, W, Tr> lean_source(const CommDevice& c,
 }
 
 template <typename T, class Tr>
+__device__ __forceinline__ LeanPullSource<T, Tr> lean_pull_source(const CommDevice& c, const CallArgs& a) {
+  const bool sharded = (a.op & kOpShardedResidual) != 0;
+  const int64_t my_base = int64_t(c.rank) * a.shard_rows;
+  return LeanPullSource<T, Tr>{a.x_peers, (a.op & kOpResidual) ? reinterpret_cast<const Vec*>(a.residual) : nullptr,
+                               my_base, sharded ? 0 : my_base, a.hidden / Pack<T>::kLanes};
+}
+
+template <typename T, class Tr>
 __device__ __forceinline__ LeanSink<Tr> lean_sink(const CommDevice& c, const CallArgs& a) {
   const bool sharded = (a.op & kOpShardedResidual) != 0, has_res = (a.op & kOpResidual) != 0;
   return LeanSink<Tr>{c, a.out_peers, a.res_peers, has_res && !sharded,
@@ -93,9 +126,9 @@ __device__ __forceinline__ LeanSink<Tr> lean_sink(const CommDevice& c, const Cal
                       int64_t(c.rank) * a.shard_rows, a.hidden / Pack<T>::kLanes};
 }
 
-template <typename T, int W, template <typename, int> class TransportT>
-__global__ void __launch_bounds__(kBlockThreads, 1) lean_kernel(const CommDevice c, const CallArgs a) {
-  using Tr = TransportT<T, W>;
+// The body of lean_kernel (kPull = false) and lean_pull_kernel (kPull = true).
+template <typename T, int W, class Tr, bool kPull>
+__device__ __forceinline__ void run_lean(const CommDevice& c, const CallArgs& a) {
   constexpr int L = Pack<T>::kLanes;
   constexpr int kPhaseA = 0, kPhaseB = 1;
   __shared__ float red[2][kBlockThreads / 32];
@@ -114,21 +147,26 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lean_kernel(const CommDevice
     const int64_t S = sh.S;
     auto lrow_begin = [&](int q, int ch) { return sh.begin(q, ch); };
     auto lrow_end = [&](int q, int ch) { return sh.end(q, ch); };
-    const LeanSource<T, W, Tr> src = lean_source<T, W, Tr>(c, a, half);
+    const auto src = [&] {
+      if constexpr (kPull) return lean_pull_source<T, Tr>(c, a);
+      else return lean_source<T, W, Tr>(c, a, half);
+    }();
     const LeanSink<Tr> sink = lean_sink<T, Tr>(c, a);
     PhaseTimers timers;
     timers.start();
     for (int step = 0; step <= n_mine + 1; ++step) {
-      if (step < n_mine) {  // A: my copy of every owner's rows of this chunk into the owner's slot
+      if (step < n_mine) {  // A: my copy of every owner's rows of this chunk into the owner's slot (pull: none)
         const int ch = chunk_at(step);
+        if constexpr (!kPull) {
 #pragma unroll
-        for (int k = 1; k <= W; ++k) {
-          const int q = (c.rank + k) % W;  // my own rows last, and only where the transport sums slots
-          if (q == c.rank && !Tr::kStagesOwnPiece) continue;
-          const int64_t base = (int64_t(q) * S) * nvr;
-          stream_vecs(
-              lrow_begin(q, ch) * nvr, lrow_end(q, ch) * nvr, [&](int64_t i) { return x[base + i]; },
-              [&](int64_t i, const Vec& v) { Tr::stage(c, half, q, uint64_t(i), v); });
+          for (int k = 1; k <= W; ++k) {
+            const int q = (c.rank + k) % W;  // my own rows last, and only where the transport sums slots
+            if (q == c.rank && !Tr::kStagesOwnPiece) continue;
+            const int64_t base = (int64_t(q) * S) * nvr;
+            stream_vecs(
+                lrow_begin(q, ch) * nvr, lrow_end(q, ch) * nvr, [&](int64_t i) { return x[base + i]; },
+                [&](int64_t i, const Vec& v) { Tr::stage(c, half, q, uint64_t(i), v); });
+          }
         }
         timers.tick(0);
         signal_all<Tr, W>(c, id, kPhaseA, ch);
@@ -148,11 +186,21 @@ __global__ void __launch_bounds__(kBlockThreads, 1) lean_kernel(const CommDevice
         timers.tick(5);
       }
     }
-    timers.report("lean", c.rank, int(gridDim.x));
+    timers.report(kPull ? "lean_pull" : "lean", c.rank, int(gridDim.x));
   }
 
   if (!ok) poison_shard_chunks<T, W>(a, n_mine);
   finish_call(c, id.epoch);
+}
+
+template <typename T, int W, template <typename, int> class TransportT>
+__global__ void __launch_bounds__(kBlockThreads, 1) lean_kernel(const CommDevice c, const CallArgs a) {
+  run_lean<T, W, TransportT<T, W>, false>(c, a);
+}
+
+template <typename T, int W, template <typename, int> class TransportT>
+__global__ void __launch_bounds__(kBlockThreads, 1) lean_pull_kernel(const CommDevice c, const CallArgs a) {
+  run_lean<T, W, TransportT<T, W>, true>(c, a);
 }
 
 // lean_bulk: lean with its scatter (phase A) moved to a copy warp beside the kBlockThreads workers. Thread 0

@@ -8,21 +8,28 @@ from tokenweave.comm import shard_range, traffic_per_byte
 
 
 @pytest.mark.parametrize("algo,residual,hand", [
-    # W = 4, counted by hand from the kernels (DESIGN-NOTES.md's table for today's two-shot):
-    ("two_shot", "replicated", (3.25, 2.5, 1.5)),  # scatter 1 + 0.25 local; reduce 1.25; epilogue 1 read, 2 writes
-    ("lean", "sharded", (2.0, 0.5, 1.5)),          # 0.75 + 0.75 slots + 0.25 x + 0.25 residual; out/res 0.25 each
-    ("lean", "replicated", (2.0, 0.5, 2.25)),      # + the residual pushed to 3 peers (0.75)
-    ("one_shot", "replicated", (6, 3, 3)),         # x 1 + 4 slots + residual; own slot, residual, out; 3 peers
-    ("lamport", "replicated", (10, 7, 3)),         # + one poll of 4 slots, + re-filling 4 slots
+    # W = 4, counted by hand from the kernels (DESIGN-NOTES.md's table for today's two-shot), as
+    # (local reads, remote reads, local writes, remote writes):
+    ("two_shot", "replicated", (3.25, 0, 2.5, 1.5)),  # scatter 1 + 0.25 local; reduce 1.25; epilogue 1 read, 2 writes
+    ("lean", "sharded", (2.0, 0, 0.5, 1.5)),          # 0.75 + 0.75 slots + 0.25 x + 0.25 residual; out/res 0.25 each
+    ("lean", "replicated", (2.0, 0, 0.5, 2.25)),      # + the residual pushed to 3 peers (0.75)
+    ("lean_bulk", "sharded", (2.0, 0, 0.5, 1.5)),     # lean's bytes, the scatter by bulk copies
+    # no scatter: my 0.25 of x + 0.25 residual here, the 3 peers' 0.25 of x there; out 0.25 here + 0.75 there,
+    # my residual piece 0.25
+    ("lean_pull", "sharded", (0.5, 0.75, 0.5, 0.75)),
+    ("lean_pull", "replicated", (0.5, 0.75, 0.5, 1.5)),  # + the residual pushed to 3 peers (0.75)
+    ("lean_pull", "none", (0.25, 0.75, 0.25, 0.75)),
+    ("one_shot", "replicated", (6, 0, 3, 3)),         # x 1 + 4 slots + residual; own slot, residual, out; 3 peers
+    ("lamport", "replicated", (10, 0, 7, 3)),         # + one poll of 4 slots, + re-filling 4 slots
     # scatter 0.75 x; owner 0.75 S pieces + 0.75 polled again + 0.25 x + 0.25 residual; epilogue 1 G + 1 polled
     # again; writes: my G piece 0.25, out 1, residual 1, re-fill 8 slots of 0.25; remote 0.75 scatter + 0.75 G
-    ("lamport_two_shot", "replicated", (4.75, 4.25, 1.5)),
-    ("lamport_two_shot", "sharded", (4.75, 3.5, 1.5)),  # the residual: the owner's 0.25 instead of all rows (1)
-    ("lamport_two_shot", "none", (4.5, 3.25, 1.5)),
+    ("lamport_two_shot", "replicated", (4.75, 0, 4.25, 1.5)),
+    ("lamport_two_shot", "sharded", (4.75, 0, 3.5, 1.5)),  # the residual: the owner's 0.25 instead of all rows (1)
+    ("lamport_two_shot", "none", (4.5, 0, 3.25, 1.5)),
 ])
 def test_traffic_per_byte_matches_hand_count(algo, residual, hand):
     t = traffic_per_byte(algo, 4, residual)
-    assert (t["local_reads"], t["local_writes"], t["remote_writes"]) == pytest.approx(hand)
+    assert (t["local_reads"], t["remote_reads"], t["local_writes"], t["remote_writes"]) == pytest.approx(hand)
     assert t["total"] == pytest.approx(sum(hand))
 
 
@@ -31,6 +38,9 @@ def test_lean_meets_issue_targets_at_every_world():
         assert traffic_per_byte("lean", w, "sharded")["total"] <= 4.0 + 1e-9
         assert traffic_per_byte("lean", w, "replicated")["total"] <= 5.75 + 1e-9
         assert traffic_per_byte("lean", w, "sharded")["total"] < traffic_per_byte("two_shot", w)["total"]
+        # lean_pull drops the scatter: 2 + 2 / W with a sharded residual, 1.5 (W - 1) / W fewer than lean
+        assert traffic_per_byte("lean_pull", w, "sharded")["total"] == pytest.approx(2 + 2 / w)
+        assert traffic_per_byte("lean_pull", w, "replicated")["total"] < traffic_per_byte("lean", w, "sharded")["total"]
     with pytest.raises(ValueError, match="sharded"):
         traffic_per_byte("two_shot", 4, "sharded")
     with pytest.raises(ValueError, match="sharded"):

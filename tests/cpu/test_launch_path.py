@@ -25,6 +25,10 @@ class Recorder:
         self.allreduce(x, residual, weight, out, eps, comm_id, algo, ctas, chunks_per_cta)
         self.calls[-1]["op"] = "sharded"
 
+    def allreduce_lean(self, x, residual, weight, out, eps, comm_id, algo, ctas, chunks_per_cta, sharded_residual):
+        self.allreduce(x, residual, weight, out, eps, comm_id, algo, ctas, chunks_per_cta)
+        self.calls[-1].update(op="lean", sharded=sharded_residual)
+
 
 def fake_comm(capacity_bytes=64 * 1024 * 2, world=4, sms=132):
     c = comm_mod.Communicator.__new__(comm_mod.Communicator)
@@ -104,9 +108,41 @@ def test_sharded_residual_takes_lamport_two_shot_with_any_out(recorder):
     (call,) = recorder.calls
     assert call["op"] == "sharded" and call["algo"] == tw.comm.ALGOS["lamport_two_shot"]
     assert call["residual"] is res and call["out"] is out and call["x"] is x
-    with pytest.raises(ValueError, match="sharded_residual=True needs algo 'lean', 'lamport_two_shot'"):
+    with pytest.raises(ValueError, match="sharded_residual=True needs algo 'lean', 'lean_pull', 'lamport_two_shot'"):
         tw.fused_allreduce_rmsnorm(c, x, res, w, 1e-5, algo="two_shot", sharded_residual=True)
     assert len(recorder.calls) == 1
+
+
+def test_lean_pull_only_with_symmetric_x_and_where_the_config_says(recorder):
+    """x, out and residual in the communicator's symmetric memory: lean_pull where the config's lean_pull is on,
+    lean where it is off or x is an ordinary tensor; forcing lean_pull with an ordinary x says what to change."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from tokenweave import tuning
+
+    c = fake_comm(capacity_bytes=64 << 20)
+    c.rank = 0
+    arena = torch.zeros(3 * 64 * 8192, dtype=torch.bfloat16)
+    c._symm_allocs = [SimpleNamespace(tensor=arena.view(torch.uint8))]
+    x, out, res = (arena[k * 64 * 8192:(k + 1) * 64 * 8192].view(64, 8192) for k in range(3))
+    x.normal_()
+    res.normal_()
+    w = torch.ones(8192, dtype=torch.bfloat16)
+    base = tuning.dispatch_config("h200", 4, 2, 8192)
+    for lean_pull, plain_x, want in ((True, False, "lean_pull"), (False, False, "lean"), (True, True, "lean")):
+        c._plans = {}
+        c._dispatch = lambda itemsize, hidden, on=lean_pull: replace(base, lean=True, lean_pull=on, one_shot_max_bytes=0)
+        tw.fused_allreduce_rmsnorm(c, x.clone() if plain_x else x, res, w, 1e-5, out=out)
+        call = recorder.calls[-1]
+        assert call["op"] == "lean" and call["algo"] == tw.comm.ALGOS[want], (lean_pull, plain_x)
+    with pytest.raises(ValueError, match="lean_pull.*comm.empty"):
+        tw.fused_allreduce_rmsnorm(c, x.clone(), res, w, 1e-5, out=out, algo="lean_pull")
+    n_calls = len(recorder.calls)
+    shard = res[:16]  # rank 0's rows of 64 over 4 ranks
+    tw.fused_allreduce_rmsnorm(c, x, shard, w, 1e-5, out=out, sharded_residual=True)
+    assert recorder.calls[-1]["algo"] == tw.comm.ALGOS["lean_pull"] and recorder.calls[-1]["sharded"]
+    assert len(recorder.calls) == n_calls + 1
 
 
 def test_launch_arguments_and_views(recorder):

@@ -17,9 +17,10 @@ class FakeTimer:
     """Times from a model of the card; records every call (variant, tokens, hidden, ctas)."""
 
     def __init__(self, one_shot_until=64 << 10, lamport_until=16 << 10, lean_factor=0.7, lean_loses_at=None,
-                 saturate_bytes_per_cta=32 << 10, itemsize=2):
+                 saturate_bytes_per_cta=32 << 10, itemsize=2, pull_factor=0.5, pull_loses_at=None):
         self.one_shot_until, self.lamport_until = one_shot_until, lamport_until
         self.lean_factor, self.lean_loses_at = lean_factor, lean_loses_at
+        self.pull_factor, self.pull_loses_at = pull_factor, pull_loses_at
         self.saturate, self.itemsize = saturate_bytes_per_cta, itemsize
         self.calls = []
 
@@ -37,6 +38,8 @@ class FakeTimer:
             return base * (0.7 if b <= self.lamport_until else 1.2)
         if variant == "lean":
             return base * (1.1 if tokens == self.lean_loses_at else self.lean_factor)
+        if variant == "lean_pull":
+            return base * (0.9 if tokens == self.pull_loses_at else self.pull_factor)
         raise AssertionError(variant)
 
 
@@ -50,11 +53,11 @@ def test_decisions_follow_the_fake_card():
     d = tune.tune_hidden(fake, 1024, tokens, 2, LIMITS)
     assert d["one_shot_max_bytes"] == _grid_limit(tokens, 2048, fake.one_shot_until) == 64 << 10
     assert d["lamport_max_bytes"] == 16 << 10
-    assert d["lean"] is True
+    assert d["lean"] is True and d["lean_pull"] is True
     assert d["bytes_per_cta"] == 32 << 10  # the fewest CTAs that are not slower (ties go to fewer CTAs)
     m = d["measured"]
-    # one-shot is not timed past its first loss; lean only where two-shot would run
-    assert max(m["one_shot"]) == 64 and min(m["lean"]) == 64
+    # one-shot is not timed past its first loss; lean (and lean_pull) only where two-shot would run
+    assert max(m["one_shot"]) == 64 and min(m["lean"]) == 64 and set(m["lean_pull"]) == set(m["lean"])
     assert max(m["lamport"]) == 16
     for variant, t, hidden, ctas in fake.calls:
         assert 1 <= ctas <= LIMITS.max_ctas and hidden == 1024
@@ -82,6 +85,9 @@ def test_one_shot_stops_at_the_first_loss_even_if_it_wins_again():
 def test_lean_off_when_it_loses_anywhere_and_nothing_measured_without_sizes():
     d = tune.tune_hidden(FakeTimer(lean_loses_at=1024), 1024, tune.token_grid(4096), 2, LIMITS)
     assert d["lean"] is False
+    # lean_pull is decided against lean: it lost at one size (0.9 x two-shot, where lean took 0.7 x)
+    d = tune.tune_hidden(FakeTimer(pull_loses_at=1024), 1024, tune.token_grid(4096), 2, LIMITS)
+    assert d["lean"] is True and d["lean_pull"] is False
     # every size within the one-shot limit: no two-shot size to compare lean at, so no lean decision
     d = tune.tune_hidden(FakeTimer(one_shot_until=BIG), 1024, [1, 2, 4], 2, LIMITS)
     assert "lean" not in d and d["one_shot_max_bytes"] == 4 * 2048

@@ -21,7 +21,7 @@ from tokenweave.testing import EmulatedWorld  # noqa: E402
 EPS = 1e-5
 TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 ALGOS = ("one_shot", "two_shot", "lamport", "lean", "lean_sharded", "lamport_two_shot", "lamport_two_shot_sharded",
-         "lean_bulk", "lean_bulk_sharded")
+         "lean_bulk", "lean_bulk_sharded", "lean_pull", "lean_pull_sharded")
 SHAPES = ((1, 4096), (3, 1032), (37, 2056), (300, 8192))
 
 
@@ -40,13 +40,24 @@ def _reference(xs, residual, weight):
     return z, out
 
 
+def _symmetric_copies(world, tensors):
+    """``tensors`` (one per rank) copied into one symmetric tensor per rank (``world.empty``)."""
+    sym = world.empty(*tensors[0].shape, dtype=tensors[0].dtype)
+    for s, t in zip(sym, tensors):
+        s.copy_(t)
+    return sym
+
+
 def _call(world, algo, xs, residual, weight, **kw):
     """One fused call on every rank; returns (outs, residuals as full [tokens, hidden] per rank).
-    ``<algo>_sharded``: ``algo`` with a sharded residual."""
+    ``<algo>_sharded``: ``algo`` with a sharded residual. lean_pull reads x in place: x is copied into symmetric
+    memory first."""
     W, (tokens, hidden), dtype = world.world_size, xs[0].shape, xs[0].dtype
     lean = algo.startswith("lean")
     sharded = algo.endswith("_sharded")
     algo = algo.removesuffix("_sharded")
+    if algo == "lean_pull":
+        xs = _symmetric_copies(world, xs)
     outs = world.empty(tokens, hidden, dtype=dtype) if lean else [torch.empty_like(residual) for _ in range(W)]
     if sharded:
         shards = [world.ranks[r].shard_rows(tokens) for r in range(W)]
@@ -100,7 +111,8 @@ def test_matches_float64_and_ranks_agree(world, algo, dtype, tokens, hidden):
 
 
 @pytest.mark.parametrize("algo", ("one_shot", "two_shot", "lean", "lean_sharded", "lamport_two_shot",
-                                  "lamport_two_shot_sharded", "lean_bulk", "lean_bulk_sharded"))
+                                  "lamport_two_shot_sharded", "lean_bulk", "lean_bulk_sharded", "lean_pull",
+                                  "lean_pull_sharded"))
 def test_same_values_as_lamport(algo):
     """Every algorithm computes the same bits (Lamport: up to the sign of an exact zero)."""
     with EmulatedWorld(4, max_tokens=64, hidden=4096, timeout_ms=5000) as world:
@@ -179,12 +191,14 @@ def test_lamport_buffers_rotate_over_1000_graph_replays():
         world.synchronize()
 
 
-@pytest.mark.parametrize("algo", ("one_shot", "two_shot", "lamport", "lean", "lamport_two_shot", "lean_bulk"))
+@pytest.mark.parametrize("algo", ("one_shot", "two_shot", "lamport", "lean", "lamport_two_shot", "lean_bulk",
+                                  "lean_pull"))
 def test_rank_that_never_launches_times_out(algo):
     W = 4
     with EmulatedWorld(W, max_tokens=64, hidden=4096, timeout_ms=300) as world:
         gen = torch.Generator(world.device).manual_seed(3)
         xs, residual, weight = _inputs(world, 8, 4096, torch.bfloat16, gen)
+        xs = _symmetric_copies(world, xs)  # lean_pull reads x in place (the others take it anywhere)
         outs = world.empty(8, 4096, dtype=torch.bfloat16)
         res = world.empty(8, 4096, dtype=torch.bfloat16)  # symmetric: lean writes every rank's residual
         for r in res:
@@ -205,13 +219,14 @@ def test_rank_that_never_launches_times_out(algo):
         assert report[W - 1].startswith(f"rank {W - 1}: no error") and "waited for rank" in report[0]
 
 
-@pytest.mark.parametrize("algo", ("two_shot", "lamport", "lean", "lamport_two_shot", "lean_bulk"))
+@pytest.mark.parametrize("algo", ("two_shot", "lamport", "lean", "lamport_two_shot", "lean_bulk", "lean_pull"))
 def test_ranks_making_different_calls_fail_as_mismatch(algo):
     """Rank 0 calls with 8 tokens, rank 1 with 4: an error on both, a mismatch on at least one; no hang."""
     W, tokens = 2, (8, 4)
     with EmulatedWorld(W, max_tokens=64, hidden=4096, timeout_ms=2000) as world:
         gen = torch.Generator(world.device).manual_seed(5)
         xs, residual, weight = _inputs(world, 8, 4096, torch.bfloat16, gen)
+        xs = _symmetric_copies(world, xs)
         outs = world.empty(8, 4096, dtype=torch.bfloat16)
         res = world.empty(8, 4096, dtype=torch.bfloat16)
         for r in res:
@@ -233,6 +248,71 @@ def test_lean_needs_symmetric_out():
         w = torch.ones(4096, device=world.device, dtype=torch.bfloat16)
         with pytest.raises(ValueError, match="comm.empty"):
             tw.fused_allreduce_rmsnorm(world.ranks[0], x, None, w, out=torch.empty_like(x), algo="lean")
+
+
+def test_lean_pull_needs_symmetric_x():
+    with EmulatedWorld(2, max_tokens=64, hidden=4096) as world:
+        x = torch.randn(8, 4096, device=world.device, dtype=torch.bfloat16)
+        w = torch.ones(4096, device=world.device, dtype=torch.bfloat16)
+        outs = world.empty(8, 4096, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="lean_pull.*comm.empty"):
+            tw.fused_allreduce_rmsnorm(world.ranks[0], x, None, w, out=outs[0], algo="lean_pull")
+
+
+@pytest.mark.parametrize("W", (2, 4))
+def test_lean_pull_in_place_and_over_graph_replays(W):
+    """out = x (in place: each row of every rank's x is read, then written, by its owner alone), a replicated
+    residual, uneven shards, 50 CUDA-graph replays on fresh data: float64 reference, bitwise across ranks."""
+    T, H = 37, 2056
+    with EmulatedWorld(W, max_tokens=64, hidden=H, timeout_ms=5000) as world:
+        gen = torch.Generator(world.device).manual_seed(17 + W)
+        xs0, residual, weight = _inputs(world, T, H, torch.bfloat16, gen)
+        xs, res = world.empty(T, H, dtype=torch.bfloat16), world.empty(T, H, dtype=torch.bfloat16)
+
+        def step(comm, r):
+            tw.fused_allreduce_rmsnorm(comm, xs[r], res[r], weight, EPS, out=xs[r], algo="lean_pull")
+
+        def refill():
+            fresh = [torch.randn(T, H, generator=gen, device=world.device).to(torch.bfloat16) for _ in range(W)]
+            bres = torch.randn(T, H, generator=gen, device=world.device).to(torch.bfloat16)
+            for r in range(W):
+                xs[r].copy_(fresh[r])
+                res[r].copy_(bres)
+            return fresh, bres
+
+        refill()
+        world.run(step)
+        world.synchronize()
+        graph = world.capture(step)
+        for i in range(50):
+            fresh, bres = refill()
+            graph.replay()
+            world.synchronize()
+            z_ref, out_ref = _reference(fresh, bres, weight)
+            for r in range(W):
+                assert torch.equal(xs[r], xs[0]) and torch.equal(res[r], res[0]), f"replay {i}: rank {r} differs"
+            torch.testing.assert_close(xs[0].double(), out_ref, rtol=2e-2, atol=8e-2)
+            torch.testing.assert_close(res[0].double(), z_ref, rtol=2e-2, atol=8e-2)
+
+
+def test_dispatcher_picks_lean_pull_only_where_the_config_says_and_x_is_symmetric(tmp_path, monkeypatch):
+    from tokenweave import tuning
+    from tokenweave.comm import ALGOS
+
+    cfg = tmp_path / "mine.json"
+    cfg.write_text('{"entries": [{"world_size": 2, "one_shot_max_bytes": 0, "lean": true, "lean_pull": true, '
+                   '"source": "test"}, {"world_size": 4, "one_shot_max_bytes": 0, "lean": true, "lean_pull": false, '
+                   '"source": "test"}]}')
+    monkeypatch.setenv("TOKENWEAVE_CONFIG", str(cfg))
+    tuning._all_entries.cache_clear()
+    try:
+        for W, want in ((2, "lean_pull"), (4, "lean")):
+            with EmulatedWorld(W, max_tokens=64, hidden=4096) as world:
+                comm = world.ranks[0]
+                assert comm.plan(64, 4096, 2, lean_ok=True, pull_ok=True).algo == ALGOS[want]
+                assert comm.plan(64, 4096, 2, lean_ok=True, pull_ok=False).algo == ALGOS["lean"]
+    finally:
+        tuning._all_entries.cache_clear()
 
 
 @pytest.mark.parametrize("W", (2, 4))

@@ -12,7 +12,7 @@ namespace tokenweave {
 // kOpShardedResidual (kLean only): residual holds only the rows this rank owns (shard_rows), not all rows.
 enum OpBits : uint32_t { kOpResidual = 1u, kOpNorm = 2u, kOpShardedResidual = 4u };
 
-// Every rank's address of one symmetric tensor (kLean destinations), and its multicast address (0 unless
+// Every rank's address of one symmetric tensor (kLean destinations, kLeanPull's x), and its multicast address (0 unless
 // multimem). `ident` names the allocation and offset: part of the signature, so ranks that pass different
 // destinations fail as a mismatch instead of writing into each other's unrelated memory.
 struct PeerTable {
@@ -53,6 +53,7 @@ struct CallArgs {
   int64_t shard_rows;
   PeerTable out_peers;
   PeerTable res_peers;
+  PeerTable x_peers;  // kLeanPull: every rank's x, read by the owners of its rows
 };
 
 inline int lanes_of(DType d) { return d == DType::kFloat32 ? 4 : 8; }
@@ -60,7 +61,7 @@ inline int lanes_of(DType d) { return d == DType::kFloat32 ? 4 : 8; }
 // FNV-1a over the fields every rank must agree on.
 inline uint32_t call_signature(const CallArgs& a) {
   const int64_t fields[] = {a.op,   a.algo, a.dtype, a.tokens, a.hidden, a.ctas, a.chunk_rows, a.feed,
-                            int64_t(a.out_peers.ident), int64_t(a.res_peers.ident)};
+                            int64_t(a.out_peers.ident), int64_t(a.res_peers.ident), int64_t(a.x_peers.ident)};
   uint32_t h = 2166136261u;
   for (int64_t f : fields)
     for (int b = 0; b < 8; ++b) h = (h ^ uint32_t((f >> (8 * b)) & 0xff)) * 16777619u;

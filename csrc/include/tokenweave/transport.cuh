@@ -6,6 +6,7 @@
 //   broadcast(c, byte_off, v)        store v at byte_off of every rank's workspace (all-gather, one-shot push)
 //   store_all(table, byte_off, v)    store v at byte_off of every rank's copy of a symmetric tensor (lean)
 //   reduce_own(c, half, slot_vec, own, acc)  lean: fp32 sum over ranks of my rows, my own part given in `own`
+//   reduce_all(table, byte_off, acc) lean_pull: fp32 sum over ranks of every rank's copy of a symmetric tensor
 //   kStagesOwnPiece                  lean: whether my own rows must be staged too (or are read from x)
 //   fence_before_signal()            whatever must precede the flag release after this transport's stores
 #pragma once
@@ -83,6 +84,14 @@ struct P2P {
 #pragma unroll
     for (int s = 0; s < W; ++s)
       v[s] = s == c.rank ? own : reinterpret_cast<const Vec*>(slots + s * c.layout.slot_bytes)[slot_vec];
+    sum_in_rank_order<T, W>(v, acc);
+  }
+
+  // Every rank's vector at byte_off of the tensor, read where it lies (W - 1 of them through peer mappings).
+  __device__ static void reduce_all(const PeerTable& t, uint64_t byte_off, float* acc) {
+    Vec v[W];
+#pragma unroll
+    for (int q = 0; q < W; ++q) v[q] = *reinterpret_cast<const Vec*>(t.ptr[q] + byte_off);
     sum_in_rank_order<T, W>(v, acc);
   }
 
@@ -166,6 +175,10 @@ struct Multimem {
 
   __device__ static void reduce_own(const CommDevice& c, int half, uint64_t slot_vec, const Vec&, float* acc) {
     reduce(c, half, slot_vec, acc);
+  }
+
+  __device__ static void reduce_all(const PeerTable& t, uint64_t byte_off, float* acc) {
+    Pack<T>::unpack(MultimemOps<T>::ld_reduce(t.mc + byte_off), acc);
   }
 
   __device__ static void multicast_store(char* mc_addr, const Vec& v) {

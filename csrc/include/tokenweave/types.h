@@ -39,7 +39,11 @@ enum class Transport : int { kP2P = 0, kMultimem = 1 };
 //           buffers (the mid range, where a one-shot moves too many bytes and flags cost a crossing each).
 // kLeanBulk kLean with its scatter moved to a copy warp (TMA bulk copies through shared memory), which also
 //           releases the scatter's flags: the other warps finish rows meanwhile and never wait on a fence.
-enum class Algo : int { kAuto = 0, kOneShot = 1, kTwoShot = 2, kLamport = 3, kLean = 4, kLamportTwoShot = 5, kLeanBulk = 6 };
+// kLeanPull kLean where x is a symmetric tensor too: no scatter, the owner reads its rows of every rank's x
+//           where they lie (p2p: W loads; multimem: one ld_reduce through x's multicast address).
+enum class Algo : int {
+  kAuto = 0, kOneShot = 1, kTwoShot = 2, kLamport = 3, kLean = 4, kLamportTwoShot = 5, kLeanBulk = 6, kLeanPull = 7
+};
 // Where the kernel's input comes from:
 //   kResident    x is complete when the kernel starts
 //   kTracked     x is being written by a producer on another stream; chunk c is read once ready[c] says so
