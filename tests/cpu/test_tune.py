@@ -124,7 +124,7 @@ def _rows(path, key="tokens"):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_shipped_h200_decisions_follow_from_their_runs(tp):
-    """The shipped h200 entries came from benchmark runs (fused bench at 90cfe5f, emulated world at 4a4899b);
+    """The shipped h200 entries came from benchmark runs (fused bench at 90cfe5f, emulated world at b92cb3e);
     tokenweave-tune's decision rules applied to those runs' times give the shipped values."""
     shipped = next(e for e in json.loads((tuning.CONFIG_DIR / "h200.json").read_text())["entries"]
                    if e["world_size"] == tp)
@@ -141,6 +141,10 @@ def test_shipped_h200_decisions_follow_from_their_runs(tp):
     # the per-CTA table compares lean and two-shot at one size over CTA counts: the same every-point rule
     ((_, cta),) = _rows(RESULTS / f"emulated_per_cta-h200-tp{tp}.json", key="ctas").items()
     assert tune.decide_lean({"lean": cta["lean"], "two_shot": cta["two_shot"]}) is shipped["lean"]
+    # lean_pull against lean: every CTA count of the per-CTA table and every size of the mid-range table
+    ((_, mid),) = _rows(RESULTS / f"emulated_mid_range-h200-tp{tp}.json").items()
+    for table in (cta, mid):
+        assert tune.decide_lean_pull({"lean_pull": table["lean_pull"], "lean": table["lean"]}) is shipped["lean_pull"]
 
 
 def _prov(emulated=False):
