@@ -33,6 +33,15 @@ communication stream still reads or writes it. This holds under CUDA-graph captu
 stream of a partition is private to tokenweave and every use of it starts by waiting for the caller's
 stream, so a block the caller frees later (the returned output) is reused there only after the
 caller's earlier work.
+
+Symmetric rows (:class:`SymmetricRows`, optional): the stages' partial sums and the fused op's outputs then live in
+the communicator's symmetric memory, one [max_tokens, hidden] buffer each, reused by every stage and part, so the
+dispatcher may run the lean two-shot (outputs written on every rank by the rows' owners) and lean_pull (partial
+sums read in place, no scatter). Reuse is safe because every write to a part's rows is ordered after every read
+of them: on this rank by stream order and the part's events; on peers by the kernels' protocol (an owner writes
+this rank's ``out`` only after this rank entered the call, i.e. after its stage read those rows, and a call ends
+only once every owner has read this rank's partial sums). Where the dispatcher runs lean, the pass can keep the
+residual sharded (each rank updates only the rows it owns of each part: fewer bytes per call).
 """
 from __future__ import annotations
 
@@ -45,7 +54,41 @@ import torch
 import tokenweave as tw
 
 StageFn = Callable[[int, torch.Tensor], torch.Tensor]
-"""``stage(part_index, normalised_input_rows) -> partial_sum_rows`` (same shape)."""
+"""``stage(part_index, normalised_input_rows) -> partial_sum_rows`` (same shape). With :class:`SymmetricRows` the
+pass calls ``stage(part_index, rows, out=buffer)``: the stage should write its partial sum into ``buffer`` (a
+symmetric tensor of that shape); one that returns another tensor is copied into it."""
+
+
+class SymmetricRows:
+    """The symmetric buffers a :class:`WovenPass` reuses for every stage: ``partial`` (the stages' partial sums,
+    the fused op's x) and ``out`` (its normalised output, the next stage's input), ``[max_tokens, hidden]`` each.
+
+    Collective (two ``comm.empty`` calls, the same order on every rank); the memory lives until ``comm.close()``.
+    On the ``torch`` transport they are plain tensors (and the pass runs as without them).
+    """
+
+    def __init__(self, comm, max_tokens: int, hidden: int, dtype=torch.bfloat16):
+        if max_tokens < 1:
+            raise ValueError(f"SymmetricRows: max_tokens must be >= 1, got {max_tokens}")
+        self.max_tokens, self.hidden, self.dtype = int(max_tokens), int(hidden), dtype
+        self.partial = comm.empty(self.max_tokens, self.hidden, dtype=dtype)
+        self.out = comm.empty(self.max_tokens, self.hidden, dtype=dtype)
+
+    @classmethod
+    def of(cls, partial: torch.Tensor, out: torch.Tensor) -> "SymmetricRows":
+        """Buffers already in symmetric memory (``[max_tokens, hidden]`` each, e.g. one rank's share of
+        :meth:`tokenweave.testing.EmulatedWorld.empty`)."""
+        if partial.shape != out.shape or partial.dim() != 2 or partial.dtype != out.dtype:
+            raise ValueError(f"SymmetricRows.of: partial and out must be 2-D with one shape and dtype, got "
+                             f"{tuple(partial.shape)} {partial.dtype} and {tuple(out.shape)} {out.dtype}")
+        rows = cls.__new__(cls)
+        rows.max_tokens, rows.hidden, rows.dtype = partial.shape[0], partial.shape[1], partial.dtype
+        rows.partial, rows.out = partial, out
+        return rows
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether a pass over ``x`` [T, hidden] can use these buffers."""
+        return x.dim() == 2 and x.shape[0] <= self.max_tokens and x.shape[1] == self.hidden and x.dtype == self.dtype
 
 
 class StreamPair:
@@ -119,6 +162,13 @@ class WovenPass:
         Run the stages on its GEMM stream and the AR+norms on its communication stream (ctas capped to
         its SMs). Ignored when inactive, without streams or a second part, or under a capture its streams
         cannot join.
+    rows : SymmetricRows, optional
+        Symmetric buffers for the partial sums and outputs (see the module notes); ignored when ``x`` does not
+        fit them. :meth:`finish` then returns a copy of the output (the buffer is reused by the next pass).
+    sharded_residual : bool
+        With ``rows``: for each part the dispatcher runs a lean two-shot on, keep the residual sharded: each rank
+        updates only the rows it owns of that part (``comm.shard_rows``) and the other rows of ``residual`` go
+        stale. For callers that use the residual only through the pass (a decoder stack's own residual stream).
 
     Notes
     -----
@@ -129,7 +179,8 @@ class WovenPass:
     """
 
     def __init__(self, comm, x: torch.Tensor, residual: torch.Tensor, bounds: Sequence[tuple[int, int]], *,
-                 streams: StreamPair | None = None, ctas: int | None = None, partition=None):
+                 streams: StreamPair | None = None, ctas: int | None = None, partition=None,
+                 rows: SymmetricRows | None = None, sharded_residual: bool = False):
         if x.dim() != 2 or residual.shape != x.shape:
             raise ValueError(f"WovenPass: x and residual must both be [T, hidden]; got {tuple(x.shape)} and "
                              f"{tuple(residual.shape)}")
@@ -151,7 +202,12 @@ class WovenPass:
             self._comm_stream = self.streams.comm
         else:
             self._caller = self._compute = self._comm_stream = None
-        self.residual_parts = [residual[a:b] for a, b in self.bounds]
+        self.rows = rows if rows is not None and rows.fits(x) else None
+        self.sharded = [self.rows is not None and sharded_residual and _lean_runs(comm, b - a, x) for a, b in self.bounds]
+        self.residual_parts = []
+        for (a, b), sharded in zip(self.bounds, self.sharded):
+            first, n = comm.shard_rows(b - a) if sharded else (0, b - a)
+            self.residual_parts.append(residual[a + first:a + first + n])
         self.x_parts = [x[a:b] for a, b in self.bounds]
         self._like = x
         self._in_flight: list[_InFlight | None] = [None] * len(self.bounds)
@@ -167,17 +223,24 @@ class WovenPass:
 
     def _stage(self, compute, norm_weight, eps):
         # Allocated on the compute stream, written by the communication stream: see the module notes.
-        out = torch.empty_like(self._like)
+        T = self._like.shape[0]
+        out = self.rows.out[:T] if self.rows is not None else torch.empty_like(self._like)
         for i, (a, b) in enumerate(self.bounds):
             self._await(i)
-            partial = compute(i, self.x_parts[i])
+            if self.rows is not None:
+                dest = self.rows.partial[a:b]
+                partial = compute(i, self.x_parts[i], out=dest)
+            else:
+                partial = compute(i, self.x_parts[i])
             if partial.shape != self.x_parts[i].shape:
                 raise ValueError(f"WovenPass: stage returned shape {tuple(partial.shape)} for part {i}, expected "
                                  f"{tuple(self.x_parts[i].shape)}")
+            if self.rows is not None and partial.data_ptr() != dest.data_ptr():
+                partial = dest.copy_(partial)  # a stage that ignored out=: its sum must be in symmetric memory
             partial = partial.contiguous()
             if self.streams is None:
                 tw.fused_allreduce_rmsnorm(self.comm, partial, self.residual_parts[i], norm_weight, eps,
-                                           out=out[a:b])
+                                           out=out[a:b], sharded_residual=self.sharded[i])
             else:
                 self._issue_on_comm(i, partial, norm_weight, eps, out[a:b])
             self.x_parts[i] = out[a:b]
@@ -192,7 +255,7 @@ class WovenPass:
         if self.partition is not None:
             self._caller.wait_stream(self._compute)  # join: the compute stream already waited for every AR+norm
         self._finished = True
-        return self._out
+        return self._out.clone() if self.rows is not None else self._out
 
     # ------------------------------------------------------------------ internals
     def _on(self, stream):
@@ -206,7 +269,7 @@ class WovenPass:
         with self._on(self._comm_stream):
             self.streams.wait(self._comm_stream, ready)
             tw.fused_allreduce_rmsnorm(self.comm, partial, self.residual_parts[i], norm_weight, eps, out=out_rows,
-                                       ctas=self.ctas)
+                                       ctas=self.ctas, sharded_residual=self.sharded[i])
             done = self.streams.record(self._comm_stream)
         self._in_flight[i] = _InFlight(done, (partial, out_rows, self.residual_parts[i]))
 
@@ -220,12 +283,26 @@ class WovenPass:
 
 def run_stages(comm, stages: Sequence[tuple[StageFn, torch.Tensor]], x: torch.Tensor, residual: torch.Tensor,
                bounds: Sequence[tuple[int, int]], eps: float, *, streams: StreamPair | None = None,
-               ctas: int | None = None, partition=None) -> torch.Tensor:
+               ctas: int | None = None, partition=None, rows: SymmetricRows | None = None,
+               sharded_residual: bool = False) -> torch.Tensor:
     """Run a whole chain of ``(stage_fn, norm_weight)`` through one :class:`WovenPass`."""
-    woven = WovenPass(comm, x, residual, bounds, streams=streams, ctas=ctas, partition=partition)
+    woven = WovenPass(comm, x, residual, bounds, streams=streams, ctas=ctas, partition=partition, rows=rows,
+                      sharded_residual=sharded_residual)
     for fn, weight in stages:
         woven.stage(fn, weight, eps)
     return woven.finish()
+
+
+def _lean_runs(comm, tokens: int, x: torch.Tensor) -> bool:
+    """Whether the dispatcher runs a lean two-shot for a part of ``tokens`` rows of ``x``'s width and dtype whose
+    partial sums and outputs are symmetric (the residual can then stay sharded)."""
+    if comm.transport not in ("p2p", "multimem") or comm.world_size < 2:
+        return False
+    hidden, itemsize = x.shape[1], x.element_size()
+    if tokens * hidden * itemsize > comm.capacity_bytes:
+        return False  # row chunks of the workspace: the flagged algorithms
+    plan = comm.plan(tokens, hidden, itemsize, lean_ok=True, pull_ok=True)
+    return plan.algo in (tw.comm.ALGOS["lean"], tw.comm.ALGOS["lean_pull"], tw.comm.ALGOS["lean_bulk"])
 
 
 def _check_bounds(bounds, tokens):

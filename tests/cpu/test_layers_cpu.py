@@ -200,3 +200,51 @@ def test_stream_pair_never_uses_the_callers_stream_for_communication():
     pair.comm = pool[6]
     pair.keep_apart(pool[5])
     assert pair.comm is pool[6]  # nothing coincides: kept
+
+
+def test_woven_pass_with_symmetric_rows_shards_the_residual_where_lean_runs(monkeypatch):
+    """With SymmetricRows on a (fake) device transport: every stage writes its partial sum into the symmetric buffer
+    (out=), the fused op gets that buffer as x and the symmetric out rows, a part the dispatcher runs lean on gets
+    the rows it owns of the residual (a view at the right offset) and sharded_residual=True, a small part (one-shot)
+    the whole residual; finish returns a copy, not the reused buffer."""
+    from dataclasses import replace
+
+    from fakes import Recorder, fake_comm
+    from tokenweave import ops, tuning
+    from tokenweave.weave import SymmetricRows
+
+    rec = Recorder()
+    monkeypatch.setattr(ops, "_OPS", rec)
+    c = fake_comm(capacity_bytes=64 << 20)  # TP4, rank 1
+    c.rank = 1
+    base = tuning.dispatch_config("h200", 4, 2, 8192)
+    c._dispatch = lambda itemsize, hidden: replace(base, lean=True, lean_pull=True)
+    rows = SymmetricRows(c, 128, 8192, torch.bfloat16)
+    x = torch.randn(100, 8192).to(torch.bfloat16)
+    residual = torch.randn(100, 8192).to(torch.bfloat16)
+    weight = torch.ones(8192, dtype=torch.bfloat16)
+    bounds = [(0, 8), (8, 100)]  # 128 KiB: one-shot (TP4 limit 512 KiB); 92 rows = 1.4 MiB: lean_pull
+    seen = []
+
+    def stage(part, xs, out=None):
+        seen.append((part, out))
+        return torch.mul(xs, 3, out=out) if part == 0 else xs * 2  # part 1 ignores out=
+
+    woven = WovenPass(c, x, residual, bounds, rows=rows, sharded_residual=True)
+    assert woven.sharded == [False, True]
+    woven.stage(stage, weight, 1e-6)
+    woven.stage(stage, weight, 1e-6)
+    final = woven.finish()
+    assert [p for p, _ in seen] == [0, 1, 0, 1]
+    assert all(o.data_ptr() == rows.partial[a:b].data_ptr() for (p, o), (a, b) in zip(seen, bounds * 2))
+    one, lean = rec.calls[0], rec.calls[1]
+    assert one["algo"] == tw.comm.ALGOS["one_shot"] and one["residual"].shape == (8, 8192)
+    assert lean["op"] == "lean" and lean["sharded"] and lean["algo"] == tw.comm.ALGOS["lean_pull"]
+    first, n = c.shard_rows(92)  # rank 1 of 4: rows 23..45 of the part
+    assert (first, n) == (23, 23)
+    assert lean["residual"].data_ptr() == residual[8 + first].data_ptr() and lean["residual"].shape == (n, 8192)
+    # part 1's stage ignored out=: its sum was copied into the symmetric buffer, which the op got as x
+    assert lean["x"].data_ptr() == rows.partial[8].data_ptr() and lean["out"].data_ptr() == rows.out[8].data_ptr()
+    assert final.data_ptr() != rows.out.data_ptr() and final.shape == (100, 8192)
+    # on the torch transport (or without rows) nothing is sharded and no buffer is used
+    assert WovenPass(c, x, residual, bounds, sharded_residual=True).sharded == [False, False]

@@ -399,3 +399,58 @@ def test_the_callers_stream_may_be_a_rank_stream(W, how):
         for r in range(W):
             assert torch.equal(outs[r], outs[0]), f"rank {r} differs from rank 0"
         torch.testing.assert_close(outs[0].double(), out_ref, rtol=2e-2, atol=8e-2)
+
+
+@pytest.mark.parametrize("mode", ("fuse_only", "tokenweave"))
+def test_llama_stack_on_symmetric_rows_runs_lean_pull_with_a_sharded_residual(mode):
+    """The reference TP Llama (2 layers, W = 4 emulated ranks, one stack per rank) with its partial sums and outputs in
+    symmetric memory: the dispatcher runs lean_pull and the residual stays sharded for the parts above the one-shot
+    limit. Its output equals the same stacks' without symmetric rows bit for bit (the algorithms compute the same bits),
+    matches the float64 model, and agrees across ranks."""
+    from tokenweave.models import llama
+    from tokenweave.models.llama import LlamaShape, TPLlamaStack, random_hidden_states, reference_forward
+    from tokenweave.split import Split
+    from tokenweave.weave import SymmetricRows
+
+    W, seq_lens, L = 4, [300, 212], 2
+    T = sum(seq_lens)
+    shape = LlamaShape(hidden=1024, heads=16, kv_heads=8, head_dim=64, intermediate=2048, rope_theta=10000.0)
+    with EmulatedWorld(W, max_tokens=T, hidden=shape.hidden, timeout_ms=10000) as world:
+        stacks = [TPLlamaStack(comm, shape, L, dtype=torch.bfloat16, seed=9, sm_partition="off", symmetric_rows=False)
+                  for comm in world.ranks]
+        assert all(s.rows is None for s in stacks)  # an emulated rank has no collective comm.empty: given below
+        x = random_hidden_states(T, shape.hidden, 9, world.device, torch.bfloat16)
+        split = Split(T, 300) if mode == "tokenweave" else Split(T)
+        layout = stacks[0].plan(seq_lens, split)
+        # compile the stacks' torch.compile'd RoPE for these shapes first: no rank may wait on the host while
+        # another's kernels spin for it
+        rope = llama._rope_for(world.device)
+        for part, (a, b) in enumerate(layout.bounds):
+            for heads in (shape.heads // W, shape.kv_heads // W):
+                rope(torch.zeros(b - a, heads, shape.head_dim, device=world.device, dtype=torch.bfloat16),
+                     layout.cos[part], layout.sin[part])
+        torch.cuda.synchronize()
+
+        def forward_all():
+            outs = [None] * W
+            world.run(lambda comm, r: outs.__setitem__(r, stacks[r].forward(x, layout, mode)))
+            world.synchronize()
+            return outs
+
+        plain = forward_all()
+        partial, out = world.empty(T, shape.hidden, dtype=torch.bfloat16), world.empty(T, shape.hidden,
+                                                                                      dtype=torch.bfloat16)
+        for r, s in enumerate(stacks):
+            s.rows = SymmetricRows.of(partial[r], out[r])
+        # which parts lean_pull runs on, sharded: every part here is above TP4's one-shot limit (512 KiB)
+        comm0 = world.ranks[0]
+        for a, b in layout.bounds:
+            assert comm0.plan(b - a, shape.hidden, 2, lean_ok=True, pull_ok=True).algo == tw.comm.ALGOS["lean_pull"]
+        sym = forward_all()
+        ref = reference_forward(shape, L, W, 9, x, seq_lens, torch.bfloat16)
+        for r in range(W):
+            assert torch.equal(sym[r], sym[0]), f"rank {r} differs"
+            assert torch.equal(sym[r], plain[r]), f"rank {r}: symmetric rows changed the bits"
+            assert sym[r].data_ptr() != out[r].data_ptr()  # a copy: the buffer is reused by the next forward
+        rel = float((sym[0].double() - ref).norm() / ref.norm())
+        assert rel < 2e-2, rel

@@ -39,7 +39,7 @@ from tokenweave.split import (GemmShape, Split, SplitPolicy, TuningCache, device
                               policy_key, time_call_us)
 from tokenweave import partition as sm_partitions
 from tokenweave.reference import add_rmsnorm_reference, rms_norm
-from tokenweave.weave import StreamPair, run_stages
+from tokenweave.weave import StreamPair, SymmetricRows, run_stages
 
 MODES = ("baseline", "fuse_only", "tokenweave", "comm_removed")
 
@@ -287,8 +287,9 @@ class TPLlamaLayer:
         self.input_norm, self.post_norm = w["input_norm"], w["post_norm"]
         self._kv_carry = None  # (k, v) [1, kv_heads, L, d] of a sequence continuing into the next part
 
-    def attention(self, part: int, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """Partial sum (this rank's heads) of the attention output projection for ``x`` [t, hidden]."""
+    def attention(self, part: int, x: torch.Tensor, layout: TokenLayout, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Partial sum (this rank's heads) of the attention output projection for ``x`` [t, hidden] (into ``out``
+        if given)."""
         d, hq, hkv = self.shape.head_dim, self.heads, self.kv_heads
         t = x.shape[0]
         q, k, v = torch.split(x @ self.qkv.t(), [hq * d, hkv * d, hkv * d], dim=-1)
@@ -315,7 +316,7 @@ class TPLlamaLayer:
         # [count, heads, length, d] per group -> rows [t, heads * d]
         rows = [o.transpose(1, 2).reshape(-1, hq * d) for o in outs]
         attn = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
-        return attn @ self.o.t()
+        return torch.matmul(attn, self.o.t(), out=out)
 
     def _attend_after_carry(self, q, k, v):
         """Attention of a sequence's continuation: keys are the carried prefix plus its own rows,
@@ -331,10 +332,10 @@ class TPLlamaLayer:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]))
 
-    def mlp(self, part: int, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """Partial sum of the MLP down projection for ``x`` [t, hidden]."""
+    def mlp(self, part: int, x: torch.Tensor, layout: TokenLayout, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Partial sum of the MLP down projection for ``x`` [t, hidden] (into ``out`` if given)."""
         gate, up = (x @ self.gate_up.t()).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ self.down.t()
+        return torch.matmul(F.silu(gate) * up, self.down.t(), out=out)
 
 
 class TPLlamaStack:
@@ -358,11 +359,19 @@ class TPLlamaStack:
         SMs reserved for communication while the split overlaps it (:mod:`tokenweave.partition`):
         ``"auto"`` the tuned choice of the token bucket (none when untuned), ``"off"`` never, an int that
         many SMs for every split. Default: ``TOKENWEAVE_SM_PARTITION``, else ``"auto"``.
+    symmetric_rows : bool
+        On the ``p2p`` / ``multimem`` transports, allocate the stages' partial sums and outputs in the
+        communicator's symmetric memory (:class:`tokenweave.weave.SymmetricRows`, two buffers of ``max_tokens`` x
+        hidden, collective) so that the dispatcher may run the lean two-shots on them, and keep the residual
+        sharded for each part it runs lean on. Default True.
+    max_tokens : int, optional
+        Rows of those buffers (default: the communicator's workspace in rows of this hidden size); larger
+        forwards run without them.
     """
 
     def __init__(self, comm, shape: LlamaShape, num_layers: int, *, dtype=torch.bfloat16, seed: int = 0,
                  allow_split_inside_sequence: bool = True, policy: SplitPolicy | None = None,
-                 sm_partition: str | int | None = None):
+                 sm_partition: str | int | None = None, symmetric_rows: bool = True, max_tokens: int | None = None):
         self.comm = comm
         self.device = comm.device
         self.tp, self.rank = comm.world_size, comm.rank
@@ -370,6 +379,10 @@ class TPLlamaStack:
         self.shape, self.dtype, self.seed = shape, dtype, seed
         self.layers = [TPLlamaLayer(shape, self.tp, self.rank, i, seed, self.device, dtype) for i in range(num_layers)]
         self.final_norm = final_norm_weight(shape, seed, self.device, dtype)
+        self.rows = None
+        if symmetric_rows and comm.transport in ("p2p", "multimem") and self.tp > 1:
+            row_bytes = shape.hidden * torch.empty((), dtype=dtype).element_size()
+            self.rows = SymmetricRows(comm, max_tokens or max(1, comm.capacity_bytes // row_bytes), shape.hidden, dtype)
         self.allow_split_inside_sequence = allow_split_inside_sequence
         self.streams = StreamPair(self.device)
         self.sm_partition = sm_partitions.resolve_switch(sm_partition)
@@ -424,8 +437,9 @@ class TPLlamaStack:
         out = []
         for i, layer in enumerate(self.layers):
             after_mlp = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
-            out.append((lambda part, rows, layer=layer: layer.attention(part, rows, layout), layer.post_norm))
-            out.append((lambda part, rows, layer=layer: layer.mlp(part, rows, layout), after_mlp))
+            out.append((lambda part, rows, out=None, layer=layer: layer.attention(part, rows, layout, out),
+                        layer.post_norm))
+            out.append((lambda part, rows, out=None, layer=layer: layer.mlp(part, rows, layout, out), after_mlp))
         return out
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, mode: str = "tokenweave") -> torch.Tensor:
@@ -448,7 +462,7 @@ class TPLlamaStack:
         if mode in ("fuse_only", "tokenweave"):
             part = sm_partitions.partition_for(self.device, self.sm_partition, layout.split)
             return run_stages(self.comm, stages, h, residual, layout.bounds, eps, streams=self.streams,
-                              ctas=layout.split.ctas, partition=part)
+                              ctas=layout.split.ctas, partition=part, rows=self.rows, sharded_residual=True)
         add_rmsnorm = _add_rmsnorm_for(self.device)
         for fn, weight in stages:
             partial = fn(0, h)
