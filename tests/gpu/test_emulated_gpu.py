@@ -5,6 +5,8 @@ bitwise equality across ranks, CUDA-graph replays (Lamport buffer rotation), tim
 """
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -402,7 +404,7 @@ def test_the_callers_stream_may_be_a_rank_stream(W, how):
 
 
 @pytest.mark.parametrize("mode", ("fuse_only", "tokenweave"))
-def test_llama_stack_on_symmetric_rows_runs_lean_pull_with_a_sharded_residual(mode):
+def test_llama_stack_on_symmetric_rows_runs_lean_pull_with_a_sharded_residual(mode, monkeypatch):
     """The reference TP Llama (2 layers, W = 4 emulated ranks, one stack per rank) with its partial sums and outputs in
     symmetric memory: the dispatcher runs lean_pull and the residual stays sharded for the parts above the one-shot
     limit. Its output equals the same stacks' without symmetric rows bit for bit (the algorithms compute the same bits),
@@ -412,29 +414,45 @@ def test_llama_stack_on_symmetric_rows_runs_lean_pull_with_a_sharded_residual(mo
     from tokenweave.split import Split
     from tokenweave.weave import SymmetricRows
 
-    W, seq_lens, L = 4, [300, 212], 2
+    W, seq_lens, L = 4, [300, 300], 2
     T = sum(seq_lens)
     shape = LlamaShape(hidden=1024, heads=16, kv_heads=8, head_dim=64, intermediate=2048, rope_theta=10000.0)
     with EmulatedWorld(W, max_tokens=T, hidden=shape.hidden, timeout_ms=10000) as world:
         stacks = [TPLlamaStack(comm, shape, L, dtype=torch.bfloat16, seed=9, sm_partition="off", symmetric_rows=False)
                   for comm in world.ranks]
         assert all(s.rows is None for s in stacks)  # an emulated rank has no collective comm.empty: given below
+        for comm in world.ranks:  # the W fused grids must be co-resident beside other ranks' GEMMs: 16 SMs each
+            comm._num_sms = 16
         x = random_hidden_states(T, shape.hidden, 9, world.device, torch.bfloat16)
         split = Split(T, 300) if mode == "tokenweave" else Split(T)
         layout = stacks[0].plan(seq_lens, split)
-        # compile the stacks' torch.compile'd RoPE for these shapes first: no rank may wait on the host while
-        # another's kernels spin for it
-        rope = llama._rope_for(world.device)
-        for part, (a, b) in enumerate(layout.bounds):
-            for heads in (shape.heads // W, shape.kv_heads // W):
-                rope(torch.zeros(b - a, heads, shape.head_dim, device=world.device, dtype=torch.bfloat16),
-                     layout.cos[part], layout.sin[part])
-        torch.cuda.synchronize()
+        # No rank may block its host while another rank's kernels spin for it, so each rank's forward is issued from
+        # a thread of its own, on a stream of its own, and RoPE runs eagerly (no compile on the host mid-forward,
+        # and dynamo is not thread-safe).
+        monkeypatch.setattr(llama, "_compiled_rope", llama._apply_rope)
 
         def forward_all():
-            outs = [None] * W
-            world.run(lambda comm, r: outs.__setitem__(r, stacks[r].forward(x, layout, mode)))
+            outs, errors = [None] * W, []
+            caller, streams = torch.cuda.current_stream(), [torch.cuda.Stream() for _ in range(W)]
+
+            def work(r):
+                try:
+                    with torch.cuda.stream(streams[r]):
+                        outs[r] = stacks[r].forward(x, layout, mode)
+                except BaseException as e:  # noqa: BLE001 - re-raised on the test's thread
+                    errors.append(e)
+            for s in streams:
+                s.wait_stream(caller)
+            threads = [threading.Thread(target=work, args=(r,)) for r in range(W)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for s in streams:
+                caller.wait_stream(s)
             world.synchronize()
+            if errors:
+                raise errors[0]
             return outs
 
         plain = forward_all()
