@@ -427,18 +427,19 @@ def test_llama_stack_on_symmetric_rows_runs_lean_pull_with_a_sharded_residual(mo
         split = Split(T, 300) if mode == "tokenweave" else Split(T)
         layout = stacks[0].plan(seq_lens, split)
         # No rank may block its host while another rank's kernels spin for it, so each rank's forward is issued from
-        # a thread of its own, on a stream of its own, and RoPE runs eagerly (no compile on the host mid-forward,
-        # and dynamo is not thread-safe).
+        # a thread of its own, on a stream of its own; RoPE runs eagerly (no compile mid-forward; dynamo is not
+        # thread-safe), and a first forward with a local stand-in for the collective creates every per-thread and
+        # per-stream resource (cuBLAS handles and workspaces, cached blocks) before any rank waits for another.
         monkeypatch.setattr(llama, "_compiled_rope", llama._apply_rope)
+        caller, streams = torch.cuda.current_stream(), [torch.cuda.Stream() for _ in range(W)]
 
-        def forward_all():
+        def on_rank_threads(fn):
             outs, errors = [None] * W, []
-            caller, streams = torch.cuda.current_stream(), [torch.cuda.Stream() for _ in range(W)]
 
             def work(r):
                 try:
                     with torch.cuda.stream(streams[r]):
-                        outs[r] = stacks[r].forward(x, layout, mode)
+                        outs[r] = fn(r)
                 except BaseException as e:  # noqa: BLE001 - re-raised on the test's thread
                     errors.append(e)
             for s in streams:
@@ -454,6 +455,14 @@ def test_llama_stack_on_symmetric_rows_runs_lean_pull_with_a_sharded_residual(mo
             if errors:
                 raise errors[0]
             return outs
+
+        def forward_all():
+            return on_rank_threads(lambda r: stacks[r].forward(x, layout, mode))
+
+        import tokenweave.weave as weave
+        with monkeypatch.context() as local:
+            local.setattr(weave.tw, "fused_allreduce_rmsnorm", lambda comm, x, *a, out=None, **k: out.copy_(x))
+            on_rank_threads(lambda r: stacks[r].forward(x, layout, mode))
 
         plain = forward_all()
         partial, out = world.empty(T, shape.hidden, dtype=torch.bfloat16), world.empty(T, shape.hidden,
