@@ -403,8 +403,9 @@ def test_the_callers_stream_may_be_a_rank_stream(W, how):
         torch.testing.assert_close(outs[0].double(), out_ref, rtol=2e-2, atol=8e-2)
 
 
+@pytest.mark.parametrize("pdl", (False, True), ids=("pdl_off", "pdl_on"))
 @pytest.mark.parametrize("mode", ("fuse_only", "tokenweave"))
-def test_llama_stack_on_symmetric_rows_runs_lean_pull_with_a_sharded_residual(mode, monkeypatch):
+def test_llama_stack_on_symmetric_rows_runs_lean_pull_with_a_sharded_residual(mode, pdl, monkeypatch, request):
     """The reference TP Llama (2 layers, W = 4 emulated ranks, one stack per rank) with its partial sums and outputs in
     symmetric memory: the dispatcher runs lean_pull and the residual stays sharded for the parts above the one-shot
     limit. Its output equals the same stacks' without symmetric rows bit for bit (the algorithms compute the same bits),
@@ -417,12 +418,15 @@ def test_llama_stack_on_symmetric_rows_runs_lean_pull_with_a_sharded_residual(mo
     W, seq_lens, L = 4, [300, 300], 2
     T = sum(seq_lens)
     shape = LlamaShape(hidden=1024, heads=16, kv_heads=8, head_dim=64, intermediate=2048, rope_theta=10000.0)
-    with EmulatedWorld(W, max_tokens=T, hidden=shape.hidden, timeout_ms=10000) as world:
+    with EmulatedWorld(W, max_tokens=T, hidden=shape.hidden, timeout_ms=20000) as world:
         stacks = [TPLlamaStack(comm, shape, L, dtype=torch.bfloat16, seed=9, sm_partition="off", symmetric_rows=False)
                   for comm in world.ranks]
         assert all(s.rows is None for s in stacks)  # an emulated rank has no collective comm.empty: given below
-        for comm in world.ranks:  # the W fused grids must be co-resident beside other ranks' GEMMs: 16 SMs each
-            comm._num_sms = 16
+        for comm in world.ranks:  # the W fused grids must be co-resident beside other ranks' GEMMs: 8 SMs each
+            comm._num_sms = 8
+        was = tw.programmatic_launch()
+        tw.set_programmatic_launch(pdl)
+        request.addfinalizer(lambda: tw.set_programmatic_launch(was))
         x = random_hidden_states(T, shape.hidden, 9, world.device, torch.bfloat16)
         split = Split(T, 300) if mode == "tokenweave" else Split(T)
         layout = stacks[0].plan(seq_lens, split)
