@@ -246,5 +246,10 @@ def test_woven_pass_with_symmetric_rows_shards_the_residual_where_lean_runs(monk
     # part 1's stage ignored out=: its sum was copied into the symmetric buffer, which the op got as x
     assert lean["x"].data_ptr() == rows.partial[8].data_ptr() and lean["out"].data_ptr() == rows.out[8].data_ptr()
     assert final.data_ptr() != rows.out.data_ptr() and final.shape == (100, 8192)
-    # on the torch transport (or without rows) nothing is sharded and no buffer is used
+    # buffers already in symmetric memory (an emulated world's, say) wrap the same way
+    again = SymmetricRows.of(rows.partial, rows.out)
+    assert (again.max_tokens, again.hidden, again.dtype) == (128, 8192, torch.bfloat16) and again.fits(x)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        SymmetricRows.of(rows.partial, rows.out[:64])
+    # without rows nothing is sharded and no buffer is used
     assert WovenPass(c, x, residual, bounds, sharded_residual=True).sharded == [False, False]
