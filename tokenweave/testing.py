@@ -4,9 +4,13 @@ Each emulated rank owns a workspace, device state and error record of its own, e
 real process group, and its peer table points at the other ranks' workspaces on the same device. Rank
 r's calls run on stream r; the W kernels of one collective run side by side and talk through the same
 flags, slots and Lamport buffers as on W GPUs, so every algorithm's protocol (one-shot, two-shot,
-Lamport, lean with a replicated or a sharded residual), its failure modes and its per-CTA throughput can
-be tested and measured without a multi-GPU machine. What it cannot show is the NVLink itself: peer
-stores land in local HBM.
+Lamport, lean and lean_pull with a replicated or a sharded residual), its failure modes and its per-CTA throughput
+can be tested and measured without a multi-GPU machine. What it cannot show is the NVLink itself: peer
+stores (and lean_pull's peer loads) land in local HBM.
+
+Only collectives are known to work here. A whole model (the reference TP Llama, one stack per emulated rank, the
+forwards issued rank by rank or from one host thread per rank) deadlocked in its second collective call, even
+without symmetric memory; the cause was not found (bench/results/logs/device_run_21_h200x1_lean_pull.txt).
 
 The W grids must be resident at once (every rank's CTAs wait for its peers' CTAs): the dispatcher of an
 emulated rank uses at most ``SMs // W`` CTAs, and an explicit ``ctas`` must keep ``W * ctas <= SMs``. And no rank's
