@@ -5,6 +5,8 @@ bitwise equality across ranks, CUDA-graph replays (Lamport buffer rotation), tim
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -399,3 +401,84 @@ def test_the_callers_stream_may_be_a_rank_stream(W, how):
         for r in range(W):
             assert torch.equal(outs[r], outs[0]), f"rank {r} differs from rank 0"
         torch.testing.assert_close(outs[0].double(), out_ref, rtol=2e-2, atol=8e-2)
+
+
+@pytest.mark.parametrize("mode", ("fuse_only", "tokenweave"))
+def test_llama_stack_on_symmetric_rows_runs_lean_pull_with_a_sharded_residual(mode, monkeypatch, request):
+    """The reference TP Llama (2 layers, W = 4 emulated ranks, one stack per rank) with its partial sums and outputs in
+    symmetric memory: the dispatcher runs lean_pull and the residual stays sharded for the parts above the one-shot
+    limit. Its output equals the same stacks' without symmetric rows bit for bit (the algorithms compute the same bits),
+    matches the float64 model, and agrees across ranks."""
+    from tokenweave.models import llama
+    from tokenweave.models.llama import LlamaShape, TPLlamaStack, random_hidden_states, reference_forward
+    from tokenweave.split import Split
+    from tokenweave.weave import SymmetricRows
+
+    W, seq_lens, L = 4, [300, 300], 2
+    T = sum(seq_lens)
+    shape = LlamaShape(hidden=1024, heads=16, kv_heads=8, head_dim=64, intermediate=2048, rope_theta=10000.0)
+    with EmulatedWorld(W, max_tokens=T, hidden=shape.hidden, timeout_ms=20000) as world:
+        stacks = [TPLlamaStack(comm, shape, L, dtype=torch.bfloat16, seed=9, sm_partition="off", symmetric_rows=False)
+                  for comm in world.ranks]
+        assert all(s.rows is None for s in stacks)  # an emulated rank has no collective comm.empty: given below
+        for comm in world.ranks:  # the W fused grids must be co-resident beside other ranks' GEMMs: 8 SMs each
+            comm._num_sms = 8
+        x = random_hidden_states(T, shape.hidden, 9, world.device, torch.bfloat16)
+        split = Split(T, 300) if mode == "tokenweave" else Split(T)
+        layout = stacks[0].plan(seq_lens, split)
+        # No rank may block its host while another rank's kernels spin for it (a context synchronisation, e.g. a
+        # first use of a library handle or plan in a thread, would wait for kernels that wait for this rank). So each
+        # rank issues from one host thread of its own for the whole test (thread-local caches stay warm), on one
+        # stream of its own; RoPE runs eagerly (no compile mid-forward; dynamo is not thread-safe); SDPA avoids cuDNN
+        # (its plans are built per thread); and a first forward with a local stand-in for the collective creates every
+        # handle, plan and cached block before any rank waits for another.
+        monkeypatch.setattr(llama, "_compiled_rope", llama._apply_rope)
+        cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        request.addfinalizer(lambda: torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp))
+        caller, streams = torch.cuda.current_stream(), [torch.cuda.Stream() for _ in range(W)]
+        pools = [ThreadPoolExecutor(max_workers=1) for _ in range(W)]
+        request.addfinalizer(lambda: [p.shutdown() for p in pools])
+
+        def on_rank_threads(fn):
+            def work(r):
+                with torch.cuda.stream(streams[r]):
+                    return fn(r)
+
+            for s in streams:
+                s.wait_stream(caller)
+            futures = [pools[r].submit(work, r) for r in range(W)]
+            errors = [f.exception() for f in futures]
+            for s in streams:
+                caller.wait_stream(s)
+            world.synchronize()
+            for e in errors:
+                if e is not None:
+                    raise e
+            return [f.result() for f in futures]
+
+        def forward_all():
+            return on_rank_threads(lambda r: stacks[r].forward(x, layout, mode))
+
+        import tokenweave.weave as weave
+        with monkeypatch.context() as local:
+            local.setattr(weave.tw, "fused_allreduce_rmsnorm", lambda comm, x, *a, out=None, **k: out.copy_(x))
+            on_rank_threads(lambda r: stacks[r].forward(x, layout, mode))
+
+        plain = forward_all()
+        partial, out = world.empty(T, shape.hidden, dtype=torch.bfloat16), world.empty(T, shape.hidden,
+                                                                                      dtype=torch.bfloat16)
+        for r, s in enumerate(stacks):
+            s.rows = SymmetricRows.of(partial[r], out[r])
+        # which parts lean_pull runs on, sharded: every part here is above TP4's one-shot limit (512 KiB)
+        comm0 = world.ranks[0]
+        for a, b in layout.bounds:
+            assert comm0.plan(b - a, shape.hidden, 2, lean_ok=True, pull_ok=True).algo == tw.comm.ALGOS["lean_pull"]
+        sym = forward_all()
+        ref = reference_forward(shape, L, W, 9, x, seq_lens, torch.bfloat16)
+        for r in range(W):
+            assert torch.equal(sym[r], sym[0]), f"rank {r} differs"
+            assert torch.equal(sym[r], plain[r]), f"rank {r}: symmetric rows changed the bits"
+            assert sym[r].data_ptr() != out[r].data_ptr()  # a copy: the buffer is reused by the next forward
+        rel = float((sym[0].double() - ref).norm() / ref.norm())
+        assert rel < 2e-2, rel
