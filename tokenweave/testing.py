@@ -8,9 +8,12 @@ Lamport, lean and lean_pull with a replicated or a sharded residual), its failur
 can be tested and measured without a multi-GPU machine. What it cannot show is the NVLink itself: peer
 stores (and lean_pull's peer loads) land in local HBM.
 
-Only collectives are known to work here. A whole model (the reference TP Llama, one stack per emulated rank, the
-forwards issued rank by rank or from one host thread per rank) deadlocked in its second collective call, even
-without symmetric memory; the cause was not found (bench/results/logs/device_run_21_h200x1_lean_pull.txt).
+A whole model runs here too, with care: no rank's host may block while another rank's kernels spin waiting for
+it. Our reading, not isolated: a first use of a library handle or plan (cuBLAS, cuDNN) in a thread can synchronise
+the context, which waits for those kernels. Issued rank by rank from one thread, the reference TP Llama deadlocked in its first collective call
+(bench/results/logs/device_run_21_h200x1_lean_pull.txt). It runs when each rank issues from one persistent thread
+of its own, after a warm-up forward with a local stand-in for the collective, with SDPA off cuDNN
+(tests/gpu/test_emulated_gpu.py::test_llama_stack_on_symmetric_rows_runs_lean_pull_with_a_sharded_residual).
 
 The W grids must be resident at once (every rank's CTAs wait for its peers' CTAs): the dispatcher of an
 emulated rank uses at most ``SMs // W`` CTAs, and an explicit ``ctas`` must keep ``W * ctas <= SMs``. And no rank's
