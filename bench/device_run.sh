@@ -12,6 +12,15 @@ ngpu=$(nvidia-smi -L | wc -l)
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
 log "stages: $stages; GPUs: $ngpu; $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 log "env: NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-unset} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-unset} NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-unset}"
+# Multicast needs 2+ GPUs. Where the host's multicast blockers are not all in force, a multi-GPU run could create
+# a multicast object (torch's symmetric-memory rendezvous, NCCL's NVLS, tokenweave's multimem), which can put a
+# shared host's GPUs out of service: refuse it. Setting the variables is the host's job, never this script's.
+if [ "$ngpu" -ge 2 ] && ! { [ "${NCCL_NVLS_ENABLE:-}" = 0 ] && [ "${TORCH_SYMM_MEM_DISABLE_MULTICAST:-}" = 1 ] &&
+                              [ "${NVSHMEM_DISABLE_NVLS:-}" = 1 ]; }; then
+  log "REFUSED: $ngpu GPUs but the multicast blockers are not all set (NCCL_NVLS_ENABLE=0," \
+      "TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 expected): nothing was run"
+  exit 3
+fi
 has() { case " $stages " in *" $1 "*) return 0;; *) return 1;; esac; }
 pytest_run() {  # name, seconds, pytest args...
   local name=$1 limit=$2; shift 2
