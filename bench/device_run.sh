@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests on 2 and 4 GPUs, benchmarks; everything lands under $OUT.
-# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [newalgos] [partgpu] [onegpu] [emubench] [launch] [pdl] [variants] [phases] [tune] [norm] [ncu] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
+# Usage (on the GPU machine, repo root): bash bench/device_run.sh [build] [emulated] [newalgos] [partgpu] [onegpu] [emubench] [launch] [pdl] [variants] [phases] [tune] [normtests] [norm] [ncu] [partition] [tests] [faults] [stress] [weave] [trigger] [hf] [grid] [host] [bench] [gemm] [e2e]
 # Never touches NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS.
 set -u
 OUT=${OUT:-/tmp/tokenweave-out}
@@ -88,7 +88,9 @@ if has tune; then  # the one-GPU stages of tokenweave-tune ("norm" block shapes,
   timeout ${T_TUNE:-200} tokenweave-tune --no-allreduce --hidden ${TUNE_HIDDEN:-4096 8192} --key world \
     --out tokenweave/configs/$card.json --results-dir bench/results ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
   log "tune: rc=$? in $(( $(date +%s) - t0 )) s"; tail -15 "$OUT/tune.log"
+  cp "tokenweave/configs/$card.json" "$OUT/config-$card.json"  # the tuned config comes back beside the results
 fi
+has normtests && pytest_run tests_norm ${T_NORMTESTS:-200} -m gpu tests/gpu/test_launch_gpu.py -k "norm"
 if has norm; then
   t0=$(date +%s); timeout ${T_NORM:-200} python bench/add_rmsnorm.py --out-dir bench/results ${NORM_ARGS:-} > "$OUT/norm.log" 2>&1
   log "norm: rc=$? in $(( $(date +%s) - t0 )) s"; tail -25 "$OUT/norm.log"

@@ -1,8 +1,12 @@
 // Torch-free launchers: planning, transport dispatch, the standalone add + RMSNorm, the peer probe.
 #include <atomic>
 
+#include <cstdio>
+
+#include "tokenweave/bulk.cuh"
 #include "tokenweave/pdl.cuh"
 #include "tokenweave/rownorm.cuh"
+#include "tokenweave/sync.cuh"  // globaltimer_ns
 #include "tokenweave/tokenweave.h"
 
 namespace tokenweave {
@@ -269,6 +273,150 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
   }
 }
 
+// Bulk-pipelined rows: persistent CTAs stream their row sets (Threads / G consecutive rows, one per row group)
+// through `stages` shared-memory stages that one thread fills with TMA bulk loads (bulk.cuh) of x and the
+// residual, `stages` sets ahead of the threads that compute. Every other shape keeps a row's bytes in flight
+// only between its loads and its first use, so an SM's bytes in flight fall while its rows reduce and store
+// (DRAM at 41% of peak against the compiled norm's 47% at 1024 x 8192: docs/PERFORMANCE.md); here the copy
+// engine keeps up to stages x 2 x hidden x sizeof(T) bytes per CTA in flight whatever the threads are doing.
+// kBulkStore: z and out go back through the stage and leave as two bulk stores per set (no per-thread stores;
+// the stage is refilled one set later, once the stores have read it), else each thread stores its vectors and
+// the stage is refilled as soon as the set is done.
+// Same arithmetic and order as finish_rows with the same row group (j = lane, lane + G, ...; group_sum): the
+// bits of every shape with shape 0's group.
+constexpr int kNormBulkMaxStages = 4;
+// A local bulk copy completes in microseconds; one that has not after this long never will (a fault): the kernel
+// prints which CTA waited and traps, so the call fails instead of hanging.
+constexpr uint64_t kBulkLoadTimeoutNs = 10ull * 1000 * 1000 * 1000;
+
+__device__ __forceinline__ void wait_bulk_loaded(uint64_t* bar, uint32_t parity) {
+  if (mbar_try_wait(bar, parity)) return;
+  const uint64_t start = globaltimer_ns();
+  for (uint32_t spin = 1;; ++spin) {
+    if (mbar_try_wait(bar, parity)) return;
+    if ((spin & 1023) == 0 && globaltimer_ns() - start > kBulkLoadTimeoutNs) {
+      printf("tokenweave add_rmsnorm: a bulk load of CTA %d, thread %d did not complete in 10 s\n", int(blockIdx.x),
+             int(threadIdx.x));
+      __trap();
+    }
+  }
+}
+
+template <typename T, int Threads, int VPT, int CtasPerSm, bool kBulkStore>
+__global__ void __launch_bounds__(Threads, CtasPerSm) add_rmsnorm_bulk_kernel(RowArgs ra, const Vec* x, Vec* residual,
+                                                                             Vec* out, int64_t tokens, int stages) {
+  constexpr int L = Pack<T>::kLanes;
+  extern __shared__ __align__(128) Vec stage_mem[];  // per stage: the set's x rows, then its residual rows
+  __shared__ uint64_t loaded[kNormBulkMaxStages];
+  __shared__ float red[2][Threads / 32];
+  const int nvr = ra.hidden / L;
+  const int G = ra.group;
+  const int rows_per_set = Threads / G;
+  const int lane = threadIdx.x % G;
+  const int sub = threadIdx.x / G;  // this thread's row within the set
+  const int64_t sets = (tokens + rows_per_set - 1) / rows_per_set;
+  const int64_t half = int64_t(rows_per_set) * nvr;  // vectors of one input in a stage
+  const Vec* w = reinterpret_cast<const Vec*>(ra.weight);
+  const bool has_res = residual != nullptr;
+  prefetch_l2(ra.weight, int64_t(ra.hidden) * int64_t(sizeof(T)));
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) mbar_init(&loaded[s], 1);
+    fence_mbar_init();
+  }
+  __syncthreads();
+  wait_for_prior_grid();  // PDL (pdl.cuh): only the weight's L2 prefetch and shared memory above
+  // This CTA's set i is set blockIdx.x + i x gridDim.x, in stage i % stages. Thread 0 only.
+  auto rows_of = [&](int64_t set) { return set * rows_per_set; };
+  auto bytes_of = [&](int64_t set) {
+    const int64_t rows = tokens - rows_of(set) < rows_per_set ? tokens - rows_of(set) : rows_per_set;
+    return uint32_t(rows * nvr * 16);
+  };
+  auto load_set = [&](int64_t i) {
+    const int64_t set = int64_t(blockIdx.x) + i * int64_t(gridDim.x);
+    if (set >= sets) return;
+    Vec* st = stage_mem + (i % stages) * 2 * half;
+    uint64_t* bar = &loaded[i % stages];
+    const uint32_t bytes = bytes_of(set);
+    mbar_expect_tx(bar, has_res ? 2 * bytes : bytes);
+    bulk_load(st, x + rows_of(set) * nvr, bytes, bar);
+    if (has_res) bulk_load(st + half, residual + rows_of(set) * nvr, bytes, bar);
+  };
+  if (threadIdx.x == 0)
+    for (int i = 0; i < stages; ++i) load_set(i);
+  Vec g[VPT];  // the weight, for every set (persistent CTA)
+  if (w != nullptr) {
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) g[k] = w[lane + k * G < nvr ? lane + k * G : 0];
+  }
+  for (int64_t i = 0;; ++i) {
+    const int64_t set = int64_t(blockIdx.x) + i * int64_t(gridDim.x);
+    if (set >= sets) break;
+    const int s = int(i % stages);
+    Vec* xs = stage_mem + s * 2 * half + int64_t(sub) * nvr;
+    Vec* rs = xs + half;
+    const int64_t row = rows_of(set) + sub;
+    const bool active = row < tokens;
+    wait_bulk_loaded(&loaded[s], uint32_t(i / stages) & 1u);
+    // Pass 1: z = round_T(x + residual) into the stage's x rows (registers hold the weight, not z), the sum of
+    // squares.
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int j = lane + k * G;
+      if (active && j < nvr) {
+        const Vec z = add_z<T>(xs[j], rs[j], has_res);
+        if (has_res) {
+          xs[j] = z;
+          if (!kBulkStore) residual[row * nvr + j] = z;
+        }
+        float f[L];
+        Pack<T>::unpack(z, f);
+#pragma unroll
+        for (int i2 = 0; i2 < L; ++i2) ss += f[i2] * f[i2];
+      }
+    }
+    // Pass 2: out from this thread's own z (program order), into the stage's residual rows or to memory.
+    const float rstd = w != nullptr ? rsqrtf(group_sum(ss, G, red[i & 1]) / float(ra.hidden) + ra.eps) : 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int j = lane + k * G;
+      if (active && j < nvr) {
+        Vec v = xs[j];
+        if (w != nullptr) {
+          float f[L], gw[L];
+          Pack<T>::unpack(v, f);
+          Pack<T>::unpack(g[k], gw);
+#pragma unroll
+          for (int i2 = 0; i2 < L; ++i2) f[i2] = f[i2] * rstd * gw[i2];
+          v = Pack<T>::pack(f);
+        }
+        if (kBulkStore) rs[j] = v;
+        else out[row * nvr + j] = v;
+      }
+    }
+    fence_proxy_async_shared();  // this thread's writes to the stage, before the bulk copies that read or refill it
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      if (kBulkStore) {
+        Vec* st = stage_mem + s * 2 * half;
+        if (has_res) bulk_store(residual + rows_of(set) * nvr, st, bytes_of(set));
+        bulk_store(out + rows_of(set) * nvr, st + half, bytes_of(set));
+        bulk_commit();
+        if (stages == 1) {  // one stage (the longest rows): refill it once these stores have read it
+          bulk_wait_read<0>();
+          load_set(i + 1);
+        } else {  // the previous set's stores have read its stage: refill that one, this one's stores go on
+          bulk_wait_read<1>();
+          if (i >= 1) load_set(i - 1 + stages);
+        }
+      } else {
+        load_set(i + stages);
+      }
+    }
+  }
+  if (kBulkStore && threadIdx.x == 0) bulk_wait_all();  // the stores done before the CTA (and its stages) exits
+}
+
 // (threads per CTA, target vectors per thread, most vectors per thread, persistent + pipelined rows).
 // Config 0 picks per call (add_rmsnorm below); the others are fixed shapes that bench/add_rmsnorm.py times
 // side by side (tokenweave_cfgK): register-capped arrays decide occupancy, and persistence hides latency.
@@ -282,7 +430,11 @@ constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false}, 
                                        {512, 4, 8, false},  {256, 4, 4, true},            {512, 2, 2, true},
                                        {1024, 1, 2, false}, {512, 2, 2, false},           {512, 2, 2, false},
                                        {256, 4, kTwoPassVecs, false}, {128, 8, kTwoPassVecs, false},
-                                       {128, 4, 4, false},  {256, 4, kTwoPassVecs, false}};
+                                       {128, 4, 4, false},  {256, 4, kTwoPassVecs, false},
+                                       // bulk-pipelined (13-16): shape 1's groups (and 13-14 shape 2's beyond 4
+                                       // vectors a thread), so they have shape 0's bits wherever they hold the row
+                                       {256, 4, 8, false},  {256, 4, 8, false},           {256, 4, 4, false},
+                                       {256, 4, 4, false}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
@@ -321,6 +473,41 @@ cudaError_t launch_add_rmsnorm_two_pass(const RowArgs& ra, const void* x, void* 
                        tokens);
 }
 
+template <typename T, int Threads, int VPT, int CtasPerSm, bool kBulkStore>
+cudaError_t launch_add_rmsnorm_bulk(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
+                                    cudaStream_t stream) {
+  auto* kernel = add_rmsnorm_bulk_kernel<T, Threads, VPT, CtasPerSm, kBulkStore>;
+  int dev = 0, sms = 0, smem_sm = 0, smem_cta = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+  cudaDeviceGetAttribute(&smem_cta, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  cudaFuncAttributes fa{};
+  if (cudaFuncGetAttributes(&fa, kernel) != cudaSuccess) return cudaGetLastError();
+  // Per CTA: the SM's shared memory shared by CtasPerSm CTAs, less the 1 KiB the runtime reserves for each CTA and
+  // the kernel's static arrays.
+  int64_t budget = int64_t(smem_sm) / CtasPerSm - 1024 - int64_t(fa.sharedSizeBytes);
+  budget = budget < smem_cta - int64_t(fa.sharedSizeBytes) ? budget : smem_cta - int64_t(fa.sharedSizeBytes);
+  const int rows_per_set = Threads / ra.group;
+  const int64_t stage_bytes = 2 * int64_t(rows_per_set) * (ra.hidden / (16 / int(sizeof(T)))) * 16;
+  int64_t stages = budget / stage_bytes;
+  stages = stages < kNormBulkMaxStages ? stages : kNormBulkMaxStages;
+  if (stages < 1) return cudaErrorInvalidValue;
+  static int64_t allowed = 0;  // per instantiation: the dynamic shared memory this kernel was allowed so far
+  if (allowed < budget) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(budget));
+    if (e == cudaSuccess)
+      e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    if (e != cudaSuccess) return e;
+    allowed = budget;
+  }
+  const int64_t sets = (tokens + rows_per_set - 1) / rows_per_set;
+  const int64_t blocks = sets < int64_t(sms) * CtasPerSm ? sets : int64_t(sms) * CtasPerSm;
+  return launch_kernel_smem(kernel, dim3(unsigned(blocks)), dim3(Threads), size_t(stages * stage_bytes), stream, ra,
+                            reinterpret_cast<const Vec*>(x), reinterpret_cast<Vec*>(residual),
+                            reinterpret_cast<Vec*>(out), tokens, int(stages));
+}
+
 template <typename T>
 cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void* residual, void* out,
                               int64_t tokens, cudaStream_t stream) {
@@ -344,6 +531,13 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     // shape 9 with both loads of two vectors in flight before their stores: 40 registers, 6 CTAs per SM (a batch
     // of 2 at 8 CTAs spilled, and a batch of 4 at 4 CTAs beat no shipped choice: bench/results/variants/366fe1d)
     case 12: return launch_add_rmsnorm_two_pass<T, 256, 6, 2>(ra, x, residual, out, tokens, stream);
+    // bulk-pipelined (add_rmsnorm_bulk_kernel), each thread storing its vectors or bulk stores from the stage:
+    // 2 CTAs per SM (3 stages of 32 KiB at 8192 x 2 bytes), or 3 with 4 vectors a thread (8 spilled at their
+    // 80 registers) and 2 stages
+    case 13: return launch_add_rmsnorm_bulk<T, 256, 8, 2, false>(ra, x, residual, out, tokens, stream);
+    case 14: return launch_add_rmsnorm_bulk<T, 256, 8, 2, true>(ra, x, residual, out, tokens, stream);
+    case 15: return launch_add_rmsnorm_bulk<T, 256, 4, 3, false>(ra, x, residual, out, tokens, stream);
+    case 16: return launch_add_rmsnorm_bulk<T, 256, 4, 3, true>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }

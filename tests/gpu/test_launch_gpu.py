@@ -120,6 +120,64 @@ def test_every_norm_shape_matches_float64(dtype, tokens, hidden):
         assert torch.equal(got[k], got[0]), f"{card}: the configured shape {k} gives other bits than shape 0"
 
 
+BULK_NORM_SHAPES = (13, 14, 15, 16)  # add_rmsnorm_bulk_kernel: persistent CTAs, rows through TMA-filled stages
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("case", ("residual", "no_residual", "in_place"))
+@pytest.mark.parametrize("tokens,hidden", ((3, 8192), (20011, 1032), (4099, 4096), (600, 16384)))
+def test_bulk_norm_shapes_wrap_their_stages(dtype, case, tokens, hidden):
+    """The bulk shapes with many row sets per CTA (each stage refilled many times: its barrier's parity flips),
+    one stage only (16384 wide, 2 CTAs an SM),
+    a short last set, fewer sets than CTAs, no residual, and out = x: shape 0's bits, every element written,
+    also in CUDA-graph replays."""
+    x, residual, weight = _norm_inputs(tokens, hidden, dtype, tokens + hidden)
+    if case == "no_residual":
+        residual = None
+    z = x.double() + (residual.double() if residual is not None else 0)
+    ref = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS) * weight.double()
+
+    def run(shape):
+        res = residual.clone() if residual is not None else None
+        xin = x.clone()
+        out = xin if case == "in_place" else torch.full_like(x, float("nan"))
+        torch.ops.tokenweave.add_rmsnorm(xin, res, weight, out, EPS, shape)
+        return out, res
+
+    out0, res0 = run(0)
+    for shape in BULK_NORM_SHAPES:
+        if _C.add_rmsnorm_row_group(shape, hidden, x.element_size()) < 0:
+            continue
+        assert _C.add_rmsnorm_row_group(shape, hidden, x.element_size()) == \
+            _C.add_rmsnorm_row_group(0, hidden, x.element_size())
+        out, res = run(shape)
+        torch.cuda.synchronize()
+        assert not out.isnan().any(), f"shape {shape}: elements left unwritten"
+        assert torch.equal(out, out0), f"shape {shape}: other bits than shape 0"
+        if res is not None:
+            assert torch.equal(res, res0), f"shape {shape}: residual differs from shape 0's"
+        err = ((out.double() - ref).abs() / (ref.abs() + 1)).max().item()
+        assert err < TOL[dtype], f"shape {shape}: rel err {err:.3g}"
+    # CUDA graph: 3 replays of 2 chained calls (the second reads the first's residual) give eager's bits
+    shape = BULK_NORM_SHAPES[0]
+    if case != "residual" or _C.add_rmsnorm_row_group(shape, hidden, x.element_size()) < 0:
+        return
+    res, out = residual.clone(), torch.empty_like(x)
+    torch.ops.tokenweave.add_rmsnorm(x, res, weight, out, EPS, shape)
+    torch.ops.tokenweave.add_rmsnorm(x, res, weight, out, EPS, shape)
+    want_out, want_res = out.clone(), res.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.tokenweave.add_rmsnorm(x, res, weight, out, EPS, shape)
+        torch.ops.tokenweave.add_rmsnorm(x, res, weight, out, EPS, shape)
+    for _ in range(3):
+        res.copy_(residual)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want_out) and torch.equal(res, want_res)
+
+
 @pytest.mark.parametrize("writer", WRITERS)
 def test_pdl_chain_in_a_graph_gives_the_same_bits(pdl, writer):
     """x is rewritten by a kernel right before each add_rmsnorm: the norm must wait for it."""
