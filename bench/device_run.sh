@@ -97,8 +97,11 @@ if has norm; then
 fi
 if has ncu; then  # the standalone norm against the compiled one, under Nsight Compute (clocks left alone)
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  t0=$(date +%s); timeout ${T_NCU:-150} "$NCU" --clock-control none --csv --page details --section SpeedOfLight --section Occupancy \
-    --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis -k regex:"add_rmsnorm|triton" python bench/debug/norm_profile.py > "$OUT/ncu_norm.csv" 2> "$OUT/ncu_norm.err"
+  # NCU_METRICS: a metric list instead of the sections; NORM_PROFILE_SIZES / NORM_PROFILE_SHAPES: bench/debug/norm_profile.py
+  what="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis"
+  [ -n "${NCU_METRICS:-}" ] && what="--metrics $NCU_METRICS"
+  t0=$(date +%s); timeout ${T_NCU:-150} "$NCU" --clock-control none --csv --page details $what \
+    -k regex:"add_rmsnorm|triton" python bench/debug/norm_profile.py > "$OUT/ncu_norm.csv" 2> "$OUT/ncu_norm.err"
   log "ncu: rc=$? in $(( $(date +%s) - t0 )) s"
 fi
 if has partition; then
