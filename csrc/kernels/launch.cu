@@ -204,9 +204,15 @@ __global__ void __launch_bounds__(Threads, 2) add_rmsnorm_pipelined_kernel(RowAr
 // Each batch issues all its loads before its first store: the compiler may not move a load above a store that
 // could alias it, so a plain loop waits one memory latency per vector (Batch 1: 2 x hidden / (8 G) latencies a row).
 // Same arithmetic and order as finish_rows (per thread j = lane, lane + G, ...; then group_sum): same bits.
-// kReread (the compiled norm's pattern, bench/results/logs/inductor_norm/): pass 1 stores nothing; pass 2 reads x
-// and the residual again (from L1 or L2), recomputes z and writes both results. kReread 1 with default caching,
-// 2 with the compiled kernel's hints: pass 1 evict_last in L1 and L2, pass 2 evict_first (load_hinted).
+// Where pass 2 finds z (the compiled norm's pattern is kReread / kRereadHinted: bench/results/logs/inductor_norm/):
+//   kZResidual    pass 1 writes z to the residual, pass 2 reads it back (from L2)
+//   kReread       pass 1 stores nothing; pass 2 reads x and the residual again (L1 or L2), recomputes z and
+//                 writes both results
+//   kRereadHinted kReread with the compiled kernel's hints: pass 1 evict_last in L1 and L2, pass 2 evict_first
+//   kStash        pass 1 keeps z in shared memory (rows of the CTA x hidden x sizeof(T), dynamic); pass 2 reads it
+//                 there and writes both results: the compiled kernel's order of traffic (a read-only pass, then a
+//                 write-only pass) without depending on L1 keeping the row
+enum class ZSource { kZResidual, kReread, kRereadHinted, kStash };
 template <int kPolicy>
 __device__ __forceinline__ Vec load_hinted(const Vec* p, uint64_t policy) {
   Vec v;
@@ -222,7 +228,7 @@ __device__ __forceinline__ Vec load_hinted(const Vec* p, uint64_t policy) {
   return v;
 }
 
-template <typename T, int Threads, int MinBlocks, int Batch, int kReread = 0>
+template <typename T, int Threads, int MinBlocks, int Batch, ZSource kZ = ZSource::kZResidual>
 __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kernel(RowArgs ra, const Vec* x,
                                                                                 Vec* residual, Vec* out,
                                                                                 int64_t tokens) {
@@ -237,17 +243,24 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
   wait_for_prior_grid();  // PDL (pdl.cuh): only the weight is touched above
   const bool active = row < tokens;
   const int64_t base = row * nvr;
-  uint64_t keep = 0, drop = 0;  // L2 policies of kReread 2
-  if (kReread == 2) {
+  constexpr bool kReread = kZ == ZSource::kReread || kZ == ZSource::kRereadHinted;
+  extern __shared__ __align__(16) Vec stash[];  // kStash: z of this CTA's rows
+  Vec* my_stash = stash + int64_t(threadIdx.x / G) * nvr;
+  uint64_t keep = 0, drop = 0;  // L2 policies of kRereadHinted
+  if (kZ == ZSource::kRereadHinted) {
     asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(keep));
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(drop));
   }
   auto load = [&](const Vec* p, bool first_pass) {
-    if constexpr (kReread == 2) return first_pass ? load_hinted<0>(p, keep) : load_hinted<1>(p, drop);
+    if constexpr (kZ == ZSource::kRereadHinted) return first_pass ? load_hinted<0>(p, keep) : load_hinted<1>(p, drop);
     return *p;
   };
   float ss = 0.f;
+  // Without stores to global memory in pass 1 (all but kZResidual) nothing stops the loads of later batches from
+  // moving up: unrolled, a thread has up to 4 batches of loads in flight.
+  constexpr int kUnroll = kZ == ZSource::kZResidual ? 1 : 4;
   if (active) {
+#pragma unroll kUnroll
     for (int j0 = lane; j0 < nvr; j0 += Batch * G) {
       Vec xv[Batch], rv[Batch];
 #pragma unroll
@@ -263,7 +276,8 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
         const int j = j0 + b * G;
         if (j < nvr) {
           const Vec z = add_z<T>(xv[b], rv[b], residual != nullptr);
-          if (residual && kReread == 0) residual[base + j] = z;
+          if (kZ == ZSource::kStash) my_stash[j] = z;
+          else if (residual && kZ == ZSource::kZResidual) residual[base + j] = z;
           float f[L];
           Pack<T>::unpack(z, f);
 #pragma unroll
@@ -274,15 +288,15 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
   }
   const float rstd = rsqrtf(group_sum(ss, G, red[0]) / float(ra.hidden) + ra.eps);
   if (!active) return;
-  const Vec* zs = residual && kReread == 0 ? residual : x;  // this thread's own stores of pass 1: program order
+  const Vec* zs = residual && kZ == ZSource::kZResidual ? residual : x;  // this thread's own stores of pass 1
   for (int j0 = lane; j0 < nvr; j0 += Batch * G) {
     Vec zv[Batch], wv[Batch], rv[Batch];
 #pragma unroll
     for (int b = 0; b < Batch; ++b) {
       const int j = j0 + b * G;
       if (j < nvr) {
-        zv[b] = load(zs + base + j, false);
-        if (kReread != 0 && residual) rv[b] = load(residual + base + j, false);
+        zv[b] = kZ == ZSource::kStash ? my_stash[j] : load(zs + base + j, false);
+        if (kReread && residual) rv[b] = load(residual + base + j, false);
         wv[b] = w[j];
       }
     }
@@ -290,10 +304,8 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
     for (int b = 0; b < Batch; ++b) {
       const int j = j0 + b * G;
       if (j < nvr) {
-        if (kReread != 0 && residual) {
-          zv[b] = add_z<T>(zv[b], rv[b], true);
-          residual[base + j] = zv[b];
-        }
+        if (kReread && residual) zv[b] = add_z<T>(zv[b], rv[b], true);
+        if (kZ != ZSource::kZResidual && residual) residual[base + j] = zv[b];
         float f[L], gw[L];
         Pack<T>::unpack(zv[b], f);
         Pack<T>::unpack(wv[b], gw);
@@ -469,7 +481,9 @@ constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false}, 
                                        {256, 4, 4, false},
                                        // two passes, the compiled norm's reads (17-20): shape 9's groups
                                        {256, 4, kTwoPassVecs, false}, {256, 4, kTwoPassVecs, false},
-                                       {256, 4, kTwoPassVecs, false}, {512, 4, kTwoPassVecs, false}};
+                                       {256, 4, kTwoPassVecs, false}, {512, 4, kTwoPassVecs, false},
+                                       {256, 4, kTwoPassVecs, false}, {256, 4, kTwoPassVecs, false},
+                                       {512, 4, kTwoPassVecs, false}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
@@ -498,12 +512,23 @@ cudaError_t launch_add_rmsnorm(const RowArgs& ra, const void* x, void* residual,
                        ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
 }
 
-template <typename T, int Threads, int MinBlocks, int Batch = 1, int kReread = 0>
+template <typename T, int Threads, int MinBlocks, int Batch = 1, ZSource kZ = ZSource::kZResidual>
 cudaError_t launch_add_rmsnorm_two_pass(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
                                         cudaStream_t stream) {
+  auto* kernel = add_rmsnorm_two_pass_kernel<T, Threads, MinBlocks, Batch, kZ>;
   const int rows_per_cta = Threads / ra.group;
   const int64_t blocks = (tokens + rows_per_cta - 1) / rows_per_cta;
-  return launch_kernel(add_rmsnorm_two_pass_kernel<T, Threads, MinBlocks, Batch, kReread>, dim3(unsigned(blocks)), dim3(Threads), stream,
+  size_t smem = 0;
+  if constexpr (kZ == ZSource::kStash) {
+    smem = size_t(rows_per_cta) * size_t(ra.hidden) * sizeof(T);
+    static size_t allowed = 48 << 10;  // per instantiation: dynamic shared memory allowed so far (48 KiB needs no opt-in)
+    if (smem > allowed) {
+      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      if (e != cudaSuccess) return e;
+      allowed = smem;
+    }
+  }
+  return launch_kernel_smem(kernel, dim3(unsigned(blocks)), dim3(Threads), smem, stream,
                        ra, reinterpret_cast<const Vec*>(x), reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out),
                        tokens);
 }
@@ -575,10 +600,14 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     case 16: return launch_add_rmsnorm_bulk<T, 256, 4, 3, true>(ra, x, residual, out, tokens, stream);
     // two passes as the compiled norm runs them (kReread): default caching, then its L1 / L2 hints, then those at
     // 512 threads (two rows, 4 CTAs per SM: the compiled kernel's occupancy)
-    case 17: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, 1>(ra, x, residual, out, tokens, stream);
-    case 18: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, 2>(ra, x, residual, out, tokens, stream);
-    case 19: return launch_add_rmsnorm_two_pass<T, 256, 6, 2, 2>(ra, x, residual, out, tokens, stream);
-    case 20: return launch_add_rmsnorm_two_pass<T, 512, 4, 1, 2>(ra, x, residual, out, tokens, stream);
+    case 17: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, ZSource::kReread>(ra, x, residual, out, tokens, stream);
+    case 18: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, ZSource::kRereadHinted>(ra, x, residual, out, tokens, stream);
+    case 19: return launch_add_rmsnorm_two_pass<T, 256, 6, 2, ZSource::kRereadHinted>(ra, x, residual, out, tokens, stream);
+    case 20: return launch_add_rmsnorm_two_pass<T, 512, 4, 1, ZSource::kRereadHinted>(ra, x, residual, out, tokens, stream);
+    // z kept in shared memory between the passes: 8 x 256, 6 x 256 (two vectors a batch), 4 x 512 threads per SM
+    case 21: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, ZSource::kStash>(ra, x, residual, out, tokens, stream);
+    case 22: return launch_add_rmsnorm_two_pass<T, 256, 6, 2, ZSource::kStash>(ra, x, residual, out, tokens, stream);
+    case 23: return launch_add_rmsnorm_two_pass<T, 512, 4, 1, ZSource::kStash>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }
