@@ -1,12 +1,8 @@
 // Torch-free launchers: planning, transport dispatch, the standalone add + RMSNorm, the peer probe.
 #include <atomic>
 
-#include <cstdio>
-
-#include "tokenweave/bulk.cuh"
 #include "tokenweave/pdl.cuh"
 #include "tokenweave/rownorm.cuh"
-#include "tokenweave/sync.cuh"  // globaltimer_ns
 #include "tokenweave/tokenweave.h"
 
 namespace tokenweave {
@@ -197,106 +193,90 @@ __global__ void __launch_bounds__(Threads, 2) add_rmsnorm_pipelined_kernel(RowAr
   }
 }
 
-// Two passes over each row, few registers: pass 1 computes z = round_T(x + residual), writes it back to the
-// residual and sums its squares; pass 2 reads z again (the residual just written, from L2; x when there is no
-// residual) with the weight and writes out. A thread holds Batch vectors (of each input) at a time instead of the
-// whole row, so MinBlocks CTAs fit on an SM (the compiled norm's trade: occupancy for an L2 re-read).
-// Each batch issues all its loads before its first store: the compiler may not move a load above a store that
-// could alias it, so a plain loop waits one memory latency per vector (Batch 1: 2 x hidden / (8 G) latencies a row).
+// Two passes over each row, few registers: pass 1 computes z = round_T(x + residual) and sums its squares; pass 2
+// takes z again with the weight and writes out. A thread holds Batch vectors (of each input) at a time instead of
+// the whole row, so MinBlocks CTAs fit on an SM (the compiled norm's trade: occupancy for a second pass).
+// Where pass 2 finds z:
+//   kStash false: pass 1 writes z back to the residual and pass 2 reads it there (from L2; x when there is no
+//                 residual). Each batch issues all its loads before its first store: the compiler may not move a
+//                 load above a store that could alias it, so a plain loop waits one memory latency per vector
+//                 (Batch 1: 2 x hidden / (8 G) latencies a row).
+//   kStash true:  pass 1 keeps z in shared memory (rows of the CTA x hidden x sizeof(T), dynamic) and stores
+//                 nothing; pass 2 reads it there and writes the residual and out: the order of traffic of the
+//                 compiled norm (bench/results/logs/inductor_norm/: a read-only pass, then a write-only pass)
+//                 without its re-read of x and the residual, which hits L1 only while 4 rows of 32 KiB fit there.
+//                 With no global store in pass 1, a thread keeps 2 vectors of each input in flight.
 // Same arithmetic and order as finish_rows (per thread j = lane, lane + G, ...; then group_sum): same bits.
-// Where pass 2 finds z (the compiled norm's pattern is kReread / kRereadHinted: bench/results/logs/inductor_norm/):
-//   kZResidual    pass 1 writes z to the residual, pass 2 reads it back (from L2)
-//   kReread       pass 1 stores nothing; pass 2 reads x and the residual again (L1 or L2), recomputes z and
-//                 writes both results
-//   kRereadHinted kReread with the compiled kernel's hints: pass 1 evict_last in L1 and L2, pass 2 evict_first
-//   kStash        pass 1 keeps z in shared memory (rows of the CTA x hidden x sizeof(T), dynamic); pass 2 reads it
-//                 there and writes both results: the compiled kernel's order of traffic (a read-only pass, then a
-//                 write-only pass) without depending on L1 keeping the row
-enum class ZSource { kZResidual, kReread, kRereadHinted, kStash };
-template <int kPolicy>
-__device__ __forceinline__ Vec load_hinted(const Vec* p, uint64_t policy) {
-  Vec v;
-  if constexpr (kPolicy == 0) {
-    asm volatile("ld.global.L1::evict_last.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p), "l"(policy));
-  } else {
-    asm volatile("ld.global.L1::evict_first.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p), "l"(policy));
-  }
-  return v;
-}
-
-template <typename T, int Threads, int MinBlocks, int Batch, ZSource kZ = ZSource::kZResidual>
+template <typename T, int Threads, int MinBlocks, int Batch, bool kStash = false>
 __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kernel(RowArgs ra, const Vec* x,
                                                                                 Vec* residual, Vec* out,
                                                                                 int64_t tokens) {
   constexpr int L = Pack<T>::kLanes;
   __shared__ float red[2][Threads / 32];
+  extern __shared__ __align__(16) Vec stash[];  // kStash: z of this CTA's rows, row after row
   const int nvr = ra.hidden / L;
   const int G = ra.group;
   const int lane = threadIdx.x % G;
   const int64_t row = int64_t(blockIdx.x) * (Threads / G) + threadIdx.x / G;
+  Vec* my_stash = stash + int64_t(threadIdx.x / G) * nvr;
   const Vec* w = reinterpret_cast<const Vec*>(ra.weight);
   prefetch_l2(ra.weight, int64_t(ra.hidden) * int64_t(sizeof(T)));
   wait_for_prior_grid();  // PDL (pdl.cuh): only the weight is touched above
   const bool active = row < tokens;
   const int64_t base = row * nvr;
-  constexpr bool kReread = kZ == ZSource::kReread || kZ == ZSource::kRereadHinted;
-  extern __shared__ __align__(16) Vec stash[];  // kStash: z of this CTA's rows
-  Vec* my_stash = stash + int64_t(threadIdx.x / G) * nvr;
-  uint64_t keep = 0, drop = 0;  // L2 policies of kRereadHinted
-  if (kZ == ZSource::kRereadHinted) {
-    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(keep));
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(drop));
-  }
-  auto load = [&](const Vec* p, bool first_pass) {
-    if constexpr (kZ == ZSource::kRereadHinted) return first_pass ? load_hinted<0>(p, keep) : load_hinted<1>(p, drop);
-    return *p;
-  };
   float ss = 0.f;
-  // Without stores to global memory in pass 1 (all but kZResidual) nothing stops the loads of later batches from
-  // moving up: unrolled, a thread has up to 4 batches of loads in flight.
-  constexpr int kUnroll = kZ == ZSource::kZResidual ? 1 : 4;
+  // z of vector j: into the stash or back to the residual; its squares into ss, in the order of j
+  auto take = [&](int j, Vec xv, Vec rv) {
+    const Vec z = add_z<T>(xv, rv, residual != nullptr);
+    if (kStash) my_stash[j] = z;
+    else if (residual) residual[base + j] = z;
+    float f[L];
+    Pack<T>::unpack(z, f);
+#pragma unroll
+    for (int i = 0; i < L; ++i) ss += f[i] * f[i];
+  };
   if (active) {
-#pragma unroll kUnroll
-    for (int j0 = lane; j0 < nvr; j0 += Batch * G) {
+    int j0 = lane;
+    // No global store in this pass: kWide vectors of each input in flight without bound checks between them (4 spill
+    // at the 32 registers of 2048 threads an SM; 2 x 2 x 16 bytes x 2048 threads is 128 KiB in flight an SM).
+    if constexpr (kStash) {
+      constexpr int kWide = 2;
+      for (; j0 + (kWide - 1) * G < nvr; j0 += kWide * G) {
+        Vec xv[kWide], rv[kWide];
+#pragma unroll
+        for (int u = 0; u < kWide; ++u) {
+          xv[u] = x[base + j0 + u * G];
+          if (residual) rv[u] = residual[base + j0 + u * G];
+        }
+#pragma unroll
+        for (int u = 0; u < kWide; ++u) take(j0 + u * G, xv[u], rv[u]);
+      }
+    }
+    for (; j0 < nvr; j0 += Batch * G) {
       Vec xv[Batch], rv[Batch];
 #pragma unroll
       for (int b = 0; b < Batch; ++b) {
         const int j = j0 + b * G;
         if (j < nvr) {
-          xv[b] = load(x + base + j, true);
-          if (residual) rv[b] = load(residual + base + j, true);
+          xv[b] = x[base + j];
+          if (residual) rv[b] = residual[base + j];
         }
       }
 #pragma unroll
-      for (int b = 0; b < Batch; ++b) {
-        const int j = j0 + b * G;
-        if (j < nvr) {
-          const Vec z = add_z<T>(xv[b], rv[b], residual != nullptr);
-          if (kZ == ZSource::kStash) my_stash[j] = z;
-          else if (residual && kZ == ZSource::kZResidual) residual[base + j] = z;
-          float f[L];
-          Pack<T>::unpack(z, f);
-#pragma unroll
-          for (int i = 0; i < L; ++i) ss += f[i] * f[i];
-        }
-      }
+      for (int b = 0; b < Batch; ++b)
+        if (j0 + b * G < nvr) take(j0 + b * G, xv[b], rv[b]);
     }
   }
   const float rstd = rsqrtf(group_sum(ss, G, red[0]) / float(ra.hidden) + ra.eps);
   if (!active) return;
-  const Vec* zs = residual && kZ == ZSource::kZResidual ? residual : x;  // this thread's own stores of pass 1
+  const Vec* zs = kStash ? my_stash : (residual ? residual + base : x + base);  // this thread's own writes of pass 1
   for (int j0 = lane; j0 < nvr; j0 += Batch * G) {
-    Vec zv[Batch], wv[Batch], rv[Batch];
+    Vec zv[Batch], wv[Batch];
 #pragma unroll
     for (int b = 0; b < Batch; ++b) {
       const int j = j0 + b * G;
       if (j < nvr) {
-        zv[b] = kZ == ZSource::kStash ? my_stash[j] : load(zs + base + j, false);
-        if (kReread && residual) rv[b] = load(residual + base + j, false);
+        zv[b] = zs[j];
         wv[b] = w[j];
       }
     }
@@ -304,8 +284,7 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
     for (int b = 0; b < Batch; ++b) {
       const int j = j0 + b * G;
       if (j < nvr) {
-        if (kReread && residual) zv[b] = add_z<T>(zv[b], rv[b], true);
-        if (kZ != ZSource::kZResidual && residual) residual[base + j] = zv[b];
+        if (kStash && residual) residual[base + j] = zv[b];
         float f[L], gw[L];
         Pack<T>::unpack(zv[b], f);
         Pack<T>::unpack(wv[b], gw);
@@ -317,150 +296,6 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
   }
 }
 
-// Bulk-pipelined rows: persistent CTAs stream their row sets (Threads / G consecutive rows, one per row group)
-// through `stages` shared-memory stages that one thread fills with TMA bulk loads (bulk.cuh) of x and the
-// residual, `stages` sets ahead of the threads that compute. Every other shape keeps a row's bytes in flight
-// only between its loads and its first use, so an SM's bytes in flight fall while its rows reduce and store
-// (DRAM at 41% of peak against the compiled norm's 47% at 1024 x 8192: docs/PERFORMANCE.md); here the copy
-// engine keeps up to stages x 2 x hidden x sizeof(T) bytes per CTA in flight whatever the threads are doing.
-// kBulkStore: z and out go back through the stage and leave as two bulk stores per set (no per-thread stores;
-// the stage is refilled one set later, once the stores have read it), else each thread stores its vectors and
-// the stage is refilled as soon as the set is done.
-// Same arithmetic and order as finish_rows with the same row group (j = lane, lane + G, ...; group_sum): the
-// bits of every shape with shape 0's group.
-constexpr int kNormBulkMaxStages = 4;
-// A local bulk copy completes in microseconds; one that has not after this long never will (a fault): the kernel
-// prints which CTA waited and traps, so the call fails instead of hanging.
-constexpr uint64_t kBulkLoadTimeoutNs = 10ull * 1000 * 1000 * 1000;
-
-__device__ __forceinline__ void wait_bulk_loaded(uint64_t* bar, uint32_t parity) {
-  if (mbar_try_wait(bar, parity)) return;
-  const uint64_t start = globaltimer_ns();
-  for (uint32_t spin = 1;; ++spin) {
-    if (mbar_try_wait(bar, parity)) return;
-    if ((spin & 1023) == 0 && globaltimer_ns() - start > kBulkLoadTimeoutNs) {
-      printf("tokenweave add_rmsnorm: a bulk load of CTA %d, thread %d did not complete in 10 s\n", int(blockIdx.x),
-             int(threadIdx.x));
-      __trap();
-    }
-  }
-}
-
-template <typename T, int Threads, int VPT, int CtasPerSm, bool kBulkStore>
-__global__ void __launch_bounds__(Threads, CtasPerSm) add_rmsnorm_bulk_kernel(RowArgs ra, const Vec* x, Vec* residual,
-                                                                             Vec* out, int64_t tokens, int stages) {
-  constexpr int L = Pack<T>::kLanes;
-  extern __shared__ __align__(128) Vec stage_mem[];  // per stage: the set's x rows, then its residual rows
-  __shared__ uint64_t loaded[kNormBulkMaxStages];
-  __shared__ float red[2][Threads / 32];
-  const int nvr = ra.hidden / L;
-  const int G = ra.group;
-  const int rows_per_set = Threads / G;
-  const int lane = threadIdx.x % G;
-  const int sub = threadIdx.x / G;  // this thread's row within the set
-  const int64_t sets = (tokens + rows_per_set - 1) / rows_per_set;
-  const int64_t half = int64_t(rows_per_set) * nvr;  // vectors of one input in a stage
-  const Vec* w = reinterpret_cast<const Vec*>(ra.weight);
-  const bool has_res = residual != nullptr;
-  prefetch_l2(ra.weight, int64_t(ra.hidden) * int64_t(sizeof(T)));
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < stages; ++s) mbar_init(&loaded[s], 1);
-    fence_mbar_init();
-  }
-  __syncthreads();
-  wait_for_prior_grid();  // PDL (pdl.cuh): only the weight's L2 prefetch and shared memory above
-  // This CTA's set i is set blockIdx.x + i x gridDim.x, in stage i % stages. Thread 0 only.
-  auto rows_of = [&](int64_t set) { return set * rows_per_set; };
-  auto bytes_of = [&](int64_t set) {
-    const int64_t rows = tokens - rows_of(set) < rows_per_set ? tokens - rows_of(set) : rows_per_set;
-    return uint32_t(rows * nvr * 16);
-  };
-  auto load_set = [&](int64_t i) {
-    const int64_t set = int64_t(blockIdx.x) + i * int64_t(gridDim.x);
-    if (set >= sets) return;
-    Vec* st = stage_mem + (i % stages) * 2 * half;
-    uint64_t* bar = &loaded[i % stages];
-    const uint32_t bytes = bytes_of(set);
-    mbar_expect_tx(bar, has_res ? 2 * bytes : bytes);
-    bulk_load(st, x + rows_of(set) * nvr, bytes, bar);
-    if (has_res) bulk_load(st + half, residual + rows_of(set) * nvr, bytes, bar);
-  };
-  if (threadIdx.x == 0)
-    for (int i = 0; i < stages; ++i) load_set(i);
-  Vec g[VPT];  // the weight, for every set (persistent CTA)
-  if (w != nullptr) {
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) g[k] = w[lane + k * G < nvr ? lane + k * G : 0];
-  }
-  for (int64_t i = 0;; ++i) {
-    const int64_t set = int64_t(blockIdx.x) + i * int64_t(gridDim.x);
-    if (set >= sets) break;
-    const int s = int(i % stages);
-    Vec* xs = stage_mem + s * 2 * half + int64_t(sub) * nvr;
-    Vec* rs = xs + half;
-    const int64_t row = rows_of(set) + sub;
-    const bool active = row < tokens;
-    wait_bulk_loaded(&loaded[s], uint32_t(i / stages) & 1u);
-    // Pass 1: z = round_T(x + residual) into the stage's x rows (registers hold the weight, not z), the sum of
-    // squares.
-    float ss = 0.f;
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int j = lane + k * G;
-      if (active && j < nvr) {
-        const Vec z = add_z<T>(xs[j], rs[j], has_res);
-        if (has_res) {
-          xs[j] = z;
-          if (!kBulkStore) residual[row * nvr + j] = z;
-        }
-        float f[L];
-        Pack<T>::unpack(z, f);
-#pragma unroll
-        for (int i2 = 0; i2 < L; ++i2) ss += f[i2] * f[i2];
-      }
-    }
-    // Pass 2: out from this thread's own z (program order), into the stage's residual rows or to memory.
-    const float rstd = w != nullptr ? rsqrtf(group_sum(ss, G, red[i & 1]) / float(ra.hidden) + ra.eps) : 0.f;
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int j = lane + k * G;
-      if (active && j < nvr) {
-        Vec v = xs[j];
-        if (w != nullptr) {
-          float f[L], gw[L];
-          Pack<T>::unpack(v, f);
-          Pack<T>::unpack(g[k], gw);
-#pragma unroll
-          for (int i2 = 0; i2 < L; ++i2) f[i2] = f[i2] * rstd * gw[i2];
-          v = Pack<T>::pack(f);
-        }
-        if (kBulkStore) rs[j] = v;
-        else out[row * nvr + j] = v;
-      }
-    }
-    fence_proxy_async_shared();  // this thread's writes to the stage, before the bulk copies that read or refill it
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      if (kBulkStore) {
-        Vec* st = stage_mem + s * 2 * half;
-        if (has_res) bulk_store(residual + rows_of(set) * nvr, st, bytes_of(set));
-        bulk_store(out + rows_of(set) * nvr, st + half, bytes_of(set));
-        bulk_commit();
-        if (stages == 1) {  // one stage (the longest rows): refill it once these stores have read it
-          bulk_wait_read<0>();
-          load_set(i + 1);
-        } else {  // the previous set's stores have read its stage: refill that one, this one's stores go on
-          bulk_wait_read<1>();
-          if (i >= 1) load_set(i - 1 + stages);
-        }
-      } else {
-        load_set(i + stages);
-      }
-    }
-  }
-  if (kBulkStore && threadIdx.x == 0) bulk_wait_all();  // the stores done before the CTA (and its stages) exits
-}
-
 // (threads per CTA, target vectors per thread, most vectors per thread, persistent + pipelined rows).
 // Config 0 picks per call (add_rmsnorm below); the others are fixed shapes that bench/add_rmsnorm.py times
 // side by side (tokenweave_cfgK): register-capped arrays decide occupancy, and persistence hides latency.
@@ -468,20 +303,14 @@ struct NormConfig {
   int threads, target_vecs, max_vecs;
   bool pipelined;
 };
-// Two-pass shapes (9, 10, 12) keep no row in registers: any row length fits (kTwoPassVecs bounds nothing).
+// Two-pass shapes (9, 10, 12-15) keep no row in registers: any row length fits (kTwoPassVecs bounds nothing); the
+// shapes that keep z in shared memory (13-15) fail a launch whose rows exceed a CTA's (227 KiB on H100 / H200).
 constexpr int kTwoPassVecs = 1 << 20;
 constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false},           {256, 4, 8, false},
                                        {512, 4, 8, false},  {256, 4, 4, true},            {512, 2, 2, true},
                                        {1024, 1, 2, false}, {512, 2, 2, false},           {512, 2, 2, false},
                                        {256, 4, kTwoPassVecs, false}, {128, 8, kTwoPassVecs, false},
                                        {128, 4, 4, false},  {256, 4, kTwoPassVecs, false},
-                                       // bulk-pipelined (13-16): shape 1's groups (and 13-14 shape 2's beyond 4
-                                       // vectors a thread), so they have shape 0's bits wherever they hold the row
-                                       {256, 4, 8, false},  {256, 4, 8, false},           {256, 4, 4, false},
-                                       {256, 4, 4, false},
-                                       // two passes, the compiled norm's reads (17-20): shape 9's groups
-                                       {256, 4, kTwoPassVecs, false}, {256, 4, kTwoPassVecs, false},
-                                       {256, 4, kTwoPassVecs, false}, {512, 4, kTwoPassVecs, false},
                                        {256, 4, kTwoPassVecs, false}, {256, 4, kTwoPassVecs, false},
                                        {512, 4, kTwoPassVecs, false}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
@@ -512,60 +341,31 @@ cudaError_t launch_add_rmsnorm(const RowArgs& ra, const void* x, void* residual,
                        ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
 }
 
-template <typename T, int Threads, int MinBlocks, int Batch = 1, ZSource kZ = ZSource::kZResidual>
+template <typename T, int Threads, int MinBlocks, int Batch = 1, bool kStash = false>
 cudaError_t launch_add_rmsnorm_two_pass(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
                                         cudaStream_t stream) {
-  auto* kernel = add_rmsnorm_two_pass_kernel<T, Threads, MinBlocks, Batch, kZ>;
+  auto* kernel = add_rmsnorm_two_pass_kernel<T, Threads, MinBlocks, Batch, kStash>;
   const int rows_per_cta = Threads / ra.group;
   const int64_t blocks = (tokens + rows_per_cta - 1) / rows_per_cta;
   size_t smem = 0;
-  if constexpr (kZ == ZSource::kStash) {
+  if constexpr (kStash) {
     smem = size_t(rows_per_cta) * size_t(ra.hidden) * sizeof(T);
-    static size_t allowed = 48 << 10;  // per instantiation: dynamic shared memory allowed so far (48 KiB needs no opt-in)
-    if (smem > allowed) {
+    // Per instantiation and device: the dynamic shared memory allowed so far (up to 48 KiB needs no opt-in).
+    constexpr int kDevices = 64;
+    static size_t allowed[kDevices] = {};
+    int dev = 0, most = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (dev >= kDevices || smem > size_t(most)) return cudaErrorInvalidValue;  // the rows do not fit: another shape
+    if (smem > (48u << 10) && smem > allowed[dev]) {
       const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
       if (e != cudaSuccess) return e;
-      allowed = smem;
+      allowed[dev] = smem;
     }
   }
   return launch_kernel_smem(kernel, dim3(unsigned(blocks)), dim3(Threads), smem, stream,
                        ra, reinterpret_cast<const Vec*>(x), reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out),
                        tokens);
-}
-
-template <typename T, int Threads, int VPT, int CtasPerSm, bool kBulkStore>
-cudaError_t launch_add_rmsnorm_bulk(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
-                                    cudaStream_t stream) {
-  auto* kernel = add_rmsnorm_bulk_kernel<T, Threads, VPT, CtasPerSm, kBulkStore>;
-  int dev = 0, sms = 0, smem_sm = 0, smem_cta = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-  cudaDeviceGetAttribute(&smem_cta, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  cudaFuncAttributes fa{};
-  if (cudaFuncGetAttributes(&fa, kernel) != cudaSuccess) return cudaGetLastError();
-  // Per CTA: the SM's shared memory shared by CtasPerSm CTAs, less the 1 KiB the runtime reserves for each CTA and
-  // the kernel's static arrays.
-  int64_t budget = int64_t(smem_sm) / CtasPerSm - 1024 - int64_t(fa.sharedSizeBytes);
-  budget = budget < smem_cta - int64_t(fa.sharedSizeBytes) ? budget : smem_cta - int64_t(fa.sharedSizeBytes);
-  const int rows_per_set = Threads / ra.group;
-  const int64_t stage_bytes = 2 * int64_t(rows_per_set) * (ra.hidden / (16 / int(sizeof(T)))) * 16;
-  int64_t stages = budget / stage_bytes;
-  stages = stages < kNormBulkMaxStages ? stages : kNormBulkMaxStages;
-  if (stages < 1) return cudaErrorInvalidValue;
-  static int64_t allowed = 0;  // per instantiation: the dynamic shared memory this kernel was allowed so far
-  if (allowed < budget) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(budget));
-    if (e == cudaSuccess)
-      e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
-    if (e != cudaSuccess) return e;
-    allowed = budget;
-  }
-  const int64_t sets = (tokens + rows_per_set - 1) / rows_per_set;
-  const int64_t blocks = sets < int64_t(sms) * CtasPerSm ? sets : int64_t(sms) * CtasPerSm;
-  return launch_kernel_smem(kernel, dim3(unsigned(blocks)), dim3(Threads), size_t(stages * stage_bytes), stream, ra,
-                            reinterpret_cast<const Vec*>(x), reinterpret_cast<Vec*>(residual),
-                            reinterpret_cast<Vec*>(out), tokens, int(stages));
 }
 
 template <typename T>
@@ -591,23 +391,11 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     // shape 9 with both loads of two vectors in flight before their stores: 40 registers, 6 CTAs per SM (a batch
     // of 2 at 8 CTAs spilled, and a batch of 4 at 4 CTAs beat no shipped choice: bench/results/variants/366fe1d)
     case 12: return launch_add_rmsnorm_two_pass<T, 256, 6, 2>(ra, x, residual, out, tokens, stream);
-    // bulk-pipelined (add_rmsnorm_bulk_kernel), each thread storing its vectors or bulk stores from the stage:
-    // 2 CTAs per SM (3 stages of 32 KiB at 8192 x 2 bytes), or 3 with 4 vectors a thread (8 spilled at their
-    // 80 registers) and 2 stages
-    case 13: return launch_add_rmsnorm_bulk<T, 256, 8, 2, false>(ra, x, residual, out, tokens, stream);
-    case 14: return launch_add_rmsnorm_bulk<T, 256, 8, 2, true>(ra, x, residual, out, tokens, stream);
-    case 15: return launch_add_rmsnorm_bulk<T, 256, 4, 3, false>(ra, x, residual, out, tokens, stream);
-    case 16: return launch_add_rmsnorm_bulk<T, 256, 4, 3, true>(ra, x, residual, out, tokens, stream);
-    // two passes as the compiled norm runs them (kReread): default caching, then its L1 / L2 hints, then those at
-    // 512 threads (two rows, 4 CTAs per SM: the compiled kernel's occupancy)
-    case 17: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, ZSource::kReread>(ra, x, residual, out, tokens, stream);
-    case 18: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, ZSource::kRereadHinted>(ra, x, residual, out, tokens, stream);
-    case 19: return launch_add_rmsnorm_two_pass<T, 256, 6, 2, ZSource::kRereadHinted>(ra, x, residual, out, tokens, stream);
-    case 20: return launch_add_rmsnorm_two_pass<T, 512, 4, 1, ZSource::kRereadHinted>(ra, x, residual, out, tokens, stream);
-    // z kept in shared memory between the passes: 8 x 256, 6 x 256 (two vectors a batch), 4 x 512 threads per SM
-    case 21: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, ZSource::kStash>(ra, x, residual, out, tokens, stream);
-    case 22: return launch_add_rmsnorm_two_pass<T, 256, 6, 2, ZSource::kStash>(ra, x, residual, out, tokens, stream);
-    case 23: return launch_add_rmsnorm_two_pass<T, 512, 4, 1, ZSource::kStash>(ra, x, residual, out, tokens, stream);
+    // z kept in shared memory between a read-only and a write-only pass (kStash): 8 x 256, 6 x 256 (two vectors a
+    // batch) and 4 x 512 threads per SM, the last the compiled norm's shape (one 256-thread group a row: 2 rows a CTA)
+    case 13: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, true>(ra, x, residual, out, tokens, stream);
+    case 14: return launch_add_rmsnorm_two_pass<T, 256, 6, 2, true>(ra, x, residual, out, tokens, stream);
+    case 15: return launch_add_rmsnorm_two_pass<T, 512, 4, 1, true>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }

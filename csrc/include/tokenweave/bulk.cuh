@@ -2,8 +2,7 @@
 //
 // One instruction moves up to a stage of bytes, done by the SM's copy engine (TMA) instead of 16-byte
 // loads and stores from every thread, so a single warp keeps many kilobytes in flight while the other
-// warps of the CTA compute. Used by lean_bulk's copy warp (csrc/kernels/lean.cuh) and the
-// bulk-pipelined add + RMSNorm (csrc/kernels/launch.cu).
+// warps of the CTA compute. Used by lean_bulk's copy warp (csrc/kernels/lean.cuh).
 //
 // Memory-ordering pattern:
 //   load  : mbarrier.arrive.expect_tx(bar, n) -> cp.async.bulk ... mbarrier::complete_tx [bar]
@@ -11,8 +10,6 @@
 //   store : cp.async.bulk.global.shared::cta.bulk_group -> commit_group
 //           wait_group.read N: the source stage may be overwritten (only its read is done)
 //           wait_group 0     : the stores are complete (visible to the issuing thread)
-//   reuse : generic writes to a stage -> fence.proxy.async.shared::cta (each writer) -> barrier -> one thread
-//           issues the bulk store or load that reads / overwrites the stage
 //   publish: wait_group 0 -> fence.proxy.async.global (the async proxy's writes ordered before this thread's
 //           generic accesses) -> the flag release of sync.cuh (fence.acq_rel.sys + relaxed flag stores)
 // Addresses and sizes must be multiples of 16 bytes (x rows are: hidden % 8 == 0 and 16-byte vectors).
@@ -75,9 +72,5 @@ __device__ __forceinline__ void bulk_wait_read() {
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
 
 __device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
-
-// This thread's generic writes to shared memory ordered before later async-proxy accesses of it (a bulk store
-// that reads them, a bulk load that overwrites them); each writing thread fences, then the CTA meets.
-__device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 }  // namespace tokenweave
