@@ -98,7 +98,7 @@ cudaError_t allreduce(const CommDevice& c, const CallArgs& a, Transport t, cudaS
 // and one CTA's loads overlap another's reduction and stores. Threads per CTA and vectors per thread are
 // compile-time (registers, not local memory); kNormConfigs below lists the instantiations.
 // MinBlocks > 1 caps the registers so that many CTAs share an SM (occupancy is what the compiled norm wins by).
-template <typename T, int Threads, int VPT, int MinBlocks = 1>
+template <typename T, int Threads, int VPT, int MinBlocks = 1, bool kStreamLoads = false>
 __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_kernel(RowArgs ra, const Vec* x, Vec* residual,
                                                                          Vec* out, int64_t tokens) {
   __shared__ float red[2][Threads / 32];
@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_kernel(RowArgs
   const int64_t r0 = int64_t(blockIdx.x) * (Threads / ra.group);
   prefetch_l2(ra.weight, int64_t(ra.hidden) * int64_t(sizeof(T)));
   wait_for_prior_grid();  // PDL (pdl.cuh): only the weight is touched above
-  const LocalSource<T> src{x, residual, nvr};
+  const LocalSource<T, kStreamLoads> src{x, residual, nvr};
   const LocalSink sink{out, residual, nvr};
   finish_rows<T, Threads, VPT>(src, sink, ra, r0, min(r0 + Threads / ra.group, tokens), red);
 }
@@ -207,10 +207,11 @@ __global__ void __launch_bounds__(Threads, 2) add_rmsnorm_pipelined_kernel(RowAr
 //                 without its re-read of x and the residual, which hits L1 only while 4 rows of 32 KiB fit there.
 //                 With no global store in pass 1, a thread keeps 2 vectors of each input in flight.
 // Same arithmetic and order as finish_rows (per thread j = lane, lane + G, ...; then group_sum): same bits.
-template <typename T, int Threads, int MinBlocks, int Batch, bool kStash = false>
+template <typename T, int Threads, int MinBlocks, int Batch, bool kStash = false, bool kStreamLoads = false>
 __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kernel(RowArgs ra, const Vec* x,
                                                                                 Vec* residual, Vec* out,
                                                                                 int64_t tokens) {
+  static_assert(kStash || !kStreamLoads, "pass 2 reads the residual back: its pass-1 lines must stay in L2");
   constexpr int L = Pack<T>::kLanes;
   __shared__ float red[2][Threads / 32];
   extern __shared__ __align__(16) Vec stash[];  // kStash: z of this CTA's rows, row after row
@@ -245,8 +246,8 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
         Vec xv[kWide], rv[kWide];
 #pragma unroll
         for (int u = 0; u < kWide; ++u) {
-          xv[u] = x[base + j0 + u * G];
-          if (residual) rv[u] = residual[base + j0 + u * G];
+          xv[u] = load_vec<kStreamLoads>(x + base + j0 + u * G);
+          if (residual) rv[u] = load_vec<kStreamLoads>(residual + base + j0 + u * G);
         }
 #pragma unroll
         for (int u = 0; u < kWide; ++u) take(j0 + u * G, xv[u], rv[u]);
@@ -258,8 +259,8 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
       for (int b = 0; b < Batch; ++b) {
         const int j = j0 + b * G;
         if (j < nvr) {
-          xv[b] = x[base + j];
-          if (residual) rv[b] = residual[base + j];
+          xv[b] = load_vec<kStreamLoads>(x + base + j);
+          if (residual) rv[b] = load_vec<kStreamLoads>(residual + base + j);
         }
       }
 #pragma unroll
@@ -303,8 +304,8 @@ struct NormConfig {
   int threads, target_vecs, max_vecs;
   bool pipelined;
 };
-// Two-pass shapes (9, 10, 12-15) keep no row in registers: any row length fits (kTwoPassVecs bounds nothing); the
-// shapes that keep z in shared memory (13-15) fail a launch whose rows exceed a CTA's (227 KiB on H100 / H200).
+// Two-pass shapes (9, 10, 12-17) keep no row in registers: any row length fits (kTwoPassVecs bounds nothing); the
+// shapes that keep z in shared memory (13-17) fail a launch whose rows exceed a CTA's (227 KiB on H100 / H200).
 constexpr int kTwoPassVecs = 1 << 20;
 constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false},           {256, 4, 8, false},
                                        {512, 4, 8, false},  {256, 4, 4, true},            {512, 2, 2, true},
@@ -312,12 +313,13 @@ constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false}, 
                                        {256, 4, kTwoPassVecs, false}, {128, 8, kTwoPassVecs, false},
                                        {128, 4, 4, false},  {256, 4, kTwoPassVecs, false},
                                        {256, 4, kTwoPassVecs, false}, {256, 4, kTwoPassVecs, false},
-                                       {512, 4, kTwoPassVecs, false}};
+                                       {512, 4, kTwoPassVecs, false}, {256, 4, kTwoPassVecs, false},
+                                       {512, 4, kTwoPassVecs, false}, {256, 4, 4, false}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
 
-template <typename T, int Threads, int VPT, bool kPipelined, int MinBlocks = 1>
+template <typename T, int Threads, int VPT, bool kPipelined, int MinBlocks = 1, bool kStreamLoads = false>
 cudaError_t launch_add_rmsnorm(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
                                cudaStream_t stream) {
   const int rows_per_cta = Threads / ra.group;
@@ -337,14 +339,14 @@ cudaError_t launch_add_rmsnorm(const RowArgs& ra, const void* x, void* residual,
     return launch_kernel(add_rmsnorm_pipelined_kernel<T, Threads, VPT>, dim3(unsigned(blocks)), dim3(Threads), stream,
                          ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
   }
-  return launch_kernel(add_rmsnorm_kernel<T, Threads, VPT, MinBlocks>, dim3(unsigned(blocks)), dim3(Threads), stream,
+  return launch_kernel(add_rmsnorm_kernel<T, Threads, VPT, MinBlocks, kStreamLoads>, dim3(unsigned(blocks)), dim3(Threads), stream,
                        ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
 }
 
-template <typename T, int Threads, int MinBlocks, int Batch = 1, bool kStash = false>
+template <typename T, int Threads, int MinBlocks, int Batch = 1, bool kStash = false, bool kStreamLoads = false>
 cudaError_t launch_add_rmsnorm_two_pass(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
                                         cudaStream_t stream) {
-  auto* kernel = add_rmsnorm_two_pass_kernel<T, Threads, MinBlocks, Batch, kStash>;
+  auto* kernel = add_rmsnorm_two_pass_kernel<T, Threads, MinBlocks, Batch, kStash, kStreamLoads>;
   const int rows_per_cta = Threads / ra.group;
   const int64_t blocks = (tokens + rows_per_cta - 1) / rows_per_cta;
   size_t smem = 0;
@@ -396,6 +398,11 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     case 13: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, true>(ra, x, residual, out, tokens, stream);
     case 14: return launch_add_rmsnorm_two_pass<T, 256, 6, 2, true>(ra, x, residual, out, tokens, stream);
     case 15: return launch_add_rmsnorm_two_pass<T, 512, 4, 1, true>(ra, x, residual, out, tokens, stream);
+    // x and the residual read with evict-first (ld.global.cs: read once), so that L2 keeps the lines being written:
+    // shapes 13 and 15, and the default one-pass shape 1
+    case 16: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, true, true>(ra, x, residual, out, tokens, stream);
+    case 17: return launch_add_rmsnorm_two_pass<T, 512, 4, 1, true, true>(ra, x, residual, out, tokens, stream);
+    case 18: return launch_add_rmsnorm<T, 256, 4, false, 1, true>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -169,15 +169,23 @@ __device__ __forceinline__ Vec add_z(Vec x, Vec r, bool has_residual) {
   return Pack<T>::pack(f);
 }
 
+// One 16-byte load; kStreaming: ld.global.cs (evict first from L1 and L2: data this kernel reads once, so that L2
+// keeps the lines it writes instead).
+template <bool kStreaming>
+__device__ __forceinline__ Vec load_vec(const Vec* p) {
+  if constexpr (kStreaming) return __ldcs(p);
+  return *p;
+}
+
 // z = round_T(x + residual): the standalone add + RMSNorm.
-template <typename T>
+template <typename T, bool kStreaming = false>
 struct LocalSource {
   const Vec* x;
   const Vec* residual;  // nullptr: z = x
   int nvr;
   __device__ Vec load_z(int64_t row, int j) const {
-    const Vec v = x[row * nvr + j];
-    return residual ? add_z<T>(v, residual[row * nvr + j], true) : v;
+    const Vec v = load_vec<kStreaming>(x + row * nvr + j);
+    return residual ? add_z<T>(v, load_vec<kStreaming>(residual + row * nvr + j), true) : v;
   }
 };
 
