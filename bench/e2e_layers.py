@@ -12,6 +12,11 @@ Every variant runs inside CUDA graphs (the bench harness' ``time_cuda_graph``); 
 of each prefill size is tuned first (seconds; cached under ``$TOKENWEAVE_CACHE_DIR``). Each mode's
 output is compared with the baseline's (``max_rel_diff``; comm_removed is wrong by design).
 
+On the ``p2p`` / ``multimem`` transports the stack keeps its stages' partial sums and outputs in symmetric rows
+(:class:`tokenweave.weave.SymmetricRows`: lean_pull reads them in place, the residual is sharded where lean
+runs); ``tokenweave_private_rows`` is the tokenweave mode again with the same split but the stages writing to
+private tensors, as without symmetric rows: what those rows buy (absent on the ``torch`` transport).
+
 The baseline's add+RMSNorm is compiled afresh for every shape with ``dynamic=False``
 (:class:`tokenweave.bench.harness.StaticCompiled`), so no shape runs a symbolic-shape kernel; RoPE, which
 every mode shares, stays compiled with dynamic shapes (split parts come in many sizes). The baseline is
@@ -97,6 +102,21 @@ def _timers(on_gpu: bool, quick: bool, align):
     return prefill, decode, tune
 
 
+PRIVATE_ROWS = "tokenweave_private_rows"
+
+
+def run_private_rows(stack, seq_lens, timer, split):
+    """The tokenweave mode with the stack's symmetric rows switched off (stages write private tensors), or None
+    where the stack has none; the rows are restored whatever happens."""
+    if stack.rows is None:
+        return None
+    rows, stack.rows = stack.rows, None
+    try:
+        return stack.run_modes(seq_lens, timer=timer, split=split, modes=("tokenweave",))
+    finally:
+        stack.rows = rows
+
+
 def worker(args) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     on_gpu = torch.cuda.is_available() and dist.get_backend() == "nccl"
@@ -122,24 +142,30 @@ def worker(args) -> None:
             split = stack.tune(seq_lens, timer=tune_timer)
         timer = decode_timer if decode else prefill_timer
         result = stack.run_modes(seq_lens, timer=timer, split=split)
+        private = run_private_rows(stack, seq_lens, timer, split)
+        if private is not None:
+            result["outputs"][PRIVATE_ROWS] = private["outputs"]["tokenweave"]
+            result["us"][PRIVATE_ROWS] = private["us"]["tokenweave"]
+        del private
         again = stack.run_modes(seq_lens, timer=timer, split=split, modes=("baseline",))  # the noise, timed last
         result["outputs"][harness.BASELINE_REPEAT] = again["outputs"]["baseline"]
         result["us"][harness.BASELINE_REPEAT] = again["us"]["baseline"]
         del again
         reference = result["outputs"]["baseline"]
-        for mode in MODES + (harness.BASELINE_REPEAT,):
+        variants = MODES + ((PRIVATE_ROWS,) if PRIVATE_ROWS in result["us"] else ()) + (harness.BASELINE_REPEAT,)
+        for mode in variants:
             rows.append({
                 "tokens": t, "hidden": shape.hidden, "dtype": "bfloat16", "variant": mode,
                 "us": max_across_ranks(result["us"][mode], device=device),
                 "phase": "decode" if decode else "prefill", "layers": layers,
                 "sequences": len(seq_lens),
-                "split": result["split"].point if mode == "tokenweave" else None,
-                "ctas": result["split"].ctas if mode == "tokenweave" else None,
+                "split": result["split"].point if mode in ("tokenweave", PRIVATE_ROWS) else None,
+                "ctas": result["split"].ctas if mode in ("tokenweave", PRIVATE_ROWS) else None,
                 "max_rel_diff": max_across_ranks(relative_difference(result["outputs"][mode], reference),
                                                  device=device),
             })
         if rank == 0:
-            line = ", ".join(f"{r['variant']} {r['us']:.0f} us" for r in rows[-len(MODES) - 1:])
+            line = ", ".join(f"{r['variant']} {r['us']:.0f} us" for r in rows[-len(variants):])
             print(f"[{BENCH}] T={t}: {line}; split {result['split'].point}", flush=True)
         del result
     comm.close()

@@ -183,6 +183,32 @@ def test_e2e_bench_pipeline_on_cpu(tmp_path):
             assert r["max_rel_diff"] < 5e-2, r
 
 
+def test_e2e_bench_times_tokenweave_without_its_symmetric_rows():
+    """tokenweave_private_rows: the same forward with the stack's symmetric rows off during the call, back on
+    after it (also when it raises); nothing where the stack has none (the torch transport)."""
+    from types import SimpleNamespace
+
+    bench = _load_bench()
+    seen = []
+
+    def run_modes(seq_lens, *, timer, split, modes):
+        seen.append((stack.rows, tuple(seq_lens), split, modes))
+        if split == "boom":
+            raise RuntimeError("boom")
+        return {"outputs": {"tokenweave": "out"}, "us": {"tokenweave": 1.0}}
+
+    rows = object()
+    stack = SimpleNamespace(rows=rows, run_modes=run_modes)
+    got = bench.run_private_rows(stack, [4, 4], None, "auto")
+    assert got["us"] == {"tokenweave": 1.0} and seen == [(None, (4, 4), "auto", ("tokenweave",))]
+    assert stack.rows is rows
+    with pytest.raises(RuntimeError):
+        bench.run_private_rows(stack, [8], None, "boom")
+    assert stack.rows is rows
+    stack.rows = None
+    assert bench.run_private_rows(stack, [8], None, "auto") is None and len(seen) == 2
+
+
 def test_stream_pair_never_uses_the_callers_stream_for_communication():
     """torch's stream pool wraps after 32: the communication stream may BE the caller's, which would serialise
     the overlap silently; keep_apart draws the pool's next one."""
