@@ -303,18 +303,22 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
 struct NormConfig {
   int threads, target_vecs, max_vecs;
   bool pipelined;
+  bool stash = false;  // z of the CTA's rows in shared memory: rows x hidden x sizeof(T) <= kStashMaxBytes
 };
-// Two-pass shapes (9, 10, 12-17) keep no row in registers: any row length fits (kTwoPassVecs bounds nothing); the
-// shapes that keep z in shared memory (13-17) fail a launch whose rows exceed a CTA's (227 KiB on H100 / H200).
+// The stash shapes' rows must fit a CTA's opt-in shared memory on sm_90 (227 KiB = 232448 bytes on H100 and H200),
+// less 1 KiB for the kernel's static arrays (at most 128 bytes).
+constexpr int64_t kStashMaxBytes = 232448 - 1024;
+// Two-pass shapes (9, 10, 12-17) keep no row in registers: any row length fits (kTwoPassVecs bounds nothing) but
+// in the shapes that keep z in shared memory (13-17, `stash`), whose rows must fit kStashMaxBytes.
 constexpr int kTwoPassVecs = 1 << 20;
 constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false},           {256, 4, 8, false},
                                        {512, 4, 8, false},  {256, 4, 4, true},            {512, 2, 2, true},
                                        {1024, 1, 2, false}, {512, 2, 2, false},           {512, 2, 2, false},
                                        {256, 4, kTwoPassVecs, false}, {128, 8, kTwoPassVecs, false},
                                        {128, 4, 4, false},  {256, 4, kTwoPassVecs, false},
-                                       {256, 4, kTwoPassVecs, false}, {256, 4, kTwoPassVecs, false},
-                                       {512, 4, kTwoPassVecs, false}, {256, 4, kTwoPassVecs, false},
-                                       {512, 4, kTwoPassVecs, false}, {256, 4, 4, false}};
+                                       {256, 4, kTwoPassVecs, false, true}, {256, 4, kTwoPassVecs, false, true},
+                                       {512, 4, kTwoPassVecs, false, true}, {256, 4, kTwoPassVecs, false, true},
+                                       {512, 4, kTwoPassVecs, false, true}, {256, 4, 4, false}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
@@ -352,17 +356,26 @@ cudaError_t launch_add_rmsnorm_two_pass(const RowArgs& ra, const void* x, void* 
   size_t smem = 0;
   if constexpr (kStash) {
     smem = size_t(rows_per_cta) * size_t(ra.hidden) * sizeof(T);
-    // Per instantiation and device: the dynamic shared memory allowed so far (up to 48 KiB needs no opt-in).
+    if (smem > size_t(kStashMaxBytes)) return cudaErrorInvalidValue;  // group_of says so too: another shape
+    // Above 48 KiB (static + dynamic) a kernel must opt in, per device. Once per device, to the most this kernel
+    // can use: idempotent, so two host threads racing here set the same value.
     constexpr int kDevices = 64;
-    static size_t allowed[kDevices] = {};
-    int dev = 0, most = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    if (dev >= kDevices || smem > size_t(most)) return cudaErrorInvalidValue;  // the rows do not fit: another shape
-    if (smem > (48u << 10) && smem > allowed[dev]) {
-      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      if (e != cudaSuccess) return e;
-      allowed[dev] = smem;
+    static std::atomic<bool> opted_in[kDevices] = {};
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev >= kDevices) return cudaErrorInvalidValue;
+    if (!opted_in[dev].load(std::memory_order_relaxed)) {
+      int most = 0;
+      cudaFuncAttributes fa{};
+      cudaError_t e = cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+      if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, kernel);
+      if (e == cudaSuccess && size_t(most) < size_t(kStashMaxBytes) + fa.sharedSizeBytes) e = cudaErrorInvalidValue;
+      if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most - int(fa.sharedSizeBytes));
+      if (e != cudaSuccess) {
+        (void)cudaGetLastError();  // not left behind for the caller's next launch check
+        return e;
+      }
+      opted_in[dev].store(true, std::memory_order_relaxed);
     }
   }
   return launch_kernel_smem(kernel, dim3(unsigned(blocks)), dim3(Threads), smem, stream,
@@ -409,7 +422,9 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
 
 static int group_of(int config, int hidden, DType dtype) {
   const NormConfig& g = kNormConfigs[config];
-  return plan_row_group(hidden, lanes_of(dtype), g.threads, g.target_vecs, g.max_vecs);
+  const int group = plan_row_group(hidden, lanes_of(dtype), g.threads, g.target_vecs, g.max_vecs);
+  const int64_t stash_bytes = int64_t(g.threads / (group > 0 ? group : 1)) * hidden * (16 / lanes_of(dtype));
+  return g.stash && stash_bytes > kStashMaxBytes ? -1 : group;
 }
 
 // Shape 0: the fallback where the card's config ("norm", tokenweave.tuning.norm_shape) names no shape: the
