@@ -356,8 +356,7 @@ cudaError_t launch_add_rmsnorm_two_pass(const RowArgs& ra, const void* x, void* 
   const int64_t blocks = (tokens + rows_per_cta - 1) / rows_per_cta;
   size_t smem = 0;
   if constexpr (kStash) {
-    smem = size_t(rows_per_cta) * size_t(ra.hidden) * sizeof(T);
-    if (smem > size_t(kStashMaxBytes)) return cudaErrorInvalidValue;  // group_of says so too: another shape
+    smem = size_t(rows_per_cta) * size_t(ra.hidden) * sizeof(T);  // <= kStashMaxBytes: add_rmsnorm checked group_of
     // Above 48 KiB (static + dynamic) a kernel must opt in, per device. Once per device, to the most this kernel
     // can use: idempotent, so two host threads racing here set the same value.
     constexpr int kDevices = 64;
