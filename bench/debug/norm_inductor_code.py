@@ -4,7 +4,9 @@
 
 Compiles :func:`tokenweave.bench.fused.baseline_add_rmsnorm` per static shape, as bench/add_rmsnorm.py does, with a
 fresh inductor cache, and copies every generated kernel file (``triton_*`` kernels: block sizes, warps, eviction
-hints) to ``OUT_DIR/<tokens>x<hidden>/``. Needs a CUDA GPU.
+hints) to ``OUT_DIR/<tokens>x<hidden>/``, with what Triton built of them: the autotuner's pick (``*.best_config``),
+the PTX, and the SASS of each cubin (``cuobjdump -sass``, where cuobjdump is on PATH or under CUDA_HOME). Needs a
+CUDA GPU.
 """
 import os
 import shutil
@@ -35,5 +37,13 @@ for tokens, hidden in shapes:
         if "@triton.jit" in text:
             shutil.copy(p, dest / p.name)
             n += 1
+    for pattern in ("*.best_config", "*.ptx"):
+        for p in Path(cache).rglob(pattern):
+            shutil.copy(p, dest / p.name)
+    cuobjdump = shutil.which("cuobjdump") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
+                                                          "cuobjdump")
+    for p in Path(cache).rglob("*.cubin"):
+        sass = subprocess.run([cuobjdump, "-sass", str(p)], capture_output=True, text=True)
+        (dest / (p.stem + ".sass")).write_text(sass.stdout + sass.stderr)
     print(f"{tokens}x{hidden}: {n} kernel files -> {dest}")
     shutil.rmtree(cache, ignore_errors=True)
