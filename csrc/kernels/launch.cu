@@ -100,7 +100,9 @@ cudaError_t allreduce(const CommDevice& c, const CallArgs& a, Transport t, cudaS
 // MinBlocks > 1 caps the registers so that many CTAs share an SM (occupancy is what the compiled norm wins by).
 // kPrefetchWeight false: the weight is loaded after the reduction (from L2), not with z, which saves VPT x 4
 // registers a thread (shape 1 holds 90: 2 CTAs of 256 threads an SM, where the compiled norm runs 4 of 512).
-template <typename T, int Threads, int VPT, int MinBlocks = 1, bool kStreamLoads = false, bool kPrefetchWeight = true>
+// kLateResidual: the residual written after the reduction, beside out (finish_rows).
+template <typename T, int Threads, int VPT, int MinBlocks = 1, bool kStreamLoads = false, bool kPrefetchWeight = true,
+          bool kLateResidual = false>
 __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_kernel(RowArgs ra, const Vec* x, Vec* residual,
                                                                          Vec* out, int64_t tokens) {
   __shared__ float red[2][Threads / 32];
@@ -110,7 +112,8 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_kernel(RowArgs
   wait_for_prior_grid();  // PDL (pdl.cuh): only the weight is touched above
   const LocalSource<T, kStreamLoads> src{x, residual, nvr};
   const LocalSink sink{out, residual, nvr};
-  finish_rows<T, Threads, VPT, kPrefetchWeight>(src, sink, ra, r0, min(r0 + Threads / ra.group, tokens), red);
+  finish_rows<T, Threads, VPT, kPrefetchWeight, RowSync::kCta, kLateResidual>(src, sink, ra, r0,
+                                                                              min(r0 + Threads / ra.group, tokens), red);
 }
 
 // Persistent rows: each CTA walks rows r, r + stride, ... with the weight kept in registers for all of them,
@@ -323,13 +326,13 @@ constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false}, 
                                        {512, 4, kTwoPassVecs, false, true}, {256, 4, 4, false},
                                        {512, 2, kTwoPassVecs, false, true}, {256, 4, 4, false},
                                        {256, 4, 4, false},  {256, 4, 4, false},           {512, 2, 2, false},
-                                       {256, 4, 4, false}};
+                                       {256, 4, 4, false},  {256, 4, 4, false},           {256, 4, 4, false}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
 
 template <typename T, int Threads, int VPT, bool kPipelined, int MinBlocks = 1, bool kStreamLoads = false,
-          bool kPrefetchWeight = true>
+          bool kPrefetchWeight = true, bool kLateResidual = false>
 cudaError_t launch_add_rmsnorm(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
                                cudaStream_t stream) {
   const int rows_per_cta = Threads / ra.group;
@@ -349,7 +352,7 @@ cudaError_t launch_add_rmsnorm(const RowArgs& ra, const void* x, void* residual,
     return launch_kernel(add_rmsnorm_pipelined_kernel<T, Threads, VPT>, dim3(unsigned(blocks)), dim3(Threads), stream,
                          ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
   }
-  return launch_kernel(add_rmsnorm_kernel<T, Threads, VPT, MinBlocks, kStreamLoads, kPrefetchWeight>,
+  return launch_kernel(add_rmsnorm_kernel<T, Threads, VPT, MinBlocks, kStreamLoads, kPrefetchWeight, kLateResidual>,
                        dim3(unsigned(blocks)), dim3(Threads), stream,
                        ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
 }
@@ -435,6 +438,9 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     // shape 7 (4 x 512 threads an SM, the compiled norm's shape) without the weight in flight, which made it spill
     // at 32 registers: other bits than shape 0 at hidden 8192 (512 threads a row), timed to see what that is worth
     case 23: return launch_add_rmsnorm<T, 512, 2, false, 4, false, false>(ra, x, residual, out, tokens, stream);
+    // shapes 1 and 22 with all of a row's writes after its reduction (kLateResidual), the compiled norm's order
+    case 25: return launch_add_rmsnorm<T, 256, 4, false, 1, false, true, true>(ra, x, residual, out, tokens, stream);
+    case 26: return launch_add_rmsnorm<T, 256, 4, false, 4, false, true, true>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }

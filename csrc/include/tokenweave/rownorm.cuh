@@ -85,8 +85,10 @@ __device__ __forceinline__ Vec nan_vec() {
 // this with the same arguments (it contains barriers). Threads = blockDim.x; VPT bounds vectors per thread.
 // kPrefetchWeight: load the weight with z (one latency per row) at the cost of VPT x 4 more registers; the
 // collective kernels, already at their register cap, load it after the reduction instead.
-template <typename T, int Threads, int VPT, bool kPrefetchWeight = true, RowSync kSync = RowSync::kCta, class Source,
-          class Sink>
+// kLateResidual: write the residual beside out after the reduction, not as z arrives (all of a row's writes after
+// all of its reads, the compiled norm's order); same values.
+template <typename T, int Threads, int VPT, bool kPrefetchWeight = true, RowSync kSync = RowSync::kCta,
+          bool kLateResidual = false, class Source, class Sink>
 __device__ __forceinline__ void finish_rows(const Source& src, const Sink& sink, const RowArgs& a, int64_t r0, int64_t r1,
                             float (&red)[2][Threads / 32]) {
   constexpr int L = Pack<T>::kLanes;
@@ -116,7 +118,7 @@ __device__ __forceinline__ void finish_rows(const Source& src, const Sink& sink,
     for (int k = 0; k < VPT; ++k) {
       const int j = lane + k * G;
       if (active && j < nvr) {
-        sink.store_res(row, j, z[k]);
+        if (!kLateResidual) sink.store_res(row, j, z[k]);
         float f[L];
         Pack<T>::unpack(z[k], f);
 #pragma unroll
@@ -127,7 +129,10 @@ __device__ __forceinline__ void finish_rows(const Source& src, const Sink& sink,
 #pragma unroll
       for (int k = 0; k < VPT; ++k) {
         const int j = lane + k * G;
-        if (active && j < nvr) sink.store_out(row, j, z[k]);
+        if (active && j < nvr) {
+          if (kLateResidual) sink.store_res(row, j, z[k]);
+          sink.store_out(row, j, z[k]);
+        }
       }
       continue;
     }
@@ -141,6 +146,7 @@ __device__ __forceinline__ void finish_rows(const Source& src, const Sink& sink,
         Pack<T>::unpack(kPrefetchWeight ? g[k] : w[j], gw);
 #pragma unroll
         for (int i = 0; i < L; ++i) f[i] = f[i] * rstd * gw[i];
+        if (kLateResidual) sink.store_res(row, j, z[k]);
         sink.store_out(row, j, Pack<T>::pack(f));
       }
     }
