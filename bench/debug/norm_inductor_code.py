@@ -5,8 +5,8 @@
 Compiles :func:`tokenweave.bench.fused.baseline_add_rmsnorm` per static shape, as bench/add_rmsnorm.py does, with a
 fresh inductor cache, and copies every generated kernel file (``triton_*`` kernels: block sizes, warps, eviction
 hints) to ``OUT_DIR/<tokens>x<hidden>/``, with what Triton built of them: the autotuner's pick (``*.best_config``),
-the PTX, and the SASS of each cubin (``cuobjdump -sass``, where cuobjdump is on PATH or under CUDA_HOME). Needs a
-CUDA GPU.
+and per compiled candidate its PTX, metadata and SASS with register count (``cuobjdump``, on PATH or under
+CUDA_HOME). Needs a CUDA GPU.
 """
 import os
 import shutil
@@ -37,13 +37,20 @@ for tokens, hidden in shapes:
         if "@triton.jit" in text:
             shutil.copy(p, dest / p.name)
             n += 1
-    for pattern in ("*.best_config", "*.ptx"):
-        for p in Path(cache).rglob(pattern):
-            shutil.copy(p, dest / p.name)
+    for p in Path(cache).rglob("*.best_config"):
+        shutil.copy(p, dest / p.name)
+    # Autotuning compiles every candidate config under the same kernel name, one cache folder each: the files keep
+    # their folder's name in front, and the register count (cuobjdump -res-usage, first line of each .sass) tells
+    # which candidate Nsight Compute saw run.
     cuobjdump = shutil.which("cuobjdump") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
                                                           "cuobjdump")
     for p in Path(cache).rglob("*.cubin"):
+        tag = f"{p.parent.name[:12]}-{p.stem}"
+        for extra in (p.with_suffix(".ptx"), p.with_suffix(".json")):  # the PTX and Triton's metadata (num_warps)
+            if extra.exists():
+                shutil.copy(extra, dest / f"{tag}{extra.suffix}")
+        usage = subprocess.run([cuobjdump, "-res-usage", str(p)], capture_output=True, text=True)
         sass = subprocess.run([cuobjdump, "-sass", str(p)], capture_output=True, text=True)
-        (dest / (p.stem + ".sass")).write_text(sass.stdout + sass.stderr)
+        (dest / f"{tag}.sass").write_text(usage.stdout + sass.stdout + sass.stderr)
     print(f"{tokens}x{hidden}: {n} kernel files -> {dest}")
     shutil.rmtree(cache, ignore_errors=True)

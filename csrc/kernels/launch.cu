@@ -98,11 +98,7 @@ cudaError_t allreduce(const CommDevice& c, const CallArgs& a, Transport t, cudaS
 // and one CTA's loads overlap another's reduction and stores. Threads per CTA and vectors per thread are
 // compile-time (registers, not local memory); kNormConfigs below lists the instantiations.
 // MinBlocks > 1 caps the registers so that many CTAs share an SM (occupancy is what the compiled norm wins by).
-// kPrefetchWeight false: the weight is loaded after the reduction (from L2), not with z, which saves VPT x 4
-// registers a thread (shape 1 holds 90: 2 CTAs of 256 threads an SM, where the compiled norm runs 4 of 512).
-// kLateResidual: the residual written after the reduction, beside out (finish_rows).
-template <typename T, int Threads, int VPT, int MinBlocks = 1, bool kStreamLoads = false, bool kPrefetchWeight = true,
-          bool kLateResidual = false>
+template <typename T, int Threads, int VPT, int MinBlocks = 1>
 __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_kernel(RowArgs ra, const Vec* x, Vec* residual,
                                                                          Vec* out, int64_t tokens) {
   __shared__ float red[2][Threads / 32];
@@ -110,10 +106,9 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_kernel(RowArgs
   const int64_t r0 = int64_t(blockIdx.x) * (Threads / ra.group);
   prefetch_l2(ra.weight, int64_t(ra.hidden) * int64_t(sizeof(T)));
   wait_for_prior_grid();  // PDL (pdl.cuh): only the weight is touched above
-  const LocalSource<T, kStreamLoads> src{x, residual, nvr};
+  const LocalSource<T> src{x, residual, nvr};
   const LocalSink sink{out, residual, nvr};
-  finish_rows<T, Threads, VPT, kPrefetchWeight, RowSync::kCta, kLateResidual>(src, sink, ra, r0,
-                                                                              min(r0 + Threads / ra.group, tokens), red);
+  finish_rows<T, Threads, VPT>(src, sink, ra, r0, min(r0 + Threads / ra.group, tokens), red);
 }
 
 // Persistent rows: each CTA walks rows r, r + stride, ... with the weight kept in registers for all of them,
@@ -212,11 +207,10 @@ __global__ void __launch_bounds__(Threads, 2) add_rmsnorm_pipelined_kernel(RowAr
 //                 without its re-read of x and the residual, which hits L1 only while 4 rows of 32 KiB fit there.
 //                 With no global store in pass 1, a thread keeps 2 vectors of each input in flight.
 // Same arithmetic and order as finish_rows (per thread j = lane, lane + G, ...; then group_sum): same bits.
-template <typename T, int Threads, int MinBlocks, int Batch, bool kStash = false, bool kStreamLoads = false>
+template <typename T, int Threads, int MinBlocks, int Batch, bool kStash = false>
 __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kernel(RowArgs ra, const Vec* x,
                                                                                 Vec* residual, Vec* out,
                                                                                 int64_t tokens) {
-  static_assert(kStash || !kStreamLoads, "pass 2 reads the residual back: its pass-1 lines must stay in L2");
   constexpr int L = Pack<T>::kLanes;
   __shared__ float red[2][Threads / 32];
   extern __shared__ __align__(16) Vec stash[];  // kStash: z of this CTA's rows, row after row
@@ -251,8 +245,8 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
         Vec xv[kWide], rv[kWide];
 #pragma unroll
         for (int u = 0; u < kWide; ++u) {
-          xv[u] = load_vec<kStreamLoads>(x + base + j0 + u * G);
-          if (residual) rv[u] = load_vec<kStreamLoads>(residual + base + j0 + u * G);
+          xv[u] = x[base + j0 + u * G];
+          if (residual) rv[u] = residual[base + j0 + u * G];
         }
 #pragma unroll
         for (int u = 0; u < kWide; ++u) take(j0 + u * G, xv[u], rv[u]);
@@ -264,8 +258,8 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
       for (int b = 0; b < Batch; ++b) {
         const int j = j0 + b * G;
         if (j < nvr) {
-          xv[b] = load_vec<kStreamLoads>(x + base + j);
-          if (residual) rv[b] = load_vec<kStreamLoads>(residual + base + j);
+          xv[b] = x[base + j];
+          if (residual) rv[b] = residual[base + j];
         }
       }
 #pragma unroll
@@ -313,8 +307,8 @@ struct NormConfig {
 // The stash shapes' rows must fit a CTA's opt-in shared memory on sm_90 (227 KiB = 232448 bytes on H100 and H200),
 // less 1 KiB for the kernel's static arrays (at most 128 bytes).
 constexpr int64_t kStashMaxBytes = 232448 - 1024;
-// Two-pass shapes (9, 10, 12-17) keep no row in registers: any row length fits (kTwoPassVecs bounds nothing) but
-// in the shapes that keep z in shared memory (13-17, `stash`), whose rows must fit kStashMaxBytes.
+// Two-pass shapes (9, 10, 12-15) keep no row in registers: any row length fits (kTwoPassVecs bounds nothing) but
+// in the shapes that keep z in shared memory (13-15, `stash`), whose rows must fit kStashMaxBytes.
 constexpr int kTwoPassVecs = 1 << 20;
 constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false},           {256, 4, 8, false},
                                        {512, 4, 8, false},  {256, 4, 4, true},            {512, 2, 2, true},
@@ -322,17 +316,12 @@ constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false}, 
                                        {256, 4, kTwoPassVecs, false}, {128, 8, kTwoPassVecs, false},
                                        {128, 4, 4, false},  {256, 4, kTwoPassVecs, false},
                                        {256, 4, kTwoPassVecs, false, true}, {256, 4, kTwoPassVecs, false, true},
-                                       {512, 4, kTwoPassVecs, false, true}, {256, 4, kTwoPassVecs, false, true},
-                                       {512, 4, kTwoPassVecs, false, true}, {256, 4, 4, false},
-                                       {512, 2, kTwoPassVecs, false, true}, {256, 4, 4, false},
-                                       {256, 4, 4, false},  {256, 4, 4, false},           {512, 2, 2, false},
-                                       {256, 4, 4, false},  {256, 4, 4, false},           {256, 4, 4, false}};
+                                       {512, 4, kTwoPassVecs, false, true}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
 
-template <typename T, int Threads, int VPT, bool kPipelined, int MinBlocks = 1, bool kStreamLoads = false,
-          bool kPrefetchWeight = true, bool kLateResidual = false>
+template <typename T, int Threads, int VPT, bool kPipelined, int MinBlocks = 1>
 cudaError_t launch_add_rmsnorm(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
                                cudaStream_t stream) {
   const int rows_per_cta = Threads / ra.group;
@@ -352,15 +341,14 @@ cudaError_t launch_add_rmsnorm(const RowArgs& ra, const void* x, void* residual,
     return launch_kernel(add_rmsnorm_pipelined_kernel<T, Threads, VPT>, dim3(unsigned(blocks)), dim3(Threads), stream,
                          ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
   }
-  return launch_kernel(add_rmsnorm_kernel<T, Threads, VPT, MinBlocks, kStreamLoads, kPrefetchWeight, kLateResidual>,
-                       dim3(unsigned(blocks)), dim3(Threads), stream,
+  return launch_kernel(add_rmsnorm_kernel<T, Threads, VPT, MinBlocks>, dim3(unsigned(blocks)), dim3(Threads), stream,
                        ra, xv, reinterpret_cast<Vec*>(residual), reinterpret_cast<Vec*>(out), tokens);
 }
 
-template <typename T, int Threads, int MinBlocks, int Batch = 1, bool kStash = false, bool kStreamLoads = false>
+template <typename T, int Threads, int MinBlocks, int Batch = 1, bool kStash = false>
 cudaError_t launch_add_rmsnorm_two_pass(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
                                         cudaStream_t stream) {
-  auto* kernel = add_rmsnorm_two_pass_kernel<T, Threads, MinBlocks, Batch, kStash, kStreamLoads>;
+  auto* kernel = add_rmsnorm_two_pass_kernel<T, Threads, MinBlocks, Batch, kStash>;
   const int rows_per_cta = Threads / ra.group;
   const int64_t blocks = (tokens + rows_per_cta - 1) / rows_per_cta;
   size_t smem = 0;
@@ -396,6 +384,8 @@ template <typename T>
 cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void* residual, void* out,
                               int64_t tokens, cudaStream_t stream) {
   switch (config) {
+    // 90 registers in bf16 (2 CTAs an SM); with the weight loaded after the reduction and 48-64 registers (4-6
+    // CTAs an SM) it was no faster at 4096-16384 tokens (bench/results/variants/9e7e020)
     case 0:
     case 1: return launch_add_rmsnorm<T, 256, 4, false>(ra, x, residual, out, tokens, stream);
     case 2: return launch_add_rmsnorm<T, 256, 8, false>(ra, x, residual, out, tokens, stream);
@@ -403,7 +393,8 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     case 4: return launch_add_rmsnorm<T, 256, 4, true>(ra, x, residual, out, tokens, stream);
     case 5: return launch_add_rmsnorm<T, 512, 2, true>(ra, x, residual, out, tokens, stream);
     case 6: return launch_add_rmsnorm<T, 1024, 2, false>(ra, x, residual, out, tokens, stream);
-    // 512 threads x 2 vectors capped at 32 registers: 4 CTAs (2048 threads) per SM, as the compiled norm runs
+    // 512 threads x 2 vectors capped at 32 registers: 4 CTAs (2048 threads) per SM, as the compiled norm runs; it
+    // spills (36 bytes in bf16), and without the spill it still trailed (variants/9e7e020, shape 23)
     case 7: return launch_add_rmsnorm<T, 512, 2, false, 4>(ra, x, residual, out, tokens, stream);
     case 8: return launch_add_rmsnorm<T, 512, 2, false, 3>(ra, x, residual, out, tokens, stream);  // 40 registers
     // two passes, 32 registers: 8 x 256 and 16 x 128 threads per SM (2048, the compiled norm's occupancy)
@@ -420,27 +411,6 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     case 13: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, true>(ra, x, residual, out, tokens, stream);
     case 14: return launch_add_rmsnorm_two_pass<T, 256, 6, 2, true>(ra, x, residual, out, tokens, stream);
     case 15: return launch_add_rmsnorm_two_pass<T, 512, 4, 1, true>(ra, x, residual, out, tokens, stream);
-    // x and the residual read with evict-first (ld.global.cs: read once), so that L2 keeps the lines being written:
-    // shapes 13 and 15, and the default one-pass shape 1
-    case 16: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, true, true>(ra, x, residual, out, tokens, stream);
-    case 17: return launch_add_rmsnorm_two_pass<T, 512, 4, 1, true, true>(ra, x, residual, out, tokens, stream);
-    case 18: return launch_add_rmsnorm<T, 256, 4, false, 1, true>(ra, x, residual, out, tokens, stream);
-    // shape 15 with the compiled norm's row group (512 threads a row at 8192 x 2 bytes: one row a CTA, 4 CTAs an SM):
-    // other bits than shape 0 (the tune never switches to it), timed to see what that shape of CTA is worth
-    case 19: return launch_add_rmsnorm_two_pass<T, 512, 4, 1, true>(ra, x, residual, out, tokens, stream);
-    // shape 1 with fewer registers, so that more CTAs share an SM (bf16, ptxas -v): the weight loaded after the
-    // reduction and 64 registers (4 CTAs an SM), 48 (5) or 40 (6; spills 4 bytes); then the weight in flight with z
-    // and 64 registers (no spill); all shape 0's bits
-    case 20: return launch_add_rmsnorm<T, 256, 4, false, 4, false, false>(ra, x, residual, out, tokens, stream);
-    case 21: return launch_add_rmsnorm<T, 256, 4, false, 5, false, false>(ra, x, residual, out, tokens, stream);
-    case 24: return launch_add_rmsnorm<T, 256, 4, false, 6, false, false>(ra, x, residual, out, tokens, stream);
-    case 22: return launch_add_rmsnorm<T, 256, 4, false, 4>(ra, x, residual, out, tokens, stream);
-    // shape 7 (4 x 512 threads an SM, the compiled norm's shape) without the weight in flight, which made it spill
-    // at 32 registers: other bits than shape 0 at hidden 8192 (512 threads a row), timed to see what that is worth
-    case 23: return launch_add_rmsnorm<T, 512, 2, false, 4, false, false>(ra, x, residual, out, tokens, stream);
-    // shapes 1 and 22 with all of a row's writes after its reduction (kLateResidual), the compiled norm's order
-    case 25: return launch_add_rmsnorm<T, 256, 4, false, 1, false, true, true>(ra, x, residual, out, tokens, stream);
-    case 26: return launch_add_rmsnorm<T, 256, 4, false, 4, false, true, true>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -85,10 +85,8 @@ __device__ __forceinline__ Vec nan_vec() {
 // this with the same arguments (it contains barriers). Threads = blockDim.x; VPT bounds vectors per thread.
 // kPrefetchWeight: load the weight with z (one latency per row) at the cost of VPT x 4 more registers; the
 // collective kernels, already at their register cap, load it after the reduction instead.
-// kLateResidual: write the residual beside out after the reduction, not as z arrives (all of a row's writes after
-// all of its reads, the compiled norm's order); same values.
-template <typename T, int Threads, int VPT, bool kPrefetchWeight = true, RowSync kSync = RowSync::kCta,
-          bool kLateResidual = false, class Source, class Sink>
+template <typename T, int Threads, int VPT, bool kPrefetchWeight = true, RowSync kSync = RowSync::kCta, class Source,
+          class Sink>
 __device__ __forceinline__ void finish_rows(const Source& src, const Sink& sink, const RowArgs& a, int64_t r0, int64_t r1,
                             float (&red)[2][Threads / 32]) {
   constexpr int L = Pack<T>::kLanes;
@@ -118,7 +116,7 @@ __device__ __forceinline__ void finish_rows(const Source& src, const Sink& sink,
     for (int k = 0; k < VPT; ++k) {
       const int j = lane + k * G;
       if (active && j < nvr) {
-        if (!kLateResidual) sink.store_res(row, j, z[k]);
+        sink.store_res(row, j, z[k]);
         float f[L];
         Pack<T>::unpack(z[k], f);
 #pragma unroll
@@ -129,10 +127,7 @@ __device__ __forceinline__ void finish_rows(const Source& src, const Sink& sink,
 #pragma unroll
       for (int k = 0; k < VPT; ++k) {
         const int j = lane + k * G;
-        if (active && j < nvr) {
-          if (kLateResidual) sink.store_res(row, j, z[k]);
-          sink.store_out(row, j, z[k]);
-        }
+        if (active && j < nvr) sink.store_out(row, j, z[k]);
       }
       continue;
     }
@@ -146,7 +141,6 @@ __device__ __forceinline__ void finish_rows(const Source& src, const Sink& sink,
         Pack<T>::unpack(kPrefetchWeight ? g[k] : w[j], gw);
 #pragma unroll
         for (int i = 0; i < L; ++i) f[i] = f[i] * rstd * gw[i];
-        if (kLateResidual) sink.store_res(row, j, z[k]);
         sink.store_out(row, j, Pack<T>::pack(f));
       }
     }
@@ -175,23 +169,15 @@ __device__ __forceinline__ Vec add_z(Vec x, Vec r, bool has_residual) {
   return Pack<T>::pack(f);
 }
 
-// One 16-byte load; kStreaming: ld.global.cs (evict first from L1 and L2: data this kernel reads once, so that L2
-// keeps the lines it writes instead).
-template <bool kStreaming>
-__device__ __forceinline__ Vec load_vec(const Vec* p) {
-  if constexpr (kStreaming) return __ldcs(p);
-  return *p;
-}
-
 // z = round_T(x + residual): the standalone add + RMSNorm.
-template <typename T, bool kStreaming = false>
+template <typename T>
 struct LocalSource {
   const Vec* x;
   const Vec* residual;  // nullptr: z = x
   int nvr;
   __device__ Vec load_z(int64_t row, int j) const {
-    const Vec v = load_vec<kStreaming>(x + row * nvr + j);
-    return residual ? add_z<T>(v, load_vec<kStreaming>(residual + row * nvr + j), true) : v;
+    const Vec v = x[row * nvr + j];
+    return residual ? add_z<T>(v, residual[row * nvr + j], true) : v;
   }
 };
 
