@@ -296,6 +296,62 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
   }
 }
 
+// Experimental, timed only (other bits than shape 0): one 8192-wide row per 512-thread CTA (3 CTAs an SM, 40
+// registers) read and written in 8-byte pieces, four per input a thread, 4 KiB apart, as the compiled norm's kernel was
+// seen to (LDG.E.64 at immediate offsets): whether the access width keeps DRAM less busy. 2-byte types, rows of
+// 4097-8192 elements (group_of: G = 512 = Threads).
+template <typename T, int Threads>
+__global__ void __launch_bounds__(Threads, 3) add_rmsnorm_pieces_kernel(RowArgs ra, const uint2* x, uint2* residual,
+                                                                        uint2* out, int64_t tokens) {
+  static_assert(sizeof(T) == 2, "8-byte pieces of 4 elements");
+  constexpr int kPieces = 4;  // per input a thread: hidden / 4 <= kPieces x Threads pieces a row
+  __shared__ float red[2][Threads / 32];
+  const int npr = ra.hidden / 4;
+  const int64_t base = int64_t(blockIdx.x) * npr;
+  const uint2* xr = x + base + threadIdx.x;
+  uint2* rr = residual ? residual + base + threadIdx.x : nullptr;
+  uint2* orow = out + base + threadIdx.x;
+  const uint2* wr = reinterpret_cast<const uint2*>(ra.weight) + threadIdx.x;
+  const bool full = npr == kPieces * Threads;  // every piece in range: no guard between the loads
+  wait_for_prior_grid();
+  uint2 xv[kPieces], rv[kPieces];
+#pragma unroll
+  for (int k = 0; k < kPieces; ++k) {
+    if (full || int(threadIdx.x) + k * Threads < npr) {
+      xv[k] = xr[k * Threads];
+      if (rr) rv[k] = rr[k * Threads];
+    }
+  }
+  float ss = 0.f;
+  uint2 zp[kPieces];
+#pragma unroll
+  for (int k = 0; k < kPieces; ++k) {
+    if (full || int(threadIdx.x) + k * Threads < npr) {
+      const Vec z = add_z<T>(Vec{xv[k].x, xv[k].y, 0u, 0u}, Vec{rv[k].x, rv[k].y, 0u, 0u}, rr != nullptr);
+      zp[k] = uint2{z.x, z.y};
+      if (rr) rr[k * Threads] = zp[k];
+      float f[8];
+      Pack<T>::unpack(z, f);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) ss += f[i] * f[i];
+    }
+  }
+  const float rstd = rsqrtf(group_sum(ss, Threads, red[0]) / float(ra.hidden) + ra.eps);
+#pragma unroll
+  for (int k = 0; k < kPieces; ++k) {
+    if (full || int(threadIdx.x) + k * Threads < npr) {
+      const uint2 wp = wr[k * Threads];
+      float gw[8], f[8];
+      Pack<T>::unpack(Vec{wp.x, wp.y, 0u, 0u}, gw);
+      Pack<T>::unpack(Vec{zp[k].x, zp[k].y, 0u, 0u}, f);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) f[i] = f[i] * rstd * gw[i];
+      const Vec o = Pack<T>::pack(f);
+      orow[k * Threads] = uint2{o.x, o.y};
+    }
+  }
+}
+
 // (threads per CTA, target vectors per thread, most vectors per thread, persistent + pipelined rows).
 // Config 0 picks per call (add_rmsnorm below); the others are fixed shapes that bench/add_rmsnorm.py times
 // side by side (tokenweave_cfgK): register-capped arrays decide occupancy, and persistence hides latency.
@@ -303,6 +359,7 @@ struct NormConfig {
   int threads, target_vecs, max_vecs;
   bool pipelined;
   bool stash = false;  // z of the CTA's rows in shared memory: rows x hidden x sizeof(T) <= kStashMaxBytes
+  bool two_byte = false;  // 2-byte types only
 };
 // The stash shapes' rows must fit a CTA's opt-in shared memory on sm_90 (227 KiB = 232448 bytes on H100 and H200),
 // less 1 KiB for the kernel's static arrays (at most 128 bytes).
@@ -316,7 +373,7 @@ constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false}, 
                                        {256, 4, kTwoPassVecs, false}, {128, 8, kTwoPassVecs, false},
                                        {128, 4, 4, false},  {256, 4, kTwoPassVecs, false},
                                        {256, 4, kTwoPassVecs, false, true}, {256, 4, kTwoPassVecs, false, true},
-                                       {512, 4, kTwoPassVecs, false, true}};
+                                       {512, 4, kTwoPassVecs, false, true}, {512, 2, 2, false, false, true}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
@@ -411,6 +468,13 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     case 13: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, true>(ra, x, residual, out, tokens, stream);
     case 14: return launch_add_rmsnorm_two_pass<T, 256, 6, 2, true>(ra, x, residual, out, tokens, stream);
     case 15: return launch_add_rmsnorm_two_pass<T, 512, 4, 1, true>(ra, x, residual, out, tokens, stream);
+    case 16:
+      if constexpr (sizeof(T) == 2) {
+        return launch_kernel(add_rmsnorm_pieces_kernel<T, 512>, dim3(unsigned(tokens)), dim3(512), stream, ra,
+                             reinterpret_cast<const uint2*>(x), reinterpret_cast<uint2*>(residual),
+                             reinterpret_cast<uint2*>(out), tokens);
+      }
+      return cudaErrorInvalidValue;
   }
   return cudaErrorInvalidValue;
 }
@@ -419,6 +483,7 @@ static int group_of(int config, int hidden, DType dtype) {
   const NormConfig& g = kNormConfigs[config];
   const int group = plan_row_group(hidden, lanes_of(dtype), g.threads, g.target_vecs, g.max_vecs);
   const int64_t stash_bytes = int64_t(g.threads / (group > 0 ? group : 1)) * hidden * (16 / lanes_of(dtype));
+  if (g.two_byte && (lanes_of(dtype) != 8 || group != g.threads)) return -1;  // the pieces shape: one row a CTA
   return g.stash && stash_bytes > kStashMaxBytes ? -1 : group;
 }
 

@@ -110,7 +110,7 @@ def _norm_shapes():
     two_pass = int(re.search(r"constexpr int kTwoPassVecs = 1 << (\d+);", src).group(1))
     table = re.search(r"constexpr NormConfig kNormConfigs\[\] = \{(.*?)\};", src, re.S).group(1)
     shapes = []
-    for threads, target, most in re.findall(r"\{(\d+), (\d+), (\w+), (?:true|false)(?:, (?:true|false))?\}", table):
+    for threads, target, most in re.findall(r"\{(\d+), (\d+), (\w+), (?:true|false)(?:, (?:true|false)){0,2}\}", table):
         shapes.append((int(threads), int(target), 1 << two_pass if most == "kTwoPassVecs" else int(most)))
     assert len(shapes) == table.count("{"), "a kNormConfigs entry this parser does not read"
     return shapes
