@@ -296,10 +296,11 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
   }
 }
 
-// Experimental, timed only (other bits than shape 0): one 8192-wide row per 512-thread CTA (3 CTAs an SM, 40
-// registers) read and written in 8-byte pieces, four per input a thread, 4 KiB apart, as the compiled norm's kernel was
-// seen to (LDG.E.64 at immediate offsets): whether the access width keeps DRAM less busy. 2-byte types, rows of
-// 4097-8192 elements (group_of: G = 512 = Threads).
+// Timed only (other bits than shape 0): one 8192-wide row per 512-thread CTA (36 registers: 3 CTAs an SM) read and
+// written in 8-byte pieces, four per input a thread, 4 KiB apart (LDG.E.64 at immediate offsets), as the compiled
+// norm's kernel was seen to. 0.96-0.98x of the compiled norm at 4096-16384 x 8192 tokens, where the best 16-byte
+// shape reached 0.95-0.96x (bench/results/variants/c32f920): the access width is about half the gap. 2-byte types,
+// rows of 4097-8192 elements (group_of: G = 512 = Threads).
 template <typename T, int Threads>
 __global__ void __launch_bounds__(Threads, 3) add_rmsnorm_pieces_kernel(RowArgs ra, const uint2* x, uint2* residual,
                                                                         uint2* out, int64_t tokens) {
@@ -468,7 +469,7 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     case 13: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, true>(ra, x, residual, out, tokens, stream);
     case 14: return launch_add_rmsnorm_two_pass<T, 256, 6, 2, true>(ra, x, residual, out, tokens, stream);
     case 15: return launch_add_rmsnorm_two_pass<T, 512, 4, 1, true>(ra, x, residual, out, tokens, stream);
-    case 16:
+    case 16:  // 8-byte pieces (add_rmsnorm_pieces_kernel)
       if constexpr (sizeof(T) == 2) {
         return launch_kernel(add_rmsnorm_pieces_kernel<T, 512>, dim3(unsigned(tokens)), dim3(512), stream, ra,
                              reinterpret_cast<const uint2*>(x), reinterpret_cast<uint2*>(residual),
