@@ -46,9 +46,13 @@ Two more stages need no communication: they run on one GPU in every mode (rank 0
     shape)``, csrc/kernels/launch.cu kNormConfigs) that holds the row (one that cannot raises at launch) and gives
     shape 0's bits in out and residual on a batch of :data:`NORM_PROBE_ROWS` random rows: only such shapes may be
     switched between by batch size, so a row's result never depends on its batch. Each is timed at every token
-    count (with PDL as the launch stage decided); per count the fastest wins if it beats shape 0 (the kernel's own
-    pick) by more than :data:`NORM_MARGIN`, else shape 0. A measured count stands for the counts up to the next
-    one (the first from 1, the last open); consecutive counts with one shape merge into one entry
+    count (with PDL as the launch stage decided), and shape 0 again after them; per count the fastest wins if it
+    beats the faster of shape 0's two times (the kernel's own pick) by more than :data:`NORM_MARGIN` and by more
+    than those two differ, else shape 0. Shapes that are right but sum a row in another order (``OTHER_ORDER``:
+    the residual bitwise, out within :data:`NORM_ORDER_TOLERANCE`) are timed too and may replace that choice at
+    every count of the hidden, never at some: where one is faster than it by more than the margin in geometric
+    mean over the counts and at worst twice the margin slower at any. A measured count stands for the counts up to
+    the next one (the first from 1, the last open); consecutive counts with one shape merge into one entry
     (``min_tokens``/``max_tokens``), and shape 0 needs none.
 
 Output: the JSON format :mod:`tokenweave.tuning` reads (that of the shipped ``tokenweave/configs/<card>.json``).
@@ -110,8 +114,15 @@ NORM_MARGIN = 0.02
 # Rows of the batch on which each shape's out and residual must equal shape 0's bits: more than one CTA of any
 # shape takes at once (at most 1024 threads / 32 per row), and a prime, so full and partial CTAs both take part.
 NORM_PROBE_ROWS = 257
-# What norm_candidates says of each shape other than 0.
+# What norm_candidates says of each shape other than 0. OTHER_ORDER: right (the residual bitwise, out within
+# NORM_ORDER_TOLERANCE of shape 0's) but a row summed in another order, so other last bits: such a shape may serve
+# every token count of a hidden or none (decide_norm_shapes), never be switched to by batch size.
 SAME_BITS, CANNOT_HOLD_ROW, DIFFERENT_BITS = "same bits", "cannot hold the row", "different bits"
+OTHER_ORDER = "another summation order"
+# Relative difference from shape 0's out that a summation order may make: one rounding of the 2-byte output
+# (2^-8 relative for bf16) after an fp32 rstd that differs in its last bits; 2^-6 leaves room and still rejects a
+# wrong result (a missing residual or weight moves out by far more).
+NORM_ORDER_TOLERANCE = 2.0 ** -6
 # Small token counts, where a launch gap is a visible part of a call (bench/results/pdl-h200-tp1.json, b263809:
 # at 1024 and 8192 tokens PDL changed nothing beyond the noise); timed at the largest hidden.
 LAUNCH_TOKENS = (1, 16, 128)
@@ -282,27 +293,70 @@ def norm_candidates(run: Callable[[int], Sequence[torch.Tensor]], shapes: Iterab
         same = len(got) == len(reference) and all(same_bits(g, r) for g, r in zip(got, reference))
         if row_group is not None and row_group(shape) != row_group(0):
             same = False
-        status[shape] = SAME_BITS if same else DIFFERENT_BITS
+        status[shape] = SAME_BITS if same else OTHER_ORDER if same_but_order(got, reference) else DIFFERENT_BITS
     return status
 
 
+def same_but_order(got: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> bool:
+    """Whether (out, residual, ...) differ from shape 0's only as another summation order makes them: every tensor
+    after out bitwise (the residual is z, summed per element), out finite and within NORM_ORDER_TOLERANCE."""
+    if len(got) != len(reference) or not got or got[0].shape != reference[0].shape:
+        return False
+    if not all(same_bits(g, r) for g, r in zip(got[1:], reference[1:])):
+        return False
+    out, ref = got[0].double(), reference[0].double()
+    if not bool(torch.isfinite(out).all()):
+        return False
+    return bool(((out - ref).abs() <= NORM_ORDER_TOLERANCE * (ref.abs() + 1)).all())
+
+
 def decide_norm_shapes(times: dict[int, dict[int, float]], margin: float = NORM_MARGIN,
-                       repeat: dict[int, float] | None = None) -> dict[int, int]:
+                       repeat: dict[int, float] | None = None, whole_range: Iterable[int] = ()) -> dict[int, int]:
     """The block shape per token count from ``times`` (tokens -> shape -> us, shape 0 among them): the fastest
     shape where it beats shape 0 by more than ``margin`` (a fraction of shape 0's time), else 0. Ties go to the
     lower shape number.
 
     ``repeat`` (tokens -> us): shape 0 timed again after the others. Where given, shape 0's time is the faster of
-    its two, and the margin at least their difference as a fraction of it (the run-to-run noise at that size)."""
-    choice = {}
-    for tokens, by_shape in times.items():
-        reference, needed = by_shape[0], margin
-        if repeat is not None and tokens in repeat:
-            reference = min(by_shape[0], repeat[tokens])
-            needed = max(margin, abs(by_shape[0] - repeat[tokens]) / reference)
-        best = min(by_shape, key=lambda s: (by_shape[s], s))
-        choice[tokens] = best if best != 0 and by_shape[best] < (1 - needed) * reference else 0
+    its two, and the margin at least their difference as a fraction of it (the run-to-run noise at that size).
+
+    ``whole_range``: shapes with another summation order (:data:`OTHER_ORDER`), never chosen per count. One of them
+    replaces the per-count choice at every count when, over the counts, it is faster than that choice by more than
+    the margin in geometric mean and slower by at most twice the margin at any count (:func:`whole_range_gain`);
+    of several, the one with the largest mean gain."""
+    whole = set(whole_range)
+    choice, reference = _per_count_choice(times, margin, repeat, whole)
+    gains = {s: whole_range_gain(times, reference, s) for s in sorted(whole)}
+    adopted = [(g, -s) for s, (g, worst) in gains.items() if g > 1 + margin and worst >= 1 - 2 * margin]
+    if adopted:
+        shape = -max(adopted)[1]
+        return {t: shape for t in times}
     return choice
+
+
+def _per_count_choice(times: dict[int, dict[int, float]], margin: float, repeat: dict[int, float] | None,
+                      whole: set[int]) -> tuple[dict[int, int], dict[int, float]]:
+    """decide_norm_shapes' choice per count among the shapes not in ``whole``, and the time of that choice (shape
+    0's: the faster of its two)."""
+    choice, reference = {}, {}
+    for tokens, by_shape in times.items():
+        base, needed = by_shape[0], margin
+        if repeat is not None and tokens in repeat:
+            base = min(by_shape[0], repeat[tokens])
+            needed = max(margin, abs(by_shape[0] - repeat[tokens]) / base)
+        per_count = {s: us for s, us in by_shape.items() if s not in whole}
+        best = min(per_count, key=lambda s: (per_count[s], s))
+        choice[tokens] = best if best != 0 and per_count[best] < (1 - needed) * base else 0
+        reference[tokens] = base if choice[tokens] == 0 else per_count[choice[tokens]]
+    return choice, reference
+
+
+def whole_range_gain(times: dict[int, dict[int, float]], reference: dict[int, float], shape: int) -> tuple[float, float]:
+    """``(geometric mean, smallest)`` over the token counts of reference / time of ``shape`` (> 1: faster); (0, 0)
+    where ``shape`` was not timed at every count."""
+    if not times or any(shape not in by_shape for by_shape in times.values()):
+        return 0.0, 0.0
+    ratios = [reference[t] / times[t][shape] for t in times]
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios)), min(ratios)
 
 
 def token_ranges(choice: dict[int, object]) -> list[tuple[int, int | None, object]]:
@@ -512,6 +566,7 @@ def tune_norm(op: NormOp, hiddens: Sequence[int], tokens: Sequence[int], num_sha
     """The norm stage: per hidden, the shapes with shape 0's bits (:func:`norm_candidates`), each timed at every
     token count, and the choice (:func:`decide_norm_shapes`).
 
+    Shapes with another summation order (:data:`OTHER_ORDER`) are timed too, as candidates for every count at once.
     Returns ``{hidden: {"shapes": {shape: status}, "measured": {tokens: {shape: us}}, "repeat": {tokens: us},
     "choice": {tokens: shape}}}`` ("repeat": shape 0 timed again after the others); where no shape but 0
     qualifies nothing is timed and the choice is 0 everywhere.
@@ -522,7 +577,8 @@ def tune_norm(op: NormOp, hiddens: Sequence[int], tokens: Sequence[int], num_sha
     for hidden in hiddens:
         status = norm_candidates(lambda shape: op.probe(shape, hidden), range(num_shapes),
                                  lambda shape: op.row_group(shape, hidden))
-        shapes = [0] + [s for s, why in status.items() if why == SAME_BITS]
+        whole = [s for s, why in status.items() if why == OTHER_ORDER]
+        shapes = [0] + [s for s, why in status.items() if why == SAME_BITS] + whole
         measured: dict[int, dict[int, float]] = {}
         repeat: dict[int, float] = {}
         if len(shapes) > 1:
@@ -534,7 +590,7 @@ def tune_norm(op: NormOp, hiddens: Sequence[int], tokens: Sequence[int], num_sha
                 repeat[t] = us = float(op.time(0, t, hidden))
                 progress.step(f"norm hidden={hidden} T={t} shape=0 again: {us:.2f} us")
         progress.skip(len(counts) * (num_shapes + 1) - sum(len(m) for m in measured.values()) - len(repeat))
-        choice = decide_norm_shapes(measured, margin, repeat) if measured else {t: 0 for t in counts}
+        choice = decide_norm_shapes(measured, margin, repeat, whole) if measured else {t: 0 for t in counts}
         result[hidden] = {"shapes": status, "measured": measured, "repeat": repeat, "choice": choice}
     return result
 
@@ -681,6 +737,13 @@ def _times_in(prov: Provenance) -> str:
     return f"; times in {prov.results_file}" if prov.results_file else ""
 
 
+def _whole_range_gain_of(result: dict, shape: int, margin: float) -> tuple[float, float]:
+    """:func:`whole_range_gain` of ``shape`` over the per-count choice, from one hidden's tune_norm result."""
+    orders = {s for s, why in result["shapes"].items() if why == OTHER_ORDER}
+    _, reference = _per_count_choice(result["measured"], margin, result.get("repeat"), orders)
+    return whole_range_gain(result["measured"], reference, shape)
+
+
 def _range_text(lo: int, hi: int | None) -> str:
     return f"{lo}-{hi} tokens" if hi is not None else f"{lo}+ tokens"
 
@@ -707,14 +770,26 @@ def make_norm_entries(norm: dict[int, dict], itemsize: int, key: str, prov: Prov
                          + (f" and {again[h][t]:.2f}" if t in again[h] else "") + f" us at {t} x {h}"
                          for h in hiddens for t in counts)
         others = sorted({s for h in hiddens for s, why in norm[h]["shapes"].items() if why == SAME_BITS} - {shape})
+        orders = sorted({s for h in hiddens for s, why in norm[h]["shapes"].items() if why == OTHER_ORDER})
         twice = " (timed before and after the others)" if any(again.values()) else ""
-        source = (f"{_one_gpu_where(prov)}: at {_range_text(lo, hi)} shape {shape} beat shape 0 (the kernel's own "
-                  f"pick){twice} by more than {margin:.0%} and its run-to-run difference: {beat}; also timed (shape "
-                  f"0's bits): {', '.join(map(str, others)) or 'none'}{_times_in(prov)}")
+        if shape in orders:  # chosen for every count (decide_norm_shapes): say so, with its gain
+            gains = "; ".join(f"{g:.3f}x in geometric mean, at worst {w:.3f}x, at hidden {h}"
+                              for h in hiddens for g, w in [_whole_range_gain_of(norm[h], shape, margin)])
+            beat = (f"it sums a row in another order than shape 0, so it serves every token count or none; over the "
+                    f"per-count choice: {gains} (needs more than {1 + margin:.2f}x, and at least {1 - 2 * margin:.2f}x "
+                    f"at every count); its times against shape 0's: {beat}")
+        else:
+            beat = (f"beat shape 0 (the kernel's own pick){twice} by more than {margin:.0%} and its run-to-run "
+                    f"difference: {beat}")
+        source = (f"{_one_gpu_where(prov)}: at {_range_text(lo, hi)} shape {shape}: {beat}; also timed (shape 0's "
+                  f"bits): {', '.join(map(str, others)) or 'none'}"
+                  + (f"; (another summation order): {', '.join(map(str, orders))}" if orders else "")
+                  + _times_in(prov))
         bounds = {"min_tokens": lo, **({"max_tokens": hi} if hi is not None else {})}
         repeat = {"shape0_again": _rounded(again)} if any(again.values()) else {}
+        other = {"other_order": orders} if orders else {}
         return {"itemsize": itemsize, **match, **bounds, "shape": int(shape), "source": source,
-                **_one_gpu_common(prov), "measured": _rounded(times), **repeat}
+                **_one_gpu_common(prov), "measured": _rounded(times), **repeat, **other}
 
     def per_hidden(choices: dict[int, dict[int, int]]) -> list[dict]:
         return [entry({"hidden": h}, lo, hi, s, [h]) for h, c in choices.items()
@@ -1230,7 +1305,9 @@ def report(plan: Plan, tuned: Tuned, card: str) -> None:
               "shape is listed first and wins")
     for h, d in (tuned.norm or {}).items():
         same = [s for s, why in d["shapes"].items() if why == SAME_BITS]
-        print(f"  norm, {plan.dtype}, hidden {h}: shapes with shape 0's bits: {', '.join(map(str, same)) or 'none'}")
+        orders = [s for s, why in d["shapes"].items() if why == OTHER_ORDER]
+        print(f"  norm, {plan.dtype}, hidden {h}: shapes with shape 0's bits: {', '.join(map(str, same)) or 'none'}"
+              f"; with another summation order (every count or none): {', '.join(map(str, orders)) or 'none'}")
     for e in tuned.norm_entries:
         what = f"hidden {e['hidden']}" if "hidden" in e else f"hidden <= {e['max_hidden']}"
         print(f"  norm, {plan.dtype}, {what}, {_range_text(e['min_tokens'], e.get('max_tokens'))}: shape {e['shape']}")

@@ -120,8 +120,9 @@ def norm_shape(card: str, tokens: int, hidden: int, itemsize: int) -> int:
 
     The ``"norm"`` list's first entry (user file first, then ``configs/<card>.json``) whose optional
     ``itemsize``, ``hidden``, ``max_hidden``, ``min_tokens`` and ``max_tokens`` admit the call gives ``shape``;
-    else 0, the kernel's own pick. Shapes that an entry switches between for one hidden size must share their row
-    groups (threads per row), so that a row's result never depends on the batch it came in.
+    else 0, the kernel's own pick. Shapes that entries switch between for one hidden size must share their row
+    groups (threads per row) and element order, so that a row's result never depends on the batch it came in; a
+    shape with another order than shape 0 serves every token count of its hidden (tokenweave.tune).
     """
     return _norm_shape(card, tokens, hidden, itemsize, _user_file())
 

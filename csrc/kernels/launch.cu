@@ -360,7 +360,7 @@ struct NormConfig {
   int threads, target_vecs, max_vecs;
   bool pipelined;
   bool stash = false;  // z of the CTA's rows in shared memory: rows x hidden x sizeof(T) <= kStashMaxBytes
-  bool two_byte = false;  // 2-byte types only
+  bool pieces = false;  // 8-byte pieces (add_rmsnorm_pieces_kernel): 2-byte types, one row a CTA, another element order
 };
 // The stash shapes' rows must fit a CTA's opt-in shared memory on sm_90 (227 KiB = 232448 bytes on H100 and H200),
 // less 1 KiB for the kernel's static arrays (at most 128 bytes).
@@ -484,7 +484,7 @@ static int group_of(int config, int hidden, DType dtype) {
   const NormConfig& g = kNormConfigs[config];
   const int group = plan_row_group(hidden, lanes_of(dtype), g.threads, g.target_vecs, g.max_vecs);
   const int64_t stash_bytes = int64_t(g.threads / (group > 0 ? group : 1)) * hidden * (16 / lanes_of(dtype));
-  if (g.two_byte && (lanes_of(dtype) != 8 || group != g.threads)) return -1;  // the pieces shape: one row a CTA
+  if (g.pieces && (lanes_of(dtype) != 8 || group != g.threads)) return -1;
   return g.stash && stash_bytes > kStashMaxBytes ? -1 : group;
 }
 

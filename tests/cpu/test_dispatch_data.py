@@ -101,8 +101,9 @@ def test_programmatic_launch_from_env_then_config_then_heuristic(tmp_path, monke
 
 
 def _norm_shapes():
-    """(threads, target_vecs, max_vecs) of every add + RMSNorm block shape, read from csrc/kernels/launch.cu
-    (the stash shapes' shared-memory bound on the row is not modelled: no shipped config picks them)."""
+    """(threads, target_vecs, max_vecs, pieces) of every add + RMSNorm block shape, read from csrc/kernels/launch.cu
+    (the stash shapes' shared-memory bound on the row is not modelled; ``pieces``: 8-byte pieces, another element
+    order than the 16-byte shapes with the same row group)."""
     import re
     from pathlib import Path
 
@@ -110,8 +111,10 @@ def _norm_shapes():
     two_pass = int(re.search(r"constexpr int kTwoPassVecs = 1 << (\d+);", src).group(1))
     table = re.search(r"constexpr NormConfig kNormConfigs\[\] = \{(.*?)\};", src, re.S).group(1)
     shapes = []
-    for threads, target, most in re.findall(r"\{(\d+), (\d+), (\w+), (?:true|false)(?:, (?:true|false)){0,2}\}", table):
-        shapes.append((int(threads), int(target), 1 << two_pass if most == "kTwoPassVecs" else int(most)))
+    entry = r"\{(\d+), (\d+), (\w+), (?:true|false)(?:, (?:true|false))?(?:, (true|false))?\}"
+    for threads, target, most, pieces in re.findall(entry, table):
+        shapes.append((int(threads), int(target), 1 << two_pass if most == "kTwoPassVecs" else int(most),
+                       pieces == "true"))
     assert len(shapes) == table.count("{"), "a kNormConfigs entry this parser does not read"
     return shapes
 
@@ -128,12 +131,17 @@ def test_norm_shapes_never_change_a_rows_bits_with_the_batch():
     """A shipped "norm" config may switch shapes with the token count only between shapes that hold the row
     and share its row groups: a row's result must not depend on the batch it came in."""
     shapes = _norm_shapes()
-    assert len(shapes) >= 11
+    assert len(shapes) >= 11 and any(pieces for *_, pieces in shapes)  # the 8-byte-piece shape is read as such
 
-    def group(shape, vecs):
+    def group(shape, vecs, lanes):
+        """(threads per row, pieces): the order a row is summed in; (-1, ...) where the shape cannot hold it."""
         if shape == 0:  # launch.cu add_rmsnorm: config 0 picks shape 1, else 2, else 3
-            shape = next(k for k in (1, 2, 3) if _row_group(vecs, *shapes[k]) > 0 or k == 3)
-        return _row_group(vecs, *shapes[shape])
+            shape = next(k for k in (1, 2, 3) if _row_group(vecs, *shapes[k][:3]) > 0 or k == 3)
+        threads, target, most, pieces = shapes[shape]
+        g = _row_group(vecs, threads, target, most)
+        if pieces and (lanes != 8 or g != threads):  # launch.cu group_of: 2-byte types, one row a CTA
+            g = -1
+        return g, pieces
 
     tuning._all_entries.cache_clear()
     tuning._norm_shape.cache_clear()
@@ -145,8 +153,8 @@ def test_norm_shapes_never_change_a_rows_bits_with_the_batch():
             for hidden in (1032, 2048, 4096, 5120, 8192, 12288, 16384, 32768 if itemsize == 2 else 16384):
                 vecs = hidden // lanes
                 picked = {T: tuning.norm_shape(card, T, hidden, itemsize) for T in tokens}
-                groups = {T: group(s, vecs) for T, s in picked.items()}
-                assert all(g > 0 for g in groups.values()), (card, itemsize, hidden, picked)
+                groups = {T: group(s, vecs, lanes) for T, s in picked.items()}
+                assert all(g > 0 for g, _ in groups.values()), (card, itemsize, hidden, picked)
                 assert len(set(groups.values())) == 1, (card, itemsize, hidden, picked, groups)
     for path in tuning.CONFIG_DIR.glob("*.json"):
         for e in json.loads(path.read_text()).get("norm", []):

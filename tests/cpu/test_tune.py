@@ -278,18 +278,19 @@ def fresh_tuning(user_config, monkeypatch):
 
 
 class FakeNormOp(tune.NormOp):
-    """An add + RMSNorm with 11 block shapes: ``different`` change one output bit, ``cannot`` raise at launch,
+    """An add + RMSNorm with 11 block shapes: ``different`` change one output bit (another summation order),
+    ``wrong`` move one output element by 1.0, ``cannot`` raise at launch,
     ``lazy`` write nothing (the poisoned out stays NaN), ``other_group`` give shape 0's bits on the probe batch but
     have another row group (a lucky probe). Times from ``speed`` (shape -> factor of shape 0's time, or a function
     of tokens); every call is recorded, with the PDL state ``pdl`` holds at the time."""
 
     def __init__(self, different=(6, 7), cannot=(3,), lazy=(8,), residual_differs=(9,), speed=None, pdl=None,
-                 other_group=()):
+                 other_group=(), wrong=()):
         import torch
 
         self.torch = torch
         self.different, self.cannot, self.lazy, self.residual_differs = different, cannot, lazy, residual_differs
-        self.other_group = other_group
+        self.other_group, self.wrong = other_group, wrong
         self.speed = speed or {}
         self.pdl = pdl
         self.calls = []
@@ -320,6 +321,8 @@ class FakeNormOp(tune.NormOp):
             out.fill_(float("nan"))
         if shape in self.different:
             out.view(self.torch.int16)[self.rows // 2, hidden // 3] ^= 1  # one bit of one element
+        if shape in self.wrong:
+            out[self.rows // 2, hidden // 3] += 1.0  # far beyond what a summation order moves
         if shape in self.residual_differs:
             z.view(self.torch.int16)[self.rows - 1, 0] ^= 1
         return out, z
@@ -335,7 +338,7 @@ class FakeNormOp(tune.NormOp):
 
 
 def _shape4_below(limit):
-    return {4: lambda t: 0.8 if t < limit else 1.05, 1: 1.005, 7: 0.5}  # 7 is fastest but has other bits
+    return {4: lambda t: 0.8 if t < limit else 1.05, 1: 1.005, 7: 0.5}  # 7 is fastest: adopted only if it is right
 
 
 def test_same_bits_is_bitwise():
@@ -350,19 +353,22 @@ def test_same_bits_is_bitwise():
     assert not tune.same_bits(a, b)
 
 
-def test_norm_candidates_keep_only_shapes_with_shape_0s_bits():
-    op = FakeNormOp()
+def test_norm_candidates_sort_shapes_by_bits_and_order():
+    """Shape 0's bits: switchable by batch size. Another summation order (out within NORM_ORDER_TOLERANCE, the
+    residual bitwise): a whole-range candidate only. Anything else (NaN out, a residual that differs, an out
+    that is wrong) is never a candidate."""
+    op = FakeNormOp(wrong=(10,))
     status = tune.norm_candidates(lambda s: op.probe(s, 1024), range(11))
     assert status == {1: tune.SAME_BITS, 2: tune.SAME_BITS, 3: tune.CANNOT_HOLD_ROW, 4: tune.SAME_BITS,
-                      5: tune.SAME_BITS, 6: tune.DIFFERENT_BITS, 7: tune.DIFFERENT_BITS, 8: tune.DIFFERENT_BITS,
-                      9: tune.DIFFERENT_BITS, 10: tune.SAME_BITS}
+                      5: tune.SAME_BITS, 6: tune.OTHER_ORDER, 7: tune.OTHER_ORDER, 8: tune.DIFFERENT_BITS,
+                      9: tune.DIFFERENT_BITS, 10: tune.DIFFERENT_BITS}
     with pytest.raises(RuntimeError):  # shape 0 must run: nothing to compare with otherwise
         tune.norm_candidates(lambda s: FakeNormOp(cannot=(0,)).probe(s, 1024), range(3))
-    # same bits on the probe batch but another row group (another summation order): never a candidate
+    # same bits on the probe batch but another row group (another summation order, a lucky probe): whole range only
     op = FakeNormOp(other_group=(2, 5))
     status = tune.norm_candidates(lambda s: op.probe(s, 1024), range(11), lambda s: op.row_group(s, 1024))
-    assert status[2] == status[5] == tune.DIFFERENT_BITS and status[1] == status[4] == tune.SAME_BITS
-    assert tune.tune_norm(op, [1024], [1, 16], 11)[1024]["shapes"][5] == tune.DIFFERENT_BITS
+    assert status[2] == status[5] == tune.OTHER_ORDER and status[1] == status[4] == tune.SAME_BITS
+    assert tune.tune_norm(op, [1024], [1, 16], 11)[1024]["shapes"][5] == tune.OTHER_ORDER
 
 
 def test_norm_decision_needs_more_than_the_margin():
@@ -375,6 +381,24 @@ def test_norm_decision_needs_more_than_the_margin():
     assert tune.decide_norm_shapes(times, margin=0.0)[1] == 4
     assert tune.decide_norm_shapes(times, margin=0.05)[16] == 0
     assert 0 < tune.NORM_MARGIN < 0.1
+
+
+def test_norm_decision_for_the_whole_range():
+    """A whole-range shape (another summation order) replaces the per-count choice everywhere when it is faster
+    by more than the margin in geometric mean and at worst twice the margin slower at a count; else nowhere."""
+    times = {1: {0: 10.0, 4: 9.0, 16: 9.0},       # per count: 4 (9.0); 16 ties it
+             128: {0: 10.0, 4: 9.5, 16: 9.0},     # 4 (9.5); 16 5.6% faster
+             4096: {0: 10.0, 4: 11.0, 16: 9.5}}   # 0 (10.0); 16 5.3% faster
+    assert tune.decide_norm_shapes(times) == {1: 4, 128: 16, 4096: 16}  # 16 as a per-count shape (4 wins the tie)
+    assert tune.decide_norm_shapes(times, whole_range=[16]) == {1: 16, 128: 16, 4096: 16}
+    gain, worst = tune.whole_range_gain(times, {1: 9.0, 128: 9.5, 4096: 10.0}, 16)
+    assert worst == pytest.approx(1.0) and gain == pytest.approx((9.5 / 9.0 * 10.0 / 9.5) ** (1 / 3))
+    times[1][16] = 9.5  # 5.6% slower than 4 at one count: more than twice the margin
+    assert tune.decide_norm_shapes(times, whole_range=[16]) == {1: 4, 128: 4, 4096: 0}
+    times[1][16] = 9.2; times[128][16] = 9.4; times[4096][16] = 9.9  # within 2% on average: no gain
+    assert tune.decide_norm_shapes(times, whole_range=[16]) == {1: 4, 128: 4, 4096: 0}
+    times[4096][17] = 1.0  # a whole-range shape not timed at every count is never taken
+    assert tune.decide_norm_shapes(times, whole_range=[16, 17]) == {1: 4, 128: 4, 4096: 0}
 
 
 def test_norm_decision_against_shape_0_timed_twice():
@@ -399,23 +423,34 @@ def test_token_ranges_cover_every_count_once():
 
 
 def test_tune_norm_times_only_candidates_and_decides():
-    op = FakeNormOp(speed=_shape4_below(4096))
+    op = FakeNormOp(speed=_shape4_below(4096), different=(6,), wrong=(7,))
     tokens = tune.token_grid(8192)
     progress = tune.Progress(tune.planned_norm_timings([1024], tokens, 11), enabled=False)
     (result,) = tune.tune_norm(op, [1024], tokens, 11, progress).values()
     timed = {c[1] for c in op.calls if c[0] == "time"}
-    assert timed == {0, 1, 2, 4, 5, 10}  # shape 0 and the shapes with its bits; never 3, 6, 7, 8, 9
+    assert timed == {0, 1, 2, 4, 5, 10, 6}  # shape 0, the shapes with its bits, another order (6); never 3, 7, 8, 9
     assert progress.n == progress.total  # the shapes not timed were counted as skipped
-    assert result["choice"] == {t: 4 if t < 4096 else 0 for t in tokens}
+    assert result["choice"] == {t: 4 if t < 4096 else 0 for t in tokens}  # 6 is slower: not for the whole range
     assert set(result["measured"][1]) == timed
     assert set(result["repeat"]) == set(tokens)  # shape 0 timed again at every count, after the others
     first_count = [c[1:4] for c in op.calls if c[0] == "time"][:len(timed) + 1]
-    assert first_count[-2:] == [(10, 1, 1024), (0, 1, 1024)]  # the last candidate, then shape 0 again
+    assert first_count[-2:] == [(6, 1, 1024), (0, 1, 1024)]  # the last candidate, then shape 0 again
     # nothing to choose from: nothing timed, shape 0 everywhere
-    alone = FakeNormOp(different=range(1, 11), cannot=(), lazy=(), residual_differs=())
+    alone = FakeNormOp(different=(), wrong=range(1, 11), cannot=(), lazy=(), residual_differs=())
     (result,) = tune.tune_norm(alone, [1024], [1, 16], 11).values()
     assert result["measured"] == {} and result["choice"] == {1: 0, 16: 0}
     assert not any(c[0] == "time" for c in alone.calls)
+
+
+def test_tune_norm_takes_another_order_for_every_count_or_none():
+    """A shape with another summation order (7) that is twice as fast everywhere serves every token count; the
+    same shape slower than the per-count choice at one count by more than twice the margin serves none."""
+    tokens = [1, 16, 128, 1024, 4096]
+    (result,) = tune.tune_norm(FakeNormOp(speed=_shape4_below(4096)), [1024], tokens, 11).values()
+    assert result["shapes"][7] == tune.OTHER_ORDER and result["choice"] == {t: 7 for t in tokens}
+    slow_at_one = {**_shape4_below(4096), 7: lambda t: 1.2 if t == 16 else 0.5}  # 0.8 at 16 is shape 4's
+    (result,) = tune.tune_norm(FakeNormOp(speed=slow_at_one), [1024], tokens, 11).values()
+    assert result["choice"] == {t: 4 if t < 4096 else 0 for t in tokens}
 
 
 def test_programmatic_decision():
@@ -454,7 +489,9 @@ def test_shipped_one_gpu_entries_follow_from_their_times():
                 by_count = {int(t): {int(s): us for s, us in m.items()} for t, m in times.items()}
                 again = e.get("shape0_again", {}).get(hidden)  # shape 0 timed again, where the tune did that
                 repeat = {int(t): us for t, us in again.items()} if again is not None else None
-                assert set(tune.decide_norm_shapes(by_count, repeat=repeat).values()) == {e["shape"]}, (path.name, e)
+                whole = e.get("other_order", [])  # shapes with another summation order: whole range or none
+                assert set(tune.decide_norm_shapes(by_count, repeat=repeat, whole_range=whole).values()) == \
+                    {e["shape"]}, (path.name, e)
 
 
 def test_norm_decision_on_the_committed_run():
@@ -484,7 +521,7 @@ def test_tune_launch_and_the_pdl_setting_is_restored():
         order.append((tokens, on))
         return 3.0 - 0.3 * on
 
-    op = FakeNormOp(speed=_shape4_below(64), pdl=setting)
+    op = FakeNormOp(speed=_shape4_below(64), pdl=setting, different=(6,), wrong=(7,))
     one = tune.OneGpu(norm=op, num_shapes=11, launch=measure, set_programmatic=setting.append, programmatic=False)
     norm, launch = tune.tune_one_gpu(one, [1024], [1, 128], True, True)
     assert order == [(t, on) for t in tune.LAUNCH_TOKENS for on in (False, True, False)]
@@ -518,6 +555,32 @@ def _norm_results(choices, candidates=(1, 4)):
         out[h] = {"shapes": {s: tune.SAME_BITS for s in candidates} | {6: tune.DIFFERENT_BITS},
                   "measured": measured, "choice": choice}
     return out
+
+
+def test_norm_entry_for_another_order_covers_every_count(fresh_tuning):
+    """Where a shape with another summation order won the whole range, one entry per hidden from 1 token on, which
+    says so, lists the shapes of other orders that were timed, and from which its decision is re-derived."""
+    tokens = [1, 16, 128, 1024]
+    norm = tune.tune_norm(FakeNormOp(speed=_shape4_below(4096)), [4096], tokens, 11)
+    norm[8192] = tune.tune_norm(FakeNormOp(speed=_shape4_below(4096), different=(6,), wrong=(7,)), [8192], tokens,
+                                11)[8192]
+    for key in ("shape", "world"):
+        entries = tune.make_norm_entries(norm, 2, key, _one_prov())
+        assert [(e.get("hidden"), e["min_tokens"], e.get("max_tokens"), e["shape"]) for e in entries] == [
+            (4096, 1, None, 7), (8192, 1, None, 4)], key
+        whole, per_count = entries
+        assert whole["other_order"] == [6, 7] and per_count["other_order"] == [6]
+        assert "another order than shape 0, so it serves every token count or none" in whole["source"]
+        for e in entries:
+            (hidden, times), = e["measured"].items()
+            again = {t: us for t, us in e["shape0_again"][hidden].items()}
+            assert set(tune.decide_norm_shapes(times, repeat=again, whole_range=e["other_order"]).values()) == \
+                {e["shape"]}
+        fresh_tuning.unlink(missing_ok=True)
+        tune.write_config(fresh_tuning, CARD, "Test GPU", [], norm=entries)
+        tuning.clear_cache()
+        assert {tuning.norm_shape(CARD, t, 4096, 2) for t in (1, 100, 5000, 10 ** 6)} == {7}
+        assert tuning.norm_shape(CARD, 16, 8192, 2) == 4
 
 
 def test_norm_entries_per_hidden_and_world_read_back(fresh_tuning):
@@ -606,7 +669,7 @@ def test_run_plan_writes_all_three_sections(fresh_tuning, capsys):
     plan = tune.Plan(2, False, (1024, 2048), tuple(tune.token_grid(8192)), "bfloat16", "world", str(fresh_tuning),
                      None, 5, 3, show_progress=False)
     setting = []
-    op = FakeNormOp(speed=_shape4_below(4096), pdl=setting)
+    op = FakeNormOp(speed=_shape4_below(4096), pdl=setting, different=(6,), wrong=(7,))
     one = tune.OneGpu(norm=op, num_shapes=11, launch=lambda on, t: 3.0 - 0.3 * on, set_programmatic=setting.append)
     tuned = tune.run_plan(plan, FakeTimer(), LIMITS, _one_prov(), one)
     doc = json.loads(fresh_tuning.read_text())
