@@ -271,14 +271,16 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def norm_candidates(run: Callable[[int], Sequence[torch.Tensor]], shapes: Iterable[int],
                     row_group: Callable[[int], int] | None = None) -> dict[int, str]:
-    """What may replace shape 0 at one hidden: ``{shape: SAME_BITS | CANNOT_HOLD_ROW | DIFFERENT_BITS}``.
+    """What may replace shape 0 at one hidden: ``{shape: SAME_BITS | OTHER_ORDER | CANNOT_HOLD_ROW |
+    DIFFERENT_BITS}``.
 
     ``run(shape)`` gives the tensors of one call (out, residual) on one batch; a shape that raises
     ``RuntimeError`` cannot hold the row. Only shapes with shape 0's bits may be switched between by batch size:
     then a row's result never depends on the batch it came in. Shape 0 itself must run. ``row_group(shape)``, where
     given, is the shape's threads per row, which fixes the order a row is summed in: a shape whose group differs
     from shape 0's has other bits even where one probe batch happens to agree (bf16 rounding hides most
-    last-bit differences of the float32 sum), so it never qualifies.
+    last-bit differences of the float32 sum), so it is never SAME_BITS. A shape whose bits differ only as another
+    summation order makes them (:func:`same_but_order`) is OTHER_ORDER: a candidate for every count or none.
     """
     reference = [t.clone() for t in run(0)]
     status = {}
@@ -755,7 +757,8 @@ def make_norm_entries(norm: dict[int, dict], itemsize: int, key: str, prov: Prov
     One entry per range of token counts (:func:`token_ranges`) whose shape is not 0 (0 needs no entry).
     ``key="shape"``: per hidden (``"hidden"``). ``key="world"``: where every hidden chose the same shape, one
     entry without ``"hidden"`` and with ``"max_hidden"`` (the largest hidden measured), as the shipped files have
-    it; where the hiddens disagreed, per-hidden entries for those token counts (their ranges do not overlap).
+    it; where the hiddens disagreed, or the shape sums in another order (``OTHER_ORDER``) at any of them, per-hidden
+    entries for those token counts (their ranges do not overlap).
     """
     if key not in ("shape", "world"):
         raise ValueError(f"tokenweave-tune: key={key!r}; use 'shape' or 'world'")
@@ -798,7 +801,11 @@ def make_norm_entries(norm: dict[int, dict], itemsize: int, key: str, prov: Prov
     choices = {h: d["choice"] for h, d in norm.items()}
     if key == "shape":
         return per_hidden(choices)
-    common = common_choice(choices)
+    # a shape with another summation order at any measured hidden stays in that hidden's own entries: a
+    # "max_hidden" entry would hand it to hiddens never measured, at some token counts only (their rows' bits would
+    # then depend on the batch) or where it cannot hold the row (launch.cu shape 16: rows of 4097-8192 elements)
+    orders = {s for d in norm.values() for s, why in d["shapes"].items() if why == OTHER_ORDER}
+    common = {t: None if s in orders else s for t, s in common_choice(choices).items()}
     hiddens = sorted(norm)
     world = [entry({"max_hidden": hiddens[-1]}, lo, hi, s, hiddens) for lo, hi, s in token_ranges(common)
              if s not in (0, None)]

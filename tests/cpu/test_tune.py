@@ -485,13 +485,29 @@ def test_shipped_one_gpu_entries_follow_from_their_times():
     assert tune.decide_programmatic(measured) is launch["programmatic"]
     for path in tuning.CONFIG_DIR.glob("*.json"):
         for e in json.loads(path.read_text()).get("norm", []):
-            for hidden, times in e.get("measured", {}).items():
-                by_count = {int(t): {int(s): us for s, us in m.items()} for t, m in times.items()}
-                again = e.get("shape0_again", {}).get(hidden)  # shape 0 timed again, where the tune did that
-                repeat = {int(t): us for t, us in again.items()} if again is not None else None
-                whole = e.get("other_order", [])  # shapes with another summation order: whole range or none
-                assert set(tune.decide_norm_shapes(by_count, repeat=repeat, whole_range=whole).values()) == \
-                    {e["shape"]}, (path.name, e)
+            if "measured" in e:
+                assert all(shapes == {e["shape"]} for shapes in _rederived(e).values()), (path.name, e)
+
+
+def _rederived(e: dict) -> dict[int, set[int]]:
+    """hidden -> the shapes decide_norm_shapes gives from a "norm" entry's own times ("measured", "shape0_again").
+
+    The shapes of another summation order ("other_order") are decided over every count at once, so only an entry
+    that spans every count (from 1 token, open) holds the times for that; one over part of the counts re-derives
+    the per-count choice among the other shapes (whether a shape of another order should have won needs the counts
+    outside it). A shape of another order must be that whole-range entry's."""
+    whole = set(e.get("other_order", []))
+    every_count = e.get("min_tokens", 1) == 1 and "max_tokens" not in e
+    assert every_count or e["shape"] not in whole, e
+    decided = {}
+    for hidden, times in e["measured"].items():
+        by_count = {int(t): {int(s): us for s, us in m.items()} for t, m in times.items()}
+        again = e.get("shape0_again", {}).get(hidden)  # shape 0 timed again, where the tune did that
+        repeat = {int(t): us for t, us in again.items()} if again is not None else None
+        if not every_count:
+            by_count = {t: {s: us for s, us in m.items() if s not in whole} for t, m in by_count.items()}
+        decided[int(hidden)] = set(tune.decide_norm_shapes(by_count, repeat=repeat, whole_range=whole).values())
+    return decided
 
 
 def test_norm_decision_on_the_committed_run():
@@ -581,6 +597,47 @@ def test_norm_entry_for_another_order_covers_every_count(fresh_tuning):
         tuning.clear_cache()
         assert {tuning.norm_shape(CARD, t, 4096, 2) for t in (1, 100, 5000, 10 ** 6)} == {7}
         assert tuning.norm_shape(CARD, 16, 8192, 2) == 4
+
+
+def test_world_entries_never_carry_another_order(fresh_tuning):
+    """--key world: a shape with another summation order at some measured hidden serves that hidden through its
+    own entries only. In a "max_hidden" entry it would reach hiddens never measured, at some token counts only (a
+    row's bits would depend on its batch) or where it cannot hold the row (shape 16 holds 4097-8192 elements)."""
+    tokens = [1, 16, 128, 1024]
+    # 4096: 7 sums in another order and wins every count; 8192: 7 has shape 0's bits and wins below 128 tokens
+    norm = tune.tune_norm(FakeNormOp(speed=_shape4_below(4096)), [4096], tokens, 11)
+    fast_below_128 = {**_shape4_below(4096), 7: lambda t: 0.5 if t < 128 else 1.1}
+    norm[8192] = tune.tune_norm(FakeNormOp(speed=fast_below_128, different=(6,)), [8192], tokens, 11)[8192]
+    assert norm[4096]["choice"] == {t: 7 for t in tokens} and norm[8192]["choice"] == {1: 7, 16: 7, 128: 4, 1024: 4}
+    # both hiddens take 7 for the whole range: still one entry per hidden, none for the hiddens between
+    both = tune.tune_norm(FakeNormOp(speed=_shape4_below(4096)), [4096, 8192], tokens, 11)
+    for results, hidden_8192 in ((norm, {1: 7, 100: 7, 128: 4, 5000: 4}), (both, {1: 7, 100: 7, 128: 7, 5000: 7})):
+        entries = tune.make_norm_entries(results, 2, "world", _one_prov())
+        assert all("hidden" in e for e in entries if e["shape"] == 7), entries
+        fresh_tuning.unlink(missing_ok=True)
+        tune.write_config(fresh_tuning, CARD, "Test GPU", [], norm=entries)
+        tuning.clear_cache()
+        assert {t: tuning.norm_shape(CARD, t, 4096, 2) for t in hidden_8192} == {t: 7 for t in hidden_8192}
+        assert {t: tuning.norm_shape(CARD, t, 8192, 2) for t in hidden_8192} == hidden_8192
+        assert {tuning.norm_shape(CARD, t, h, 2) for h in (1024, 2048, 5120) for t in (1, 100, 5000)} == {0}
+        for e in entries:
+            assert set().union(*_rederived(e).values()) == {e["shape"]}, e
+
+
+def test_an_entry_over_part_of_the_counts_rederives_its_per_count_choice():
+    """6 (another order) beats shape 4 where 4 won (below 128 tokens) but is far slower after: not taken. 4's entry
+    holds only its own counts, on which alone 6 would have won: it re-derives the per-count choice among the shapes
+    of shape 0's bits; the whole-range decision needs every count."""
+    tokens = [1, 16, 128, 1024]
+    speed = {**_shape4_below(128), 6: lambda t: 0.7 if t < 128 else 1.2}
+    norm = tune.tune_norm(FakeNormOp(speed=speed, different=(6,), wrong=(7,)), [4096], tokens, 11)
+    assert norm[4096]["choice"] == {1: 4, 16: 4, 128: 0, 1024: 0}
+    (entry,) = tune.make_norm_entries(norm, 2, "shape", _one_prov())
+    assert (entry["min_tokens"], entry["max_tokens"], entry["shape"], entry["other_order"]) == (1, 127, 4, [6])
+    assert _rederived(entry) == {4096: {4}}
+    times = {int(t): {int(s): us for s, us in m.items()} for t, m in entry["measured"][4096].items()}
+    again = {int(t): us for t, us in entry["shape0_again"][4096].items()}
+    assert set(tune.decide_norm_shapes(times, repeat=again, whole_range=[6]).values()) == {6}  # the part alone
 
 
 def test_norm_entries_per_hidden_and_world_read_back(fresh_tuning):

@@ -114,6 +114,22 @@ def test_norm_candidates_keep_shape_0s_bits_at_other_batches():
         assert bench.time(shape, 16, 1024) > 0
 
 
+def test_norm_candidates_of_another_order_stay_right_at_other_batches():
+    """At hidden 8192 bf16 the 8-byte-piece shape 16 (one row a CTA, another element order) is OTHER_ORDER, and each
+    OTHER_ORDER shape stays within NORM_ORDER_TOLERANCE of shape 0 (residual bitwise) at 1 and 300 rows of other
+    data: the probe's verdict is what lets tokenweave-tune time it for the whole range."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    bench = tune.NormBench(dev, [8192], 64, torch.bfloat16, calls=2, replays=1)
+    status = tune.norm_candidates(lambda s: bench.probe(s, 8192), range(_C.add_rmsnorm_configs()),
+                                  lambda s: bench.row_group(s, 8192))
+    assert status[16] == tune.OTHER_ORDER, status
+    for shape in [s for s, why in status.items() if why == tune.OTHER_ORDER]:
+        for rows, seed in ((1, 7), (300, 8)):
+            x, residual, weight = _inputs(rows, 8192, seed)
+            got, ref = _norm_once(shape, x, residual, weight), _norm_once(0, x, residual, weight)
+            assert tune.same_but_order(got, ref), (shape, rows)
+
+
 def test_tiny_one_gpu_stages_only(user_config, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TOKENWEAVE_PDL", raising=False)
     tw.ops._ops()
