@@ -315,7 +315,7 @@ __global__ void __launch_bounds__(Threads, 3) add_rmsnorm_pieces_kernel(RowArgs 
   const uint2* wr = reinterpret_cast<const uint2*>(ra.weight) + threadIdx.x;
   const bool full = npr == kPieces * Threads;  // every piece in range: no guard between the loads
   wait_for_prior_grid();
-  uint2 xv[kPieces], rv[kPieces];
+  uint2 xv[kPieces], rv[kPieces] = {};  // rv stays zero without a residual (add_z then ignores it)
 #pragma unroll
   for (int k = 0; k < kPieces; ++k) {
     if (full || int(threadIdx.x) + k * Threads < npr) {
@@ -469,8 +469,9 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     case 13: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, true>(ra, x, residual, out, tokens, stream);
     case 14: return launch_add_rmsnorm_two_pass<T, 256, 6, 2, true>(ra, x, residual, out, tokens, stream);
     case 15: return launch_add_rmsnorm_two_pass<T, 512, 4, 1, true>(ra, x, residual, out, tokens, stream);
-    case 16:  // 8-byte pieces (add_rmsnorm_pieces_kernel)
+    case 16:  // 8-byte pieces (add_rmsnorm_pieces_kernel), which always norms: a weight is required
       if constexpr (sizeof(T) == 2) {
+        if (ra.weight == nullptr) return cudaErrorInvalidValue;
         return launch_kernel(add_rmsnorm_pieces_kernel<T, 512>, dim3(unsigned(tokens)), dim3(512), stream, ra,
                              reinterpret_cast<const uint2*>(x), reinterpret_cast<uint2*>(residual),
                              reinterpret_cast<uint2*>(out), tokens);

@@ -20,7 +20,8 @@ cudaError_t add_rmsnorm(const void* x, void* residual, const void* weight, void*
                         float eps, DType dtype, cudaStream_t stream, int config = 0);
 int add_rmsnorm_configs();
 // Threads per row (row group) of shape `config` at this hidden, -1 where the shape cannot hold the row. The group
-// fixes the order a row's squares are summed in: shapes with equal groups give the same bits.
+// fixes the order a row's squares are summed in: 16-byte shapes with equal groups give the same bits (shape 16
+// reads 8-byte pieces: another order than a 16-byte shape with its group).
 int add_rmsnorm_row_group(int config, int hidden, DType dtype);
 
 // Programmatic dependent launch (pdl.cuh), process-wide, off by default: when on, every kernel above is
