@@ -315,7 +315,7 @@ __global__ void __launch_bounds__(Threads, 3) add_rmsnorm_pieces_kernel(RowArgs 
   const uint2* wr = reinterpret_cast<const uint2*>(ra.weight) + threadIdx.x;
   const bool full = npr == kPieces * Threads;  // every piece in range: no guard between the loads
   wait_for_prior_grid();
-  uint2 xv[kPieces], rv[kPieces] = {};  // rv stays zero without a residual (add_z then ignores it)
+  uint2 xv[kPieces], rv[kPieces];  // without a residual rv is never set, and add_z ignores it
 #pragma unroll
   for (int k = 0; k < kPieces; ++k) {
     if (full || int(threadIdx.x) + k * Threads < npr) {
