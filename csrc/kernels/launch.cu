@@ -300,10 +300,12 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
 // written in 8-byte pieces, four per input a thread, 4 KiB apart (LDG.E.64 at immediate offsets), as the compiled
 // norm's kernel was seen to. 0.96-0.98x of the compiled norm at 4096-16384 x 8192 tokens, where the best 16-byte
 // shape reached 0.95-0.96x (bench/results/variants/c32f920): the access width is about half the gap. 2-byte types,
-// rows of 4097-8192 elements (group_of: G = 512 = Threads).
+// rows of 4097-8192 elements (group_of: G = 512 = Threads). Shape 17 is the same with 256 threads for rows of
+// 2049-4096 elements, 6 CTAs an SM: built, not yet run.
 template <typename T, int Threads>
-__global__ void __launch_bounds__(Threads, 3) add_rmsnorm_pieces_kernel(RowArgs ra, const uint2* x, uint2* residual,
-                                                                        uint2* out, int64_t tokens) {
+__global__ void __launch_bounds__(Threads, 1536 / Threads) add_rmsnorm_pieces_kernel(RowArgs ra, const uint2* x,
+                                                                                     uint2* residual, uint2* out,
+                                                                                     int64_t tokens) {
   static_assert(sizeof(T) == 2, "8-byte pieces of 4 elements");
   constexpr int kPieces = 4;  // per input a thread: hidden / 4 <= kPieces x Threads pieces a row
   __shared__ float red[2][Threads / 32];
@@ -374,7 +376,8 @@ constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false}, 
                                        {256, 4, kTwoPassVecs, false}, {128, 8, kTwoPassVecs, false},
                                        {128, 4, 4, false},  {256, 4, kTwoPassVecs, false},
                                        {256, 4, kTwoPassVecs, false, true}, {256, 4, kTwoPassVecs, false, true},
-                                       {512, 4, kTwoPassVecs, false, true}, {512, 2, 2, false, false, true}};
+                                       {512, 4, kTwoPassVecs, false, true}, {512, 2, 2, false, false, true},
+                                       {256, 2, 2, false, false, true}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
@@ -438,6 +441,19 @@ cudaError_t launch_add_rmsnorm_two_pass(const RowArgs& ra, const void* x, void* 
                        tokens);
 }
 
+// 8-byte pieces (add_rmsnorm_pieces_kernel): one row a CTA; the kernel always norms, so a weight is required
+template <typename T, int Threads>
+cudaError_t launch_add_rmsnorm_pieces(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
+                                      cudaStream_t stream) {
+  if constexpr (sizeof(T) == 2) {
+    if (ra.weight == nullptr) return cudaErrorInvalidValue;
+    return launch_kernel(add_rmsnorm_pieces_kernel<T, Threads>, dim3(unsigned(tokens)), dim3(Threads), stream, ra,
+                         reinterpret_cast<const uint2*>(x), reinterpret_cast<uint2*>(residual),
+                         reinterpret_cast<uint2*>(out), tokens);
+  }
+  return cudaErrorInvalidValue;
+}
+
 template <typename T>
 cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void* residual, void* out,
                               int64_t tokens, cudaStream_t stream) {
@@ -469,14 +485,8 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     case 13: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, true>(ra, x, residual, out, tokens, stream);
     case 14: return launch_add_rmsnorm_two_pass<T, 256, 6, 2, true>(ra, x, residual, out, tokens, stream);
     case 15: return launch_add_rmsnorm_two_pass<T, 512, 4, 1, true>(ra, x, residual, out, tokens, stream);
-    case 16:  // 8-byte pieces (add_rmsnorm_pieces_kernel), which always norms: a weight is required
-      if constexpr (sizeof(T) == 2) {
-        if (ra.weight == nullptr) return cudaErrorInvalidValue;
-        return launch_kernel(add_rmsnorm_pieces_kernel<T, 512>, dim3(unsigned(tokens)), dim3(512), stream, ra,
-                             reinterpret_cast<const uint2*>(x), reinterpret_cast<uint2*>(residual),
-                             reinterpret_cast<uint2*>(out), tokens);
-      }
-      return cudaErrorInvalidValue;
+    case 16: return launch_add_rmsnorm_pieces<T, 512>(ra, x, residual, out, tokens, stream);
+    case 17: return launch_add_rmsnorm_pieces<T, 256>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }
