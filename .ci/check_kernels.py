@@ -84,7 +84,7 @@ EIGHT_BYTE_KERNELS = re.compile(r"add_rmsnorm_pieces_kernel")
 
 def narrow_load_problems(fn: str, sass: str) -> list[str]:
     if EIGHT_BYTE_KERNELS.search(fn):
-        return [] if re.search(r"\bLDG\.E\.64 ", sass) else [f"{fn}: no 8-byte loads, the width it exists for"]
+        return [] if re.search(r"\bLDG\.E(?:\.E[LF])?\.64 ", sass) else [f"{fn}: no 8-byte loads, the width it exists for"]
     n = len(NARROW_LOADS.findall(sass))
     return [f"{fn}: {n} global loads narrower than 16 bytes (at most {MAX_NARROW_LOADS}: state words only)"] \
         if n > MAX_NARROW_LOADS else []

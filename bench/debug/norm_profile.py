@@ -5,7 +5,7 @@
 
 Runs, at each size (bf16, fresh random data), the add + RMSNorm of tokenweave.bench compiled for that static
 shape (its autotuning candidates first, then 3 launches of the chosen kernel), then tokenweave.add_rmsnorm in the
-shape the card's config picks and in each block shape listed (2 launches each), in that order.
+shape the card's config picks and in each block shape listed that can hold the row (2 launches each), in that order.
 Sizes: NORM_PROFILE_SIZES="tokens:hidden ..." (default 16:4096 128:4096 1024:8192); block shapes:
 NORM_PROFILE_SHAPES="k ..." (default none).
 """
@@ -14,6 +14,7 @@ import os
 import torch
 
 import tokenweave as tw
+from tokenweave._ext import _C
 from tokenweave.bench.fused import EPS, baseline_add_rmsnorm
 from tokenweave.bench.harness import StaticCompiled
 
@@ -30,6 +31,8 @@ for tokens, hidden in sizes:
     for _ in range(2):
         tw.add_rmsnorm(x, res, w, EPS, out=out)
     for k in shapes:
+        if _C.add_rmsnorm_row_group(k, hidden, x.element_size()) < 0:  # cannot hold this row: not launched
+            continue
         for _ in range(2):
             torch.ops.tokenweave.add_rmsnorm(x, res, w, out, EPS, k)
     torch.cuda.synchronize()

@@ -296,61 +296,107 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
   }
 }
 
-// Timed only (other bits than shape 0): one 8192-wide row per 512-thread CTA (36 registers: 3 CTAs an SM) read and
-// written in 8-byte pieces, four per input a thread, 4 KiB apart (LDG.E.64 at immediate offsets), as the compiled
-// norm's kernel was seen to. 0.96-0.98x of the compiled norm at 4096-16384 x 8192 tokens, where the best 16-byte
-// shape reached 0.95-0.96x (bench/results/variants/c32f920): the access width is about half the gap. 2-byte types,
-// rows of 4097-8192 elements (group_of: G = 512 = Threads). Shape 17 is the same with 256 threads for rows of
-// 2049-4096 elements, 6 CTAs an SM: built, not yet run.
-template <typename T, int Threads>
+// Timed only (other bits than shape 0): one row per CTA, read and written in 8-byte pieces, kPieces per input a
+// thread, Threads x 8 bytes (4 KiB at 512 threads) apart: LDG.E.64 at immediate offsets, as the compiled norm's
+// kernel was seen to. Shape 16 (512 threads, 4 pieces: rows of 4097-8192 elements, 36 registers, 3 CTAs an SM):
+// 0.96-0.98x of the compiled norm at 4096-16384 x 8192 tokens, where the best 16-byte shape reached 0.95-0.96x
+// (bench/results/variants/c32f920): the access width is about half the gap. 2-byte types (group_of: G = Threads).
+// kOrder, the order of a row's traffic (each sums the same pieces in the same order: equal Threads and kPieces give
+// equal bits):
+//   kPiecesEarly   a residual piece is written as soon as z is formed, before the reduction (shape 16)
+//   kPiecesLate    every write after the reduction, out then the residual a piece, z held packed in registers
+//   kPiecesReread  the compiled norm's order (bench/results/logs/inductor_norm/): pass 1 only loads x and the
+//                  residual (evict_last in L1 and L2); pass 2 loads them again (evict_first: from L1, where the
+//                  CTA's row stayed) with the weight (evict_last), then writes out and the residual a piece. Nothing
+//                  but the sum of squares lives across the reduction.
+enum PiecesOrder { kPiecesEarly, kPiecesLate, kPiecesReread };
+
+// An 8-byte load with an L1 eviction priority and an L2 policy made beside it (createpolicy), as Triton emits its
+// eviction_policy; a policy made once and held would cost two registers for the whole kernel
+template <bool kKeep>
+__device__ __forceinline__ uint2 load_piece_hinted(const uint2* p) {
+  uint2 v;
+  if constexpr (kKeep)
+    asm("{\n.reg .b64 policy;\ncreatepolicy.fractional.L2::evict_last.b64 policy, 1.0;\n"
+                 "ld.global.L1::evict_last.L2::cache_hint.v2.u32 {%0, %1}, [%2], policy;\n}"
+                 : "=r"(v.x), "=r"(v.y) : "l"(p));
+  else
+    asm("{\n.reg .b64 policy;\ncreatepolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
+                 "ld.global.L1::evict_first.L2::cache_hint.v2.u32 {%0, %1}, [%2], policy;\n}"
+                 : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+template <typename T, int Threads, int kPieces, int kOrder>
 __global__ void __launch_bounds__(Threads, 1536 / Threads) add_rmsnorm_pieces_kernel(RowArgs ra, const uint2* x,
                                                                                      uint2* residual, uint2* out,
                                                                                      int64_t tokens) {
   static_assert(sizeof(T) == 2, "8-byte pieces of 4 elements");
-  constexpr int kPieces = 4;  // per input a thread: hidden / 4 <= kPieces x Threads pieces a row
   __shared__ float red[2][Threads / 32];
-  const int npr = ra.hidden / 4;
+  const int npr = ra.hidden / 4;  // <= kPieces x Threads pieces a row
   const int64_t base = int64_t(blockIdx.x) * npr;
   const uint2* xr = x + base + threadIdx.x;
   uint2* rr = residual ? residual + base + threadIdx.x : nullptr;
   uint2* orow = out + base + threadIdx.x;
   const uint2* wr = reinterpret_cast<const uint2*>(ra.weight) + threadIdx.x;
   const bool full = npr == kPieces * Threads;  // every piece in range: no guard between the loads
+  auto in_row = [&](int k) { return full || int(threadIdx.x) + k * Threads < npr; };
+  auto z_of = [&](uint2 xp, uint2 rp) {  // without a residual rp is never set, and add_z ignores it
+    const Vec z = add_z<T>(Vec{xp.x, xp.y, 0u, 0u}, Vec{rp.x, rp.y, 0u, 0u}, rr != nullptr);
+    return uint2{z.x, z.y};
+  };
   wait_for_prior_grid();
-  uint2 xv[kPieces], rv[kPieces];  // without a residual rv is never set, and add_z ignores it
+  uint2 xv[kPieces], rv[kPieces];
 #pragma unroll
   for (int k = 0; k < kPieces; ++k) {
-    if (full || int(threadIdx.x) + k * Threads < npr) {
-      xv[k] = xr[k * Threads];
-      if (rr) rv[k] = rr[k * Threads];
+    if (in_row(k)) {
+      if constexpr (kOrder == kPiecesReread) {
+        xv[k] = load_piece_hinted<true>(xr + k * Threads);
+        if (rr) rv[k] = load_piece_hinted<true>(rr + k * Threads);
+      } else {
+        xv[k] = xr[k * Threads];
+        if (rr) rv[k] = rr[k * Threads];
+      }
     }
   }
   float ss = 0.f;
   uint2 zp[kPieces];
 #pragma unroll
   for (int k = 0; k < kPieces; ++k) {
-    if (full || int(threadIdx.x) + k * Threads < npr) {
-      const Vec z = add_z<T>(Vec{xv[k].x, xv[k].y, 0u, 0u}, Vec{rv[k].x, rv[k].y, 0u, 0u}, rr != nullptr);
-      zp[k] = uint2{z.x, z.y};
-      if (rr) rr[k * Threads] = zp[k];
+    if (in_row(k)) {
+      zp[k] = z_of(xv[k], rv[k]);
+      if (kOrder == kPiecesEarly && rr) rr[k * Threads] = zp[k];
       float f[8];
-      Pack<T>::unpack(z, f);
+      Pack<T>::unpack(Vec{zp[k].x, zp[k].y, 0u, 0u}, f);
 #pragma unroll
       for (int i = 0; i < 4; ++i) ss += f[i] * f[i];
     }
   }
   const float rstd = rsqrtf(group_sum(ss, Threads, red[0]) / float(ra.hidden) + ra.eps);
+  uint2 wv[kPieces];
+  if constexpr (kOrder == kPiecesReread) {
+#pragma unroll
+    for (int k = 0; k < kPieces; ++k) {
+      if (in_row(k)) {
+        xv[k] = load_piece_hinted<false>(xr + k * Threads);
+        if (rr) rv[k] = load_piece_hinted<false>(rr + k * Threads);
+        wv[k] = load_piece_hinted<true>(wr + k * Threads);
+      }
+    }
+  }
 #pragma unroll
   for (int k = 0; k < kPieces; ++k) {
-    if (full || int(threadIdx.x) + k * Threads < npr) {
-      const uint2 wp = wr[k * Threads];
+    if (in_row(k)) {
+      if constexpr (kOrder == kPiecesReread) zp[k] = z_of(xv[k], rv[k]);
+      else wv[k] = wr[k * Threads];
       float gw[8], f[8];
-      Pack<T>::unpack(Vec{wp.x, wp.y, 0u, 0u}, gw);
+      Pack<T>::unpack(Vec{wv[k].x, wv[k].y, 0u, 0u}, gw);
       Pack<T>::unpack(Vec{zp[k].x, zp[k].y, 0u, 0u}, f);
 #pragma unroll
       for (int i = 0; i < 8; ++i) f[i] = f[i] * rstd * gw[i];
       const Vec o = Pack<T>::pack(f);
       orow[k * Threads] = uint2{o.x, o.y};
+      if (kOrder != kPiecesEarly && rr) rr[k * Threads] = zp[k];
     }
   }
 }
@@ -377,7 +423,9 @@ constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false}, 
                                        {128, 4, 4, false},  {256, 4, kTwoPassVecs, false},
                                        {256, 4, kTwoPassVecs, false, true}, {256, 4, kTwoPassVecs, false, true},
                                        {512, 4, kTwoPassVecs, false, true}, {512, 2, 2, false, false, true},
-                                       {256, 2, 2, false, false, true}};
+                                       {256, 2, 2, false, false, true},     {512, 1, 1, false, false, true},
+                                       {512, 2, 2, false, false, true},     {512, 2, 2, false, false, true},
+                                       {512, 1, 1, false, false, true}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
@@ -441,14 +489,15 @@ cudaError_t launch_add_rmsnorm_two_pass(const RowArgs& ra, const void* x, void* 
                        tokens);
 }
 
-// 8-byte pieces (add_rmsnorm_pieces_kernel): one row a CTA; the kernel always norms, so a weight is required
-template <typename T, int Threads>
+// 8-byte pieces (add_rmsnorm_pieces_kernel): one row a CTA, two 8-byte pieces per 16-byte vector of its shape's
+// target; the kernel always norms, so a weight is required
+template <typename T, int Threads, int kPieces, int kOrder>
 cudaError_t launch_add_rmsnorm_pieces(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
                                       cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
     if (ra.weight == nullptr) return cudaErrorInvalidValue;
-    return launch_kernel(add_rmsnorm_pieces_kernel<T, Threads>, dim3(unsigned(tokens)), dim3(Threads), stream, ra,
-                         reinterpret_cast<const uint2*>(x), reinterpret_cast<uint2*>(residual),
+    return launch_kernel(add_rmsnorm_pieces_kernel<T, Threads, kPieces, kOrder>, dim3(unsigned(tokens)), dim3(Threads),
+                         stream, ra, reinterpret_cast<const uint2*>(x), reinterpret_cast<uint2*>(residual),
                          reinterpret_cast<uint2*>(out), tokens);
   }
   return cudaErrorInvalidValue;
@@ -485,8 +534,14 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     case 13: return launch_add_rmsnorm_two_pass<T, 256, 8, 1, true>(ra, x, residual, out, tokens, stream);
     case 14: return launch_add_rmsnorm_two_pass<T, 256, 6, 2, true>(ra, x, residual, out, tokens, stream);
     case 15: return launch_add_rmsnorm_two_pass<T, 512, 4, 1, true>(ra, x, residual, out, tokens, stream);
-    case 16: return launch_add_rmsnorm_pieces<T, 512>(ra, x, residual, out, tokens, stream);
-    case 17: return launch_add_rmsnorm_pieces<T, 256>(ra, x, residual, out, tokens, stream);
+    // 8-byte pieces: 16 and 17 for 8192- and 4096-wide rows; 18 the compiled norm's CTA at 4096 (512 threads,
+    // two pieces each); 19-21 the other traffic orders (PiecesOrder), built to find the compiled norm's last 2-4%
+    case 16: return launch_add_rmsnorm_pieces<T, 512, 4, kPiecesEarly>(ra, x, residual, out, tokens, stream);
+    case 17: return launch_add_rmsnorm_pieces<T, 256, 4, kPiecesEarly>(ra, x, residual, out, tokens, stream);
+    case 18: return launch_add_rmsnorm_pieces<T, 512, 2, kPiecesEarly>(ra, x, residual, out, tokens, stream);
+    case 19: return launch_add_rmsnorm_pieces<T, 512, 4, kPiecesLate>(ra, x, residual, out, tokens, stream);
+    case 20: return launch_add_rmsnorm_pieces<T, 512, 4, kPiecesReread>(ra, x, residual, out, tokens, stream);
+    case 21: return launch_add_rmsnorm_pieces<T, 512, 2, kPiecesReread>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }
