@@ -49,9 +49,11 @@ Two more stages need no communication: they run on one GPU in every mode (rank 0
     count (with PDL as the launch stage decided), and shape 0 again after them; per count the fastest wins if it
     beats the faster of shape 0's two times (the kernel's own pick) by more than :data:`NORM_MARGIN` and by more
     than those two differ, else shape 0. Shapes that are right but sum a row in another order (``OTHER_ORDER``:
-    the residual bitwise, out within :data:`NORM_ORDER_TOLERANCE`) are timed too and may replace that choice at
-    every count of the hidden, never at some: where one is faster than it by more than the margin in geometric
-    mean over the counts and at worst twice the margin slower at any. A measured count stands for the counts up to
+    the residual bitwise, out within :data:`NORM_ORDER_TOLERANCE`) are timed too, in families that sum a row in
+    one order (:func:`norm_families`: equal threads per row and equal bits on the probe batch). A family may
+    replace that choice at every count of the hidden, never at some, with its fastest member at each count: where
+    that is faster than the choice by more than the margin in geometric mean over the counts and at worst twice
+    the margin slower at any. A measured count stands for the counts up to
     the next one (the first from 1, the last open); consecutive counts with one shape merge into one entry
     (``min_tokens``/``max_tokens``), and shape 0 needs none.
 
@@ -115,8 +117,9 @@ NORM_MARGIN = 0.02
 # shape takes at once (at most 1024 threads / 32 per row), and a prime, so full and partial CTAs both take part.
 NORM_PROBE_ROWS = 257
 # What norm_candidates says of each shape other than 0. OTHER_ORDER: right (the residual bitwise, out within
-# NORM_ORDER_TOLERANCE of shape 0's) but a row summed in another order, so other last bits: such a shape may serve
-# every token count of a hidden or none (decide_norm_shapes), never be switched to by batch size.
+# NORM_ORDER_TOLERANCE of shape 0's) but a row summed in another order, so other last bits: such a shape's family
+# (norm_families: the shapes that sum in its order) may serve every token count of a hidden or none
+# (decide_norm_shapes), never be switched to by batch size from shape 0's.
 SAME_BITS, CANNOT_HOLD_ROW, DIFFERENT_BITS = "same bits", "cannot hold the row", "different bits"
 OTHER_ORDER = "another summation order"
 # Relative difference from shape 0's out that a summation order may make: one rounding of the 2-byte output
@@ -299,6 +302,36 @@ def norm_candidates(run: Callable[[int], Sequence[torch.Tensor]], shapes: Iterab
     return status
 
 
+def norm_families(run: Callable[[int], Sequence[torch.Tensor]], shapes: Iterable[int],
+                  row_group: Callable[[int], int] | None = None) -> list[tuple[int, ...]]:
+    """``shapes`` (the OTHER_ORDER ones of one hidden) in families that sum a row in one order, each sorted, in
+    order of their first shape.
+
+    Two shapes are of one family when they run a row on the same number of threads (``row_group``, as in
+    :func:`norm_candidates`) and give the same bits in every tensor ``run(shape)`` returns on the probe batch: then
+    a choice that switches between them by batch size still gives a row the same bits in any batch, as switching
+    among shape 0's SAME_BITS shapes does (csrc/kernels/launch.cu: the 8-byte-piece shapes 16, 19, 20 and 22, 23
+    differ only in the order of their traffic, not of their sums).
+    """
+    families: list[tuple[int | None, list[torch.Tensor], list[int]]] = []  # (row group, first's bits, members)
+    for shape in sorted(set(shapes)):
+        got = [t.clone() for t in run(shape)]
+        group = row_group(shape) if row_group is not None else None
+        home = next((f for f in families if f[0] == group and len(f[1]) == len(got)
+                     and all(same_bits(g, r) for g, r in zip(got, f[1]))), None)
+        if home is None:
+            families.append((group, got, [shape]))
+        else:
+            home[2].append(shape)
+    return [tuple(members) for _, _, members in families]
+
+
+def _as_families(whole_range: Iterable[int | Sequence[int]]) -> list[tuple[int, ...]]:
+    """``whole_range`` as families: a bare shape number is a family of one."""
+    return [tuple(sorted(int(s) for s in f)) if isinstance(f, (list, tuple, set, frozenset)) else (int(f),)
+            for f in whole_range]
+
+
 def same_but_order(got: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> bool:
     """Whether (out, residual, ...) differ from shape 0's only as another summation order makes them: every tensor
     after out bitwise (the residual is z, summed per element), out finite and within NORM_ORDER_TOLERANCE."""
@@ -313,7 +346,8 @@ def same_but_order(got: Sequence[torch.Tensor], reference: Sequence[torch.Tensor
 
 
 def decide_norm_shapes(times: dict[int, dict[int, float]], margin: float = NORM_MARGIN,
-                       repeat: dict[int, float] | None = None, whole_range: Iterable[int] = ()) -> dict[int, int]:
+                       repeat: dict[int, float] | None = None,
+                       whole_range: Iterable[int | Sequence[int]] = ()) -> dict[int, int]:
     """The block shape per token count from ``times`` (tokens -> shape -> us, shape 0 among them): the fastest
     shape where it beats shape 0 by more than ``margin`` (a fraction of shape 0's time), else 0. Ties go to the
     lower shape number.
@@ -321,17 +355,30 @@ def decide_norm_shapes(times: dict[int, dict[int, float]], margin: float = NORM_
     ``repeat`` (tokens -> us): shape 0 timed again after the others. Where given, shape 0's time is the faster of
     its two, and the margin at least their difference as a fraction of it (the run-to-run noise at that size).
 
-    ``whole_range``: shapes with another summation order (:data:`OTHER_ORDER`), never chosen per count. One of them
-    replaces the per-count choice at every count when, over the counts, it is faster than that choice by more than
-    the margin in geometric mean and slower by at most twice the margin at any count (:func:`whole_range_gain`);
-    of several, the one with the largest mean gain."""
-    whole = set(whole_range)
-    choice, reference = _per_count_choice(times, margin, repeat, whole)
-    gains = {s: whole_range_gain(times, reference, s) for s in sorted(whole)}
-    adopted = [(g, -s) for s, (g, worst) in gains.items() if g > 1 + margin and worst >= 1 - 2 * margin]
+    ``whole_range``: families of shapes with another summation order (:data:`OTHER_ORDER`, :func:`norm_families`;
+    a bare shape number is a family of one), never mixed with the others. A family replaces the per-count choice
+    at every count, with its fastest member at each count (:func:`family_choice`), when over the counts that is
+    faster than the choice by more than the margin in geometric mean and slower by at most twice the margin at any
+    count (:func:`whole_range_gain`); of several, the one with the largest mean gain (ties: the lower shapes)."""
+    families = _as_families(whole_range)
+    choice, reference = _per_count_choice(times, margin, repeat, {s for f in families for s in f})
+    gains = {f: whole_range_gain(times, reference, f) for f in families}
+    adopted = [f for f, (g, worst) in gains.items() if g > 1 + margin and worst >= 1 - 2 * margin]
     if adopted:
-        shape = -max(adopted)[1]
-        return {t: shape for t in times}
+        best = min(adopted, key=lambda f: (-gains[f][0], f))
+        return family_choice(times, best)
+    return choice
+
+
+def family_choice(times: dict[int, dict[int, float]], family: int | Sequence[int]) -> dict[int, int]:
+    """tokens -> the fastest shape of ``family`` timed there (ties: the lower shape); counts where none of it was
+    timed are left out. Within a family the bits are one, so no margin guards the switch."""
+    members = _as_families([family])[0]
+    choice = {}
+    for tokens, by_shape in times.items():
+        timed = [s for s in members if s in by_shape]
+        if timed:
+            choice[tokens] = min(timed, key=lambda s: (by_shape[s], s))
     return choice
 
 
@@ -352,12 +399,15 @@ def _per_count_choice(times: dict[int, dict[int, float]], margin: float, repeat:
     return choice, reference
 
 
-def whole_range_gain(times: dict[int, dict[int, float]], reference: dict[int, float], shape: int) -> tuple[float, float]:
-    """``(geometric mean, smallest)`` over the token counts of reference / time of ``shape`` (> 1: faster); (0, 0)
-    where ``shape`` was not timed at every count."""
-    if not times or any(shape not in by_shape for by_shape in times.values()):
+def whole_range_gain(times: dict[int, dict[int, float]], reference: dict[int, float],
+                     family: int | Sequence[int]) -> tuple[float, float]:
+    """``(geometric mean, smallest)`` over the token counts of reference / time of the family's choice there
+    (:func:`family_choice`; a bare shape number is a family of one; > 1: faster); (0, 0) where no shape of it was
+    timed at some count."""
+    choice = family_choice(times, family)
+    if not times or len(choice) != len(times):
         return 0.0, 0.0
-    ratios = [reference[t] / times[t][shape] for t in times]
+    ratios = [reference[t] / times[t][choice[t]] for t in times]
     return math.exp(sum(math.log(r) for r in ratios) / len(ratios)), min(ratios)
 
 
@@ -568,10 +618,12 @@ def tune_norm(op: NormOp, hiddens: Sequence[int], tokens: Sequence[int], num_sha
     """The norm stage: per hidden, the shapes with shape 0's bits (:func:`norm_candidates`), each timed at every
     token count, and the choice (:func:`decide_norm_shapes`).
 
-    Shapes with another summation order (:data:`OTHER_ORDER`) are timed too, as candidates for every count at once.
-    Returns ``{hidden: {"shapes": {shape: status}, "measured": {tokens: {shape: us}}, "repeat": {tokens: us},
-    "choice": {tokens: shape}}}`` ("repeat": shape 0 timed again after the others); where no shape but 0
-    qualifies nothing is timed and the choice is 0 everywhere.
+    Shapes with another summation order (:data:`OTHER_ORDER`) are timed too, their families
+    (:func:`norm_families`) candidates for every count at once.
+    Returns ``{hidden: {"shapes": {shape: status}, "families": [(shape, ...)], "measured": {tokens: {shape: us}},
+    "repeat": {tokens: us}, "choice": {tokens: shape}}}`` ("families": the OTHER_ORDER shapes by summation order,
+    :func:`norm_families`; "repeat": shape 0 timed again after the others); where no shape but 0 qualifies nothing
+    is timed and the choice is 0 everywhere.
     """
     progress = progress or Progress(0, enabled=False)
     counts = sorted(set(tokens))
@@ -580,6 +632,8 @@ def tune_norm(op: NormOp, hiddens: Sequence[int], tokens: Sequence[int], num_sha
         status = norm_candidates(lambda shape: op.probe(shape, hidden), range(num_shapes),
                                  lambda shape: op.row_group(shape, hidden))
         whole = [s for s, why in status.items() if why == OTHER_ORDER]
+        families = norm_families(lambda shape: op.probe(shape, hidden), whole,
+                                 lambda shape: op.row_group(shape, hidden)) if whole else []
         shapes = [0] + [s for s, why in status.items() if why == SAME_BITS] + whole
         measured: dict[int, dict[int, float]] = {}
         repeat: dict[int, float] = {}
@@ -592,8 +646,9 @@ def tune_norm(op: NormOp, hiddens: Sequence[int], tokens: Sequence[int], num_sha
                 repeat[t] = us = float(op.time(0, t, hidden))
                 progress.step(f"norm hidden={hidden} T={t} shape=0 again: {us:.2f} us")
         progress.skip(len(counts) * (num_shapes + 1) - sum(len(m) for m in measured.values()) - len(repeat))
-        choice = decide_norm_shapes(measured, margin, repeat, whole) if measured else {t: 0 for t in counts}
-        result[hidden] = {"shapes": status, "measured": measured, "repeat": repeat, "choice": choice}
+        choice = decide_norm_shapes(measured, margin, repeat, families) if measured else {t: 0 for t in counts}
+        result[hidden] = {"shapes": status, "families": families, "measured": measured, "repeat": repeat,
+                          "choice": choice}
     return result
 
 
@@ -739,11 +794,23 @@ def _times_in(prov: Provenance) -> str:
     return f"; times in {prov.results_file}" if prov.results_file else ""
 
 
+def _families_of(result: dict) -> list[tuple[int, ...]]:
+    """One hidden's OTHER_ORDER families (tune_norm's "families"; each such shape alone where it has none)."""
+    orders = sorted(s for s, why in result["shapes"].items() if why == OTHER_ORDER)
+    families = [tuple(f) for f in result.get("families", [])]
+    return families + [(s,) for s in orders if not any(s in f for f in families)]
+
+
+def _family_of(result: dict, shape: int) -> tuple[int, ...]:
+    return next((f for f in _families_of(result) if shape in f), (shape,))
+
+
 def _whole_range_gain_of(result: dict, shape: int, margin: float) -> tuple[float, float]:
-    """:func:`whole_range_gain` of ``shape`` over the per-count choice, from one hidden's tune_norm result."""
+    """:func:`whole_range_gain` of the family of ``shape`` over the per-count choice, from one hidden's tune_norm
+    result."""
     orders = {s for s, why in result["shapes"].items() if why == OTHER_ORDER}
     _, reference = _per_count_choice(result["measured"], margin, result.get("repeat"), orders)
-    return whole_range_gain(result["measured"], reference, shape)
+    return whole_range_gain(result["measured"], reference, _family_of(result, shape))
 
 
 def _range_text(lo: int, hi: int | None) -> str:
@@ -766,21 +833,28 @@ def make_norm_entries(norm: dict[int, dict], itemsize: int, key: str, prov: Prov
         return []
 
     def entry(match: dict, lo: int, hi: int | None, shape: int, hiddens: Sequence[int]) -> dict:
-        counts = [t for t in sorted(norm[hiddens[0]]["choice"]) if t >= lo and (hi is None or t <= hi)]
+        in_range = [t for t in sorted(norm[hiddens[0]]["choice"]) if t >= lo and (hi is None or t <= hi)]
+        # a shape of another order was decided over every count (its family's): its entry holds every count's times
+        whole = any(norm[h]["shapes"].get(shape) == OTHER_ORDER for h in hiddens)
+        counts = sorted(norm[hiddens[0]]["choice"]) if whole else in_range
         times = {h: {t: norm[h]["measured"][t] for t in counts} for h in hiddens}
         again = {h: {t: norm[h]["repeat"][t] for t in counts if t in norm[h].get("repeat", {})} for h in hiddens}
         beat = "; ".join(f"{times[h][t][shape]:.2f} vs {times[h][t][0]:.2f}"
                          + (f" and {again[h][t]:.2f}" if t in again[h] else "") + f" us at {t} x {h}"
-                         for h in hiddens for t in counts)
+                         for h in hiddens for t in in_range)
         others = sorted({s for h in hiddens for s, why in norm[h]["shapes"].items() if why == SAME_BITS} - {shape})
         orders = sorted({s for h in hiddens for s, why in norm[h]["shapes"].items() if why == OTHER_ORDER})
+        families = sorted({f for h in hiddens for f in _families_of(norm[h])})
         twice = " (timed before and after the others)" if any(again.values()) else ""
-        if shape in orders:  # chosen for every count (decide_norm_shapes): say so, with its gain
+        if shape in orders:  # its family serves every count (decide_norm_shapes): say so, with its gain
+            family = sorted({s for h in hiddens for s in _family_of(norm[h], shape)})
             gains = "; ".join(f"{g:.3f}x in geometric mean, at worst {w:.3f}x, at hidden {h}"
                               for h in hiddens for g, w in [_whole_range_gain_of(norm[h], shape, margin)])
-            beat = (f"it sums a row in another order than shape 0, so it serves every token count or none; over the "
-                    f"per-count choice: {gains} (needs more than {1 + margin:.2f}x, and at least {1 - 2 * margin:.2f}x "
-                    f"at every count); its times against shape 0's: {beat}")
+            kin = (f"its family (shapes {', '.join(map(str, family))}: one summation order, the fastest of them at "
+                   f"each count)" if len(family) > 1 else "it")
+            beat = (f"it sums a row in another order than shape 0, so {kin} serves every token count or none; over "
+                    f"the per-count choice: {gains} (needs more than {1 + margin:.2f}x, and at least "
+                    f"{1 - 2 * margin:.2f}x at every count); its times against shape 0's: {beat}")
         else:
             beat = (f"beat shape 0 (the kernel's own pick){twice} by more than {margin:.0%} and its run-to-run "
                     f"difference: {beat}")
@@ -790,7 +864,7 @@ def make_norm_entries(norm: dict[int, dict], itemsize: int, key: str, prov: Prov
                   + _times_in(prov))
         bounds = {"min_tokens": lo, **({"max_tokens": hi} if hi is not None else {})}
         repeat = {"shape0_again": _rounded(again)} if any(again.values()) else {}
-        other = {"other_order": orders} if orders else {}
+        other = {"other_order": [list(f) for f in families]} if orders else {}
         return {"itemsize": itemsize, **match, **bounds, "shape": int(shape), "source": source,
                 **_one_gpu_common(prov), "measured": _rounded(times), **repeat, **other}
 
@@ -1312,9 +1386,9 @@ def report(plan: Plan, tuned: Tuned, card: str) -> None:
               "shape is listed first and wins")
     for h, d in (tuned.norm or {}).items():
         same = [s for s, why in d["shapes"].items() if why == SAME_BITS]
-        orders = [s for s, why in d["shapes"].items() if why == OTHER_ORDER]
+        families = "; ".join(", ".join(map(str, f)) for f in _families_of(d))
         print(f"  norm, {plan.dtype}, hidden {h}: shapes with shape 0's bits: {', '.join(map(str, same)) or 'none'}"
-              f"; with another summation order (every count or none): {', '.join(map(str, orders)) or 'none'}")
+              f"; with another summation order, by family (every count or none): {families or 'none'}")
     for e in tuned.norm_entries:
         what = f"hidden {e['hidden']}" if "hidden" in e else f"hidden <= {e['max_hidden']}"
         print(f"  norm, {plan.dtype}, {what}, {_range_text(e['min_tokens'], e.get('max_tokens'))}: shape {e['shape']}")
@@ -1351,6 +1425,7 @@ def _tune_and_report(plan: Plan, measure: Measure | None, limits: Limits | None,
         extra = {"device_name": name, "emulated": plan.emulated, "config": str(tuned.path)}
         if tuned.norm is not None:
             extra["norm_shapes"] = {h: d["shapes"] for h, d in tuned.norm.items()}
+            extra["norm_families"] = {h: [list(f) for f in _families_of(d)] for h, d in tuned.norm.items()}
         harness.write_results(bench, plan.world_size, rows, plan.results_dir, extra, device=card,
                               baseline="two_shot", panel_keys=("table", "hidden"))
     report(plan, tuned, card)

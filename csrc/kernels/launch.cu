@@ -327,8 +327,8 @@ __device__ __forceinline__ uint2 load_piece_hinted(const uint2* p) {
   return v;
 }
 
-template <typename T, int Threads, int kPieces, int kOrder>
-__global__ void __launch_bounds__(Threads, 1536 / Threads) add_rmsnorm_pieces_kernel(RowArgs ra, const uint2* x,
+template <typename T, int Threads, int kPieces, int kOrder, int kCtasPerSm>
+__global__ void __launch_bounds__(Threads, kCtasPerSm) add_rmsnorm_pieces_kernel(RowArgs ra, const uint2* x,
                                                                                      uint2* residual, uint2* out,
                                                                                      int64_t tokens) {
   static_assert(sizeof(T) == 2, "8-byte pieces of 4 elements");
@@ -425,7 +425,8 @@ constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false}, 
                                        {512, 4, kTwoPassVecs, false, true}, {512, 2, 2, false, false, true},
                                        {256, 2, 2, false, false, true},     {512, 1, 1, false, false, true},
                                        {512, 2, 2, false, false, true},     {512, 2, 2, false, false, true},
-                                       {512, 1, 1, false, false, true}};
+                                       {512, 1, 1, false, false, true},     {512, 2, 2, false, false, true},
+                                       {512, 2, 2, false, false, true},     {512, 1, 1, false, false, true}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
@@ -491,12 +492,12 @@ cudaError_t launch_add_rmsnorm_two_pass(const RowArgs& ra, const void* x, void* 
 
 // 8-byte pieces (add_rmsnorm_pieces_kernel): one row a CTA, two 8-byte pieces per 16-byte vector of its shape's
 // target; the kernel always norms, so a weight is required
-template <typename T, int Threads, int kPieces, int kOrder>
+template <typename T, int Threads, int kPieces, int kOrder, int kCtasPerSm = 1536 / Threads>
 cudaError_t launch_add_rmsnorm_pieces(const RowArgs& ra, const void* x, void* residual, void* out, int64_t tokens,
                                       cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
     if (ra.weight == nullptr) return cudaErrorInvalidValue;
-    return launch_kernel(add_rmsnorm_pieces_kernel<T, Threads, kPieces, kOrder>, dim3(unsigned(tokens)), dim3(Threads),
+    return launch_kernel(add_rmsnorm_pieces_kernel<T, Threads, kPieces, kOrder, kCtasPerSm>, dim3(unsigned(tokens)), dim3(Threads),
                          stream, ra, reinterpret_cast<const uint2*>(x), reinterpret_cast<uint2*>(residual),
                          reinterpret_cast<uint2*>(out), tokens);
   }
@@ -542,6 +543,11 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     case 19: return launch_add_rmsnorm_pieces<T, 512, 4, kPiecesLate>(ra, x, residual, out, tokens, stream);
     case 20: return launch_add_rmsnorm_pieces<T, 512, 4, kPiecesReread>(ra, x, residual, out, tokens, stream);
     case 21: return launch_add_rmsnorm_pieces<T, 512, 2, kPiecesReread>(ra, x, residual, out, tokens, stream);
+    // 16, 20 and 21 capped at 32 registers: 4 CTAs (2048 threads) an SM, as the compiled norm's 29-30-register
+    // kernels run; at 512 x 8192 tokens three 512-thread rows an SM leave a second wave of 116 rows
+    case 22: return launch_add_rmsnorm_pieces<T, 512, 4, kPiecesEarly, 4>(ra, x, residual, out, tokens, stream);
+    case 23: return launch_add_rmsnorm_pieces<T, 512, 4, kPiecesReread, 4>(ra, x, residual, out, tokens, stream);
+    case 24: return launch_add_rmsnorm_pieces<T, 512, 2, kPiecesReread, 4>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -278,19 +278,21 @@ def fresh_tuning(user_config, monkeypatch):
 
 
 class FakeNormOp(tune.NormOp):
-    """An add + RMSNorm with 11 block shapes: ``different`` change one output bit (another summation order),
-    ``wrong`` move one output element by 1.0, ``cannot`` raise at launch,
+    """An add + RMSNorm with 11 block shapes: ``different`` change one output bit (another summation order: each
+    its own, but the shapes of one tuple in ``families`` share one), ``wrong`` move one output element by 1.0,
+    ``cannot`` raise at launch,
     ``lazy`` write nothing (the poisoned out stays NaN), ``other_group`` give shape 0's bits on the probe batch but
     have another row group (a lucky probe). Times from ``speed`` (shape -> factor of shape 0's time, or a function
     of tokens); every call is recorded, with the PDL state ``pdl`` holds at the time."""
 
     def __init__(self, different=(6, 7), cannot=(3,), lazy=(8,), residual_differs=(9,), speed=None, pdl=None,
-                 other_group=(), wrong=()):
+                 other_group=(), wrong=(), families=()):
         import torch
 
         self.torch = torch
         self.different, self.cannot, self.lazy, self.residual_differs = different, cannot, lazy, residual_differs
         self.other_group, self.wrong = other_group, wrong
+        self.order = {s: min(f) for f in families for s in f}  # the shape whose bit a family flips
         self.speed = speed or {}
         self.pdl = pdl
         self.calls = []
@@ -320,7 +322,8 @@ class FakeNormOp(tune.NormOp):
         if shape in self.lazy:
             out.fill_(float("nan"))
         if shape in self.different:
-            out.view(self.torch.int16)[self.rows // 2, hidden // 3] ^= 1  # one bit of one element
+            col = hidden // 3 + self.order.get(shape, shape)  # one bit of one element, which by order
+            out.view(self.torch.int16)[self.rows // 2, col] ^= 1
         if shape in self.wrong:
             out[self.rows // 2, hidden // 3] += 1.0  # far beyond what a summation order moves
         if shape in self.residual_differs:
@@ -453,6 +456,40 @@ def test_tune_norm_takes_another_order_for_every_count_or_none():
     assert result["choice"] == {t: 4 if t < 4096 else 0 for t in tokens}
 
 
+def test_norm_families_share_bits_and_threads_per_row():
+    """Shapes of another order are one family where they give the same bits on the probe batch and run a row on
+    as many threads; bits alike but another row group (a lucky probe) is another family."""
+    op = FakeNormOp(different=(5, 6, 7), families=((6, 7),), other_group=(2, 4))
+    probe = lambda s: op.probe(s, 1024)  # noqa: E731
+    assert tune.norm_families(probe, [7, 6, 5, 4, 2], lambda s: op.row_group(s, 1024)) == [(2, 4), (5,), (6, 7)]
+    assert tune.norm_families(probe, [5, 6, 7], lambda s: 128 if s == 7 else 256) == [(5,), (6,), (7,)]
+    assert tune.norm_families(probe, [], None) == []
+
+
+def test_tune_norm_takes_a_family_member_by_count(fresh_tuning):
+    """6 and 7 sum a row in one order (one family): 6 is fast below 1024 tokens, 7 from 1024. Alone, each is far
+    slower than the per-count choice at some count, so neither serves the whole range; together, each where it is
+    fastest, they do: the rows' bits are the family's at every batch size. Each entry holds every count's times,
+    says so, and re-derives its shape at its own counts."""
+    tokens = [1, 16, 128, 1024, 4096]
+    speed = {**_shape4_below(4096), 6: lambda t: 0.5 if t < 1024 else 1.2, 7: lambda t: 1.2 if t < 1024 else 0.5}
+    alone = tune.tune_norm(FakeNormOp(speed=speed), [4096], tokens, 11)[4096]
+    assert alone["families"] == [(6,), (7,)] and alone["choice"] == {t: 4 for t in tokens[:4]} | {4096: 0}
+    norm = tune.tune_norm(FakeNormOp(speed=speed, families=((6, 7),)), [4096], tokens, 11)
+    assert norm[4096]["families"] == [(6, 7)]
+    assert norm[4096]["choice"] == {t: 6 if t < 1024 else 7 for t in tokens}
+    entries = tune.make_norm_entries(norm, 2, "shape", _one_prov())
+    assert [(e["min_tokens"], e.get("max_tokens"), e["shape"], e["other_order"]) for e in entries] == [
+        (1, 1023, 6, [[6, 7]]), (1024, None, 7, [[6, 7]])]
+    for e in entries:
+        assert "its family (shapes 6, 7" in e["source"] and set(e["measured"][4096]) == set(tokens)
+        assert _rederived(e) == {4096: {e["shape"]}}
+    tune.write_config(fresh_tuning, CARD, "Test GPU", [], norm=entries)
+    tuning.clear_cache()
+    assert {t: tuning.norm_shape(CARD, t, 4096, 2) for t in (1, 1023, 1024, 10 ** 6)} == {
+        1: 6, 1023: 6, 1024: 7, 10 ** 6: 7}
+
+
 def test_programmatic_decision():
     def m(off, on, rep):
         return {"pdl_off": off, "pdl_on": on, "pdl_off_repeat": rep}
@@ -490,23 +527,27 @@ def test_shipped_one_gpu_entries_follow_from_their_times():
 
 
 def _rederived(e: dict) -> dict[int, set[int]]:
-    """hidden -> the shapes decide_norm_shapes gives from a "norm" entry's own times ("measured", "shape0_again").
+    """hidden -> the shapes decide_norm_shapes gives, at the entry's own token counts, from a "norm" entry's times
+    ("measured", "shape0_again").
 
-    The shapes of another summation order ("other_order") are decided over every count at once, so only an entry
-    that spans every count (from 1 token, open) holds the times for that; one over part of the counts re-derives
-    the per-count choice among the other shapes (whether a shape of another order should have won needs the counts
-    outside it). A shape of another order must be that whole-range entry's."""
-    whole = set(e.get("other_order", []))
-    every_count = e.get("min_tokens", 1) == 1 and "max_tokens" not in e
-    assert every_count or e["shape"] not in whole, e
+    The families of another summation order ("other_order", lists of shapes) are decided over every count at
+    once, so the entry of such a shape holds every count's times (the family's member may serve part of them); an
+    entry of another shape holds its own counts and re-derives the per-count choice among the shapes of shape 0's
+    bits (whether a family should have won needs the counts outside it)."""
+    families = [f if isinstance(f, list) else [f] for f in e.get("other_order", [])]
+    whole = {s for f in families for s in f}
+    lo, hi = e.get("min_tokens", 1), e.get("max_tokens")
     decided = {}
     for hidden, times in e["measured"].items():
         by_count = {int(t): {int(s): us for s, us in m.items()} for t, m in times.items()}
         again = e.get("shape0_again", {}).get(hidden)  # shape 0 timed again, where the tune did that
         repeat = {int(t): us for t, us in again.items()} if again is not None else None
-        if not every_count:
+        if e["shape"] in whole:
+            assert min(by_count) <= lo and (hi is None or max(by_count) > hi), e  # every count the tune measured
+        else:
             by_count = {t: {s: us for s, us in m.items() if s not in whole} for t, m in by_count.items()}
-        decided[int(hidden)] = set(tune.decide_norm_shapes(by_count, repeat=repeat, whole_range=whole).values())
+        choice = tune.decide_norm_shapes(by_count, repeat=repeat, whole_range=families)
+        decided[int(hidden)] = {s for t, s in choice.items() if t >= lo and (hi is None or t <= hi)}
     return decided
 
 
@@ -585,13 +626,14 @@ def test_norm_entry_for_another_order_covers_every_count(fresh_tuning):
         assert [(e.get("hidden"), e["min_tokens"], e.get("max_tokens"), e["shape"]) for e in entries] == [
             (4096, 1, None, 7), (8192, 1, None, 4)], key
         whole, per_count = entries
-        assert whole["other_order"] == [6, 7] and per_count["other_order"] == [6]
+        assert whole["other_order"] == [[6], [7]] and per_count["other_order"] == [[6]]
         assert "another order than shape 0, so it serves every token count or none" in whole["source"]
         for e in entries:
             (hidden, times), = e["measured"].items()
             again = {t: us for t, us in e["shape0_again"][hidden].items()}
             assert set(tune.decide_norm_shapes(times, repeat=again, whole_range=e["other_order"]).values()) == \
                 {e["shape"]}
+            assert _rederived(e) == {int(hidden): {e["shape"]}}
         fresh_tuning.unlink(missing_ok=True)
         tune.write_config(fresh_tuning, CARD, "Test GPU", [], norm=entries)
         tuning.clear_cache()
@@ -633,7 +675,7 @@ def test_an_entry_over_part_of_the_counts_rederives_its_per_count_choice():
     norm = tune.tune_norm(FakeNormOp(speed=speed, different=(6,), wrong=(7,)), [4096], tokens, 11)
     assert norm[4096]["choice"] == {1: 4, 16: 4, 128: 0, 1024: 0}
     (entry,) = tune.make_norm_entries(norm, 2, "shape", _one_prov())
-    assert (entry["min_tokens"], entry["max_tokens"], entry["shape"], entry["other_order"]) == (1, 127, 4, [6])
+    assert (entry["min_tokens"], entry["max_tokens"], entry["shape"], entry["other_order"]) == (1, 127, 4, [[6]])
     assert _rederived(entry) == {4096: {4}}
     times = {int(t): {int(s): us for s, us in m.items()} for t, m in entry["measured"][4096].items()}
     again = {int(t): us for t, us in entry["shape0_again"][4096].items()}

@@ -80,7 +80,8 @@ def _check_one_gpu_sections(path, hiddens, tokens):
                 for rows, seed in ((t, 1), (3, 2), (300, 3)):  # the shape's bits are shape 0's at other batches too
                     x, residual, weight = _inputs(rows, h, seed)
                     shaped, default = _norm_once(e["shape"], x, residual, weight), _norm_once(0, x, residual, weight)
-                    if e["shape"] in e.get("other_order", []):  # serves every count: shape 0's up to the order
+                    family = [s for f in e.get("other_order", []) for s in (f if isinstance(f, list) else [f])]
+                    if e["shape"] in family:  # its family serves every count: shape 0's up to the order
                         assert tune.same_but_order(shaped, default), (e, h, rows)
                         continue
                     for got, ref in zip(shaped, default):
@@ -128,6 +129,27 @@ def test_norm_candidates_of_another_order_stay_right_at_other_batches():
             x, residual, weight = _inputs(rows, 8192, seed)
             got, ref = _norm_once(shape, x, residual, weight), _norm_once(0, x, residual, weight)
             assert tune.same_but_order(got, ref), (shape, rows)
+
+
+@pytest.mark.parametrize("hidden,family", ((8192, (16, 19, 20, 22, 23)), (4096, (18, 21, 24))))
+def test_norm_families_give_one_set_of_bits_at_every_batch(hidden, family):
+    """The 8-byte-piece shapes that differ only in the order of their traffic (csrc/kernels/launch.cu PiecesOrder,
+    registers) are one family to tokenweave-tune (norm_families), which may then switch between them by batch
+    size: so they must give the same bits at any batch, not only on the probe (where the family was told apart from
+    shape 0's bits: OTHER_ORDER)."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    bench = tune.NormBench(dev, [hidden], 64, torch.bfloat16, calls=2, replays=1)
+    status = tune.norm_candidates(lambda s: bench.probe(s, hidden), range(_C.add_rmsnorm_configs()),
+                                  lambda s: bench.row_group(s, hidden))
+    whole = [s for s, why in status.items() if why == tune.OTHER_ORDER]
+    families = tune.norm_families(lambda s: bench.probe(s, hidden), whole, lambda s: bench.row_group(s, hidden))
+    assert family in families, families
+    for rows, seed in ((1, 9), (129, 10), (1000, 11)):
+        x, residual, weight = _inputs(rows, hidden, seed)
+        first = _norm_once(family[0], x, residual, weight)
+        for shape in family[1:]:
+            for got, ref in zip(_norm_once(shape, x, residual, weight), first):
+                assert torch.equal(_bits(got), _bits(ref)), (shape, rows)
 
 
 def test_tiny_one_gpu_stages_only(user_config, tmp_path, monkeypatch, capsys):
