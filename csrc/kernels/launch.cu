@@ -309,14 +309,26 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
 //                  residual (evict_last in L1 and L2); pass 2 loads them again (evict_first: from L1, where the
 //                  CTA's row stayed) with the weight (evict_last), then writes out and the residual a piece. Nothing
 //                  but the sum of squares lives across the reduction.
-enum PiecesOrder { kPiecesEarly, kPiecesLate, kPiecesReread };
+//   kPiecesRereadInOrder  kPiecesReread whose loads and stores keep program order (volatile), so pass 2 takes one
+//                  piece at a time (loads of x, the residual and the weight, then its stores), as the compiled norm's
+//                  loop over 2048-element blocks at hidden 4096 runs (Triton's loads and stores are volatile asm)
+enum PiecesOrder { kPiecesEarly, kPiecesLate, kPiecesReread, kPiecesRereadInOrder };
 
 // An 8-byte load with an L1 eviction priority and an L2 policy made beside it (createpolicy), as Triton emits its
-// eviction_policy; a policy made once and held would cost two registers for the whole kernel
-template <bool kKeep>
+// eviction_policy; a policy made once and held would cost two registers for the whole kernel. kInOrder: volatile,
+// so it stays in program order with store_piece_in_order (the compiler may move the others).
+template <bool kKeep, bool kInOrder = false>
 __device__ __forceinline__ uint2 load_piece_hinted(const uint2* p) {
   uint2 v;
-  if constexpr (kKeep)
+  if constexpr (kInOrder && kKeep)
+    asm volatile("{\n.reg .b64 policy;\ncreatepolicy.fractional.L2::evict_last.b64 policy, 1.0;\n"
+                 "ld.global.L1::evict_last.L2::cache_hint.v2.u32 {%0, %1}, [%2], policy;\n}"
+                 : "=r"(v.x), "=r"(v.y) : "l"(p));
+  else if constexpr (kInOrder)
+    asm volatile("{\n.reg .b64 policy;\ncreatepolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
+                 "ld.global.L1::evict_first.L2::cache_hint.v2.u32 {%0, %1}, [%2], policy;\n}"
+                 : "=r"(v.x), "=r"(v.y) : "l"(p));
+  else if constexpr (kKeep)
     asm("{\n.reg .b64 policy;\ncreatepolicy.fractional.L2::evict_last.b64 policy, 1.0;\n"
                  "ld.global.L1::evict_last.L2::cache_hint.v2.u32 {%0, %1}, [%2], policy;\n}"
                  : "=r"(v.x), "=r"(v.y) : "l"(p));
@@ -325,6 +337,10 @@ __device__ __forceinline__ uint2 load_piece_hinted(const uint2* p) {
                  "ld.global.L1::evict_first.L2::cache_hint.v2.u32 {%0, %1}, [%2], policy;\n}"
                  : "=r"(v.x), "=r"(v.y) : "l"(p));
   return v;
+}
+
+__device__ __forceinline__ void store_piece_in_order(uint2* p, uint2 v) {
+  asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(v.x), "r"(v.y));
 }
 
 template <typename T, int Threads, int kPieces, int kOrder, int kCtasPerSm>
@@ -350,9 +366,10 @@ __global__ void __launch_bounds__(Threads, kCtasPerSm) add_rmsnorm_pieces_kernel
 #pragma unroll
   for (int k = 0; k < kPieces; ++k) {
     if (in_row(k)) {
-      if constexpr (kOrder == kPiecesReread) {
-        xv[k] = load_piece_hinted<true>(xr + k * Threads);
-        if (rr) rv[k] = load_piece_hinted<true>(rr + k * Threads);
+      if constexpr (kOrder == kPiecesReread || kOrder == kPiecesRereadInOrder) {
+        constexpr bool kInOrder = kOrder == kPiecesRereadInOrder;
+        xv[k] = load_piece_hinted<true, kInOrder>(xr + k * Threads);
+        if (rr) rv[k] = load_piece_hinted<true, kInOrder>(rr + k * Threads);
       } else {
         xv[k] = xr[k * Threads];
         if (rr) rv[k] = rr[k * Threads];
@@ -373,6 +390,26 @@ __global__ void __launch_bounds__(Threads, kCtasPerSm) add_rmsnorm_pieces_kernel
     }
   }
   const float rstd = rsqrtf(group_sum(ss, Threads, red[0]) / float(ra.hidden) + ra.eps);
+  if constexpr (kOrder == kPiecesRereadInOrder) {
+#pragma unroll
+    for (int k = 0; k < kPieces; ++k) {
+      if (in_row(k)) {
+        const uint2 xp = load_piece_hinted<false, true>(xr + k * Threads);
+        const uint2 rp = rr ? load_piece_hinted<false, true>(rr + k * Threads) : uint2{0u, 0u};
+        const uint2 wp = load_piece_hinted<true, true>(wr + k * Threads);
+        const uint2 z = z_of(xp, rp);
+        float gw[8], f[8];
+        Pack<T>::unpack(Vec{wp.x, wp.y, 0u, 0u}, gw);
+        Pack<T>::unpack(Vec{z.x, z.y, 0u, 0u}, f);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) f[i] = f[i] * rstd * gw[i];
+        const Vec o = Pack<T>::pack(f);
+        store_piece_in_order(orow + k * Threads, uint2{o.x, o.y});
+        if (rr) store_piece_in_order(rr + k * Threads, z);
+      }
+    }
+    return;
+  }
   uint2 wv[kPieces];
   if constexpr (kOrder == kPiecesReread) {
 #pragma unroll
@@ -426,7 +463,9 @@ constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false}, 
                                        {256, 2, 2, false, false, true},     {512, 1, 1, false, false, true},
                                        {512, 2, 2, false, false, true},     {512, 2, 2, false, false, true},
                                        {512, 1, 1, false, false, true},     {512, 2, 2, false, false, true},
-                                       {512, 2, 2, false, false, true},     {512, 1, 1, false, false, true}};
+                                       {512, 2, 2, false, false, true},     {512, 1, 1, false, false, true},
+                                       {512, 1, 1, false, false, true},     {512, 2, 2, false, false, true},
+                                       {256, 2, 2, false, false, true}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
@@ -548,6 +587,10 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     case 22: return launch_add_rmsnorm_pieces<T, 512, 4, kPiecesEarly, 4>(ra, x, residual, out, tokens, stream);
     case 23: return launch_add_rmsnorm_pieces<T, 512, 4, kPiecesReread, 4>(ra, x, residual, out, tokens, stream);
     case 24: return launch_add_rmsnorm_pieces<T, 512, 2, kPiecesReread, 4>(ra, x, residual, out, tokens, stream);
+    // the re-read in program order, a piece at a time in pass 2 (kPiecesRereadInOrder): families of 18, 16 and 17
+    case 25: return launch_add_rmsnorm_pieces<T, 512, 2, kPiecesRereadInOrder, 4>(ra, x, residual, out, tokens, stream);
+    case 26: return launch_add_rmsnorm_pieces<T, 512, 4, kPiecesRereadInOrder, 4>(ra, x, residual, out, tokens, stream);
+    case 27: return launch_add_rmsnorm_pieces<T, 256, 4, kPiecesRereadInOrder, 8>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }
