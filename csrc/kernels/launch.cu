@@ -312,7 +312,9 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
 //   kPiecesRereadInOrder  kPiecesReread whose loads and stores keep program order (volatile), so pass 2 takes one
 //                  piece at a time (loads of x, the residual and the weight, then its stores), as the compiled norm's
 //                  loop over 2048-element blocks at hidden 4096 runs (Triton's loads and stores are volatile asm)
-enum PiecesOrder { kPiecesEarly, kPiecesLate, kPiecesReread, kPiecesRereadInOrder };
+//   kPiecesRereadLooped  kPiecesRereadInOrder with both passes left as loops (not unrolled): a piece's loads wait
+//                  for the previous piece's sum, as the compiled norm's two-iteration loops at hidden 4096 may
+enum PiecesOrder { kPiecesEarly, kPiecesLate, kPiecesReread, kPiecesRereadInOrder, kPiecesRereadLooped };
 
 // An 8-byte load with an L1 eviction priority and an L2 policy made beside it (createpolicy), as Triton emits its
 // eviction_policy; a policy made once and held would cost two registers for the whole kernel. kInOrder: volatile,
@@ -361,79 +363,100 @@ __global__ void __launch_bounds__(Threads, kCtasPerSm) add_rmsnorm_pieces_kernel
     const Vec z = add_z<T>(Vec{xp.x, xp.y, 0u, 0u}, Vec{rp.x, rp.y, 0u, 0u}, rr != nullptr);
     return uint2{z.x, z.y};
   };
+  // pass 2 of the in-order re-reads: a piece's loads (from L1, evict_first; the weight evict_last), then its stores
+  auto finish_in_order = [&](int k, float rstd) {
+    const uint2 xp = load_piece_hinted<false, true>(xr + k * Threads);
+    const uint2 rp = rr ? load_piece_hinted<false, true>(rr + k * Threads) : uint2{0u, 0u};
+    const uint2 wp = load_piece_hinted<true, true>(wr + k * Threads);
+    const uint2 z = z_of(xp, rp);
+    float gw[8], f[8];
+    Pack<T>::unpack(Vec{wp.x, wp.y, 0u, 0u}, gw);
+    Pack<T>::unpack(Vec{z.x, z.y, 0u, 0u}, f);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = f[i] * rstd * gw[i];
+    const Vec o = Pack<T>::pack(f);
+    store_piece_in_order(orow + k * Threads, uint2{o.x, o.y});
+    if (rr) store_piece_in_order(rr + k * Threads, z);
+  };
   wait_for_prior_grid();
-  uint2 xv[kPieces], rv[kPieces];
-#pragma unroll
-  for (int k = 0; k < kPieces; ++k) {
-    if (in_row(k)) {
-      if constexpr (kOrder == kPiecesReread || kOrder == kPiecesRereadInOrder) {
-        constexpr bool kInOrder = kOrder == kPiecesRereadInOrder;
-        xv[k] = load_piece_hinted<true, kInOrder>(xr + k * Threads);
-        if (rr) rv[k] = load_piece_hinted<true, kInOrder>(rr + k * Threads);
-      } else {
-        xv[k] = xr[k * Threads];
-        if (rr) rv[k] = rr[k * Threads];
-      }
-    }
-  }
-  float ss = 0.f;
-  uint2 zp[kPieces];
-#pragma unroll
-  for (int k = 0; k < kPieces; ++k) {
-    if (in_row(k)) {
-      zp[k] = z_of(xv[k], rv[k]);
-      if (kOrder == kPiecesEarly && rr) rr[k * Threads] = zp[k];
-      float f[8];
-      Pack<T>::unpack(Vec{zp[k].x, zp[k].y, 0u, 0u}, f);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) ss += f[i] * f[i];
-    }
-  }
-  const float rstd = rsqrtf(group_sum(ss, Threads, red[0]) / float(ra.hidden) + ra.eps);
-  if constexpr (kOrder == kPiecesRereadInOrder) {
-#pragma unroll
+  if constexpr (kOrder == kPiecesRereadLooped) {  // the same sums in the same order, one piece at a time
+    float ss = 0.f;
+#pragma unroll 1
     for (int k = 0; k < kPieces; ++k) {
       if (in_row(k)) {
-        const uint2 xp = load_piece_hinted<false, true>(xr + k * Threads);
-        const uint2 rp = rr ? load_piece_hinted<false, true>(rr + k * Threads) : uint2{0u, 0u};
-        const uint2 wp = load_piece_hinted<true, true>(wr + k * Threads);
+        const uint2 xp = load_piece_hinted<true, true>(xr + k * Threads);
+        const uint2 rp = rr ? load_piece_hinted<true, true>(rr + k * Threads) : uint2{0u, 0u};
         const uint2 z = z_of(xp, rp);
-        float gw[8], f[8];
-        Pack<T>::unpack(Vec{wp.x, wp.y, 0u, 0u}, gw);
+        float f[8];
         Pack<T>::unpack(Vec{z.x, z.y, 0u, 0u}, f);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) f[i] = f[i] * rstd * gw[i];
-        const Vec o = Pack<T>::pack(f);
-        store_piece_in_order(orow + k * Threads, uint2{o.x, o.y});
-        if (rr) store_piece_in_order(rr + k * Threads, z);
+        for (int i = 0; i < 4; ++i) ss += f[i] * f[i];
       }
     }
-    return;
-  }
-  uint2 wv[kPieces];
-  if constexpr (kOrder == kPiecesReread) {
+    const float rstd = rsqrtf(group_sum(ss, Threads, red[0]) / float(ra.hidden) + ra.eps);
+#pragma unroll 1
+    for (int k = 0; k < kPieces; ++k)
+      if (in_row(k)) finish_in_order(k, rstd);
+  } else {
+    uint2 xv[kPieces], rv[kPieces];
 #pragma unroll
     for (int k = 0; k < kPieces; ++k) {
       if (in_row(k)) {
-        xv[k] = load_piece_hinted<false>(xr + k * Threads);
-        if (rr) rv[k] = load_piece_hinted<false>(rr + k * Threads);
-        wv[k] = load_piece_hinted<true>(wr + k * Threads);
+        if constexpr (kOrder == kPiecesReread || kOrder == kPiecesRereadInOrder) {
+          constexpr bool kInOrder = kOrder == kPiecesRereadInOrder;
+          xv[k] = load_piece_hinted<true, kInOrder>(xr + k * Threads);
+          if (rr) rv[k] = load_piece_hinted<true, kInOrder>(rr + k * Threads);
+        } else {
+          xv[k] = xr[k * Threads];
+          if (rr) rv[k] = rr[k * Threads];
+        }
       }
     }
-  }
+    float ss = 0.f;
+    uint2 zp[kPieces];
 #pragma unroll
-  for (int k = 0; k < kPieces; ++k) {
-    if (in_row(k)) {
-      if constexpr (kOrder == kPiecesReread) zp[k] = z_of(xv[k], rv[k]);
-      else wv[k] = wr[k * Threads];
-      float gw[8], f[8];
-      Pack<T>::unpack(Vec{wv[k].x, wv[k].y, 0u, 0u}, gw);
-      Pack<T>::unpack(Vec{zp[k].x, zp[k].y, 0u, 0u}, f);
+    for (int k = 0; k < kPieces; ++k) {
+      if (in_row(k)) {
+        zp[k] = z_of(xv[k], rv[k]);
+        if (kOrder == kPiecesEarly && rr) rr[k * Threads] = zp[k];
+        float f[8];
+        Pack<T>::unpack(Vec{zp[k].x, zp[k].y, 0u, 0u}, f);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) f[i] = f[i] * rstd * gw[i];
-      const Vec o = Pack<T>::pack(f);
-      orow[k * Threads] = uint2{o.x, o.y};
-      if (kOrder != kPiecesEarly && rr) rr[k * Threads] = zp[k];
+        for (int i = 0; i < 4; ++i) ss += f[i] * f[i];
+      }
+    }
+    const float rstd = rsqrtf(group_sum(ss, Threads, red[0]) / float(ra.hidden) + ra.eps);
+    if constexpr (kOrder == kPiecesRereadInOrder) {
+#pragma unroll
+      for (int k = 0; k < kPieces; ++k)
+        if (in_row(k)) finish_in_order(k, rstd);
+    } else {
+      uint2 wv[kPieces];
+      if constexpr (kOrder == kPiecesReread) {
+#pragma unroll
+        for (int k = 0; k < kPieces; ++k) {
+          if (in_row(k)) {
+            xv[k] = load_piece_hinted<false>(xr + k * Threads);
+            if (rr) rv[k] = load_piece_hinted<false>(rr + k * Threads);
+            wv[k] = load_piece_hinted<true>(wr + k * Threads);
+          }
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kPieces; ++k) {
+        if (in_row(k)) {
+          if constexpr (kOrder == kPiecesReread) zp[k] = z_of(xv[k], rv[k]);
+          else wv[k] = wr[k * Threads];
+          float gw[8], f[8];
+          Pack<T>::unpack(Vec{wv[k].x, wv[k].y, 0u, 0u}, gw);
+          Pack<T>::unpack(Vec{zp[k].x, zp[k].y, 0u, 0u}, f);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) f[i] = f[i] * rstd * gw[i];
+          const Vec o = Pack<T>::pack(f);
+          orow[k * Threads] = uint2{o.x, o.y};
+          if (kOrder != kPiecesEarly && rr) rr[k * Threads] = zp[k];
+        }
+      }
     }
   }
 }
@@ -465,7 +488,8 @@ constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false}, 
                                        {512, 1, 1, false, false, true},     {512, 2, 2, false, false, true},
                                        {512, 2, 2, false, false, true},     {512, 1, 1, false, false, true},
                                        {512, 1, 1, false, false, true},     {512, 2, 2, false, false, true},
-                                       {256, 2, 2, false, false, true}};
+                                       {256, 2, 2, false, false, true},     {512, 1, 1, false, false, true},
+                                       {512, 2, 2, false, false, true},     {256, 2, 2, false, false, true}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
@@ -591,6 +615,10 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     case 25: return launch_add_rmsnorm_pieces<T, 512, 2, kPiecesRereadInOrder, 4>(ra, x, residual, out, tokens, stream);
     case 26: return launch_add_rmsnorm_pieces<T, 512, 4, kPiecesRereadInOrder, 4>(ra, x, residual, out, tokens, stream);
     case 27: return launch_add_rmsnorm_pieces<T, 256, 4, kPiecesRereadInOrder, 8>(ra, x, residual, out, tokens, stream);
+    // 25-27 as loops, not unrolled (kPiecesRereadLooped)
+    case 28: return launch_add_rmsnorm_pieces<T, 512, 2, kPiecesRereadLooped, 4>(ra, x, residual, out, tokens, stream);
+    case 29: return launch_add_rmsnorm_pieces<T, 512, 4, kPiecesRereadLooped, 4>(ra, x, residual, out, tokens, stream);
+    case 30: return launch_add_rmsnorm_pieces<T, 256, 4, kPiecesRereadLooped, 8>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }
