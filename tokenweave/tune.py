@@ -310,8 +310,8 @@ def norm_families(run: Callable[[int], Sequence[torch.Tensor]], shapes: Iterable
     Two shapes are of one family when they run a row on the same number of threads (``row_group``, as in
     :func:`norm_candidates`) and give the same bits in every tensor ``run(shape)`` returns on the probe batch: then
     a choice that switches between them by batch size still gives a row the same bits in any batch, as switching
-    among shape 0's SAME_BITS shapes does (csrc/kernels/launch.cu: the 8-byte-piece shapes 16, 19, 20, 22, 23,
-    26 and 29 differ only in the order of their traffic and their registers, not of their sums).
+    among shape 0's SAME_BITS shapes does (csrc/kernels/launch.cu: the 8-byte-piece shapes 16, 19, 20, 22, 23
+    and 26 differ only in the order of their traffic and their registers, not of their sums).
     """
     families: list[tuple[int | None, list[torch.Tensor], list[int]]] = []  # (row group, first's bits, members)
     for shape in sorted(set(shapes)):

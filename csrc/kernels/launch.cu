@@ -296,11 +296,12 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
   }
 }
 
-// Timed only (other bits than shape 0): one row per CTA, read and written in 8-byte pieces, kPieces per input a
-// thread, Threads x 8 bytes (4 KiB at 512 threads) apart: LDG.E.64 at immediate offsets, as the compiled norm's
-// kernel was seen to. Shape 16 (512 threads, 4 pieces: rows of 4097-8192 elements, 36 registers, 3 CTAs an SM):
-// 0.96-0.98x of the compiled norm at 4096-16384 x 8192 tokens, where the best 16-byte shape reached 0.95-0.96x
-// (bench/results/variants/c32f920): the access width is about half the gap. 2-byte types (group_of: G = Threads).
+// One row per CTA, read and written in 8-byte pieces, kPieces per input a thread, Threads x 8 bytes (4 KiB at 512
+// threads) apart: LDG.E.64 at immediate offsets, as the compiled norm's kernel was seen to. 2-byte types (group_of:
+// G = Threads). Other bits than shape 0 (another element order), so tokenweave-tune takes them only as a family
+// serving every count of a hidden (tune.norm_families): the shipped H200 config serves hidden 8192 with 16, 22 and
+// 20 (bench/results/add_rmsnorm-h200-tp1.json: 1.01-1.02x of the compiled norm from 8192 tokens, where shape 20
+// keeps DRAM as busy as it; docs/PERFORMANCE.md). At hidden 4096 none reaches the compiled norm from 4096 tokens.
 // kOrder, the order of a row's traffic (each sums the same pieces in the same order: equal Threads and kPieces give
 // equal bits):
 //   kPiecesEarly   a residual piece is written as soon as z is formed, before the reduction (shape 16)
@@ -312,9 +313,9 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
 //   kPiecesRereadInOrder  kPiecesReread whose loads and stores keep program order (volatile), so pass 2 takes one
 //                  piece at a time (loads of x, the residual and the weight, then its stores), as the compiled norm's
 //                  loop over 2048-element blocks at hidden 4096 runs (Triton's loads and stores are volatile asm)
-//   kPiecesRereadLooped  kPiecesRereadInOrder with both passes left as loops (not unrolled): a piece's loads wait
-//                  for the previous piece's sum, as the compiled norm's two-iteration loops at hidden 4096 may
-enum PiecesOrder { kPiecesEarly, kPiecesLate, kPiecesReread, kPiecesRereadInOrder, kPiecesRereadLooped };
+// Both passes of kPiecesRereadInOrder as loops, not unrolled (shapes 28-30 of 5674140), ran 0.78-0.87x of the
+// compiled norm from 4096 tokens (bench/results/add_rmsnorm-h200-tp1.json) and were removed.
+enum PiecesOrder { kPiecesEarly, kPiecesLate, kPiecesReread, kPiecesRereadInOrder };
 
 // An 8-byte load with an L1 eviction priority and an L2 policy made beside it (createpolicy), as Triton emits its
 // eviction_policy; a policy made once and held would cost two registers for the whole kernel. kInOrder: volatile,
@@ -379,83 +380,63 @@ __global__ void __launch_bounds__(Threads, kCtasPerSm) add_rmsnorm_pieces_kernel
     if (rr) store_piece_in_order(rr + k * Threads, z);
   };
   wait_for_prior_grid();
-  if constexpr (kOrder == kPiecesRereadLooped) {  // the same sums in the same order, one piece at a time
-    float ss = 0.f;
-#pragma unroll 1
-    for (int k = 0; k < kPieces; ++k) {
-      if (in_row(k)) {
-        const uint2 xp = load_piece_hinted<true, true>(xr + k * Threads);
-        const uint2 rp = rr ? load_piece_hinted<true, true>(rr + k * Threads) : uint2{0u, 0u};
-        const uint2 z = z_of(xp, rp);
-        float f[8];
-        Pack<T>::unpack(Vec{z.x, z.y, 0u, 0u}, f);
+  uint2 xv[kPieces], rv[kPieces];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) ss += f[i] * f[i];
+  for (int k = 0; k < kPieces; ++k) {
+    if (in_row(k)) {
+      if constexpr (kOrder == kPiecesReread || kOrder == kPiecesRereadInOrder) {
+        constexpr bool kInOrder = kOrder == kPiecesRereadInOrder;
+        xv[k] = load_piece_hinted<true, kInOrder>(xr + k * Threads);
+        if (rr) rv[k] = load_piece_hinted<true, kInOrder>(rr + k * Threads);
+      } else {
+        xv[k] = xr[k * Threads];
+        if (rr) rv[k] = rr[k * Threads];
       }
     }
-    const float rstd = rsqrtf(group_sum(ss, Threads, red[0]) / float(ra.hidden) + ra.eps);
-#pragma unroll 1
+  }
+  float ss = 0.f;
+  uint2 zp[kPieces];
+#pragma unroll
+  for (int k = 0; k < kPieces; ++k) {
+    if (in_row(k)) {
+      zp[k] = z_of(xv[k], rv[k]);
+      if (kOrder == kPiecesEarly && rr) rr[k * Threads] = zp[k];
+      float f[8];
+      Pack<T>::unpack(Vec{zp[k].x, zp[k].y, 0u, 0u}, f);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) ss += f[i] * f[i];
+    }
+  }
+  const float rstd = rsqrtf(group_sum(ss, Threads, red[0]) / float(ra.hidden) + ra.eps);
+  if constexpr (kOrder == kPiecesRereadInOrder) {
+#pragma unroll
     for (int k = 0; k < kPieces; ++k)
       if (in_row(k)) finish_in_order(k, rstd);
   } else {
-    uint2 xv[kPieces], rv[kPieces];
-#pragma unroll
-    for (int k = 0; k < kPieces; ++k) {
-      if (in_row(k)) {
-        if constexpr (kOrder == kPiecesReread || kOrder == kPiecesRereadInOrder) {
-          constexpr bool kInOrder = kOrder == kPiecesRereadInOrder;
-          xv[k] = load_piece_hinted<true, kInOrder>(xr + k * Threads);
-          if (rr) rv[k] = load_piece_hinted<true, kInOrder>(rr + k * Threads);
-        } else {
-          xv[k] = xr[k * Threads];
-          if (rr) rv[k] = rr[k * Threads];
-        }
-      }
-    }
-    float ss = 0.f;
-    uint2 zp[kPieces];
-#pragma unroll
-    for (int k = 0; k < kPieces; ++k) {
-      if (in_row(k)) {
-        zp[k] = z_of(xv[k], rv[k]);
-        if (kOrder == kPiecesEarly && rr) rr[k * Threads] = zp[k];
-        float f[8];
-        Pack<T>::unpack(Vec{zp[k].x, zp[k].y, 0u, 0u}, f);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) ss += f[i] * f[i];
-      }
-    }
-    const float rstd = rsqrtf(group_sum(ss, Threads, red[0]) / float(ra.hidden) + ra.eps);
-    if constexpr (kOrder == kPiecesRereadInOrder) {
-#pragma unroll
-      for (int k = 0; k < kPieces; ++k)
-        if (in_row(k)) finish_in_order(k, rstd);
-    } else {
-      uint2 wv[kPieces];
-      if constexpr (kOrder == kPiecesReread) {
-#pragma unroll
-        for (int k = 0; k < kPieces; ++k) {
-          if (in_row(k)) {
-            xv[k] = load_piece_hinted<false>(xr + k * Threads);
-            if (rr) rv[k] = load_piece_hinted<false>(rr + k * Threads);
-            wv[k] = load_piece_hinted<true>(wr + k * Threads);
-          }
-        }
-      }
+    uint2 wv[kPieces];
+    if constexpr (kOrder == kPiecesReread) {
 #pragma unroll
       for (int k = 0; k < kPieces; ++k) {
         if (in_row(k)) {
-          if constexpr (kOrder == kPiecesReread) zp[k] = z_of(xv[k], rv[k]);
-          else wv[k] = wr[k * Threads];
-          float gw[8], f[8];
-          Pack<T>::unpack(Vec{wv[k].x, wv[k].y, 0u, 0u}, gw);
-          Pack<T>::unpack(Vec{zp[k].x, zp[k].y, 0u, 0u}, f);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) f[i] = f[i] * rstd * gw[i];
-          const Vec o = Pack<T>::pack(f);
-          orow[k * Threads] = uint2{o.x, o.y};
-          if (kOrder != kPiecesEarly && rr) rr[k * Threads] = zp[k];
+          xv[k] = load_piece_hinted<false>(xr + k * Threads);
+          if (rr) rv[k] = load_piece_hinted<false>(rr + k * Threads);
+          wv[k] = load_piece_hinted<true>(wr + k * Threads);
         }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kPieces; ++k) {
+      if (in_row(k)) {
+        if constexpr (kOrder == kPiecesReread) zp[k] = z_of(xv[k], rv[k]);
+        else wv[k] = wr[k * Threads];
+        float gw[8], f[8];
+        Pack<T>::unpack(Vec{wv[k].x, wv[k].y, 0u, 0u}, gw);
+        Pack<T>::unpack(Vec{zp[k].x, zp[k].y, 0u, 0u}, f);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) f[i] = f[i] * rstd * gw[i];
+        const Vec o = Pack<T>::pack(f);
+        orow[k * Threads] = uint2{o.x, o.y};
+        if (kOrder != kPiecesEarly && rr) rr[k * Threads] = zp[k];
       }
     }
   }
@@ -488,8 +469,7 @@ constexpr NormConfig kNormConfigs[] = {{256, 4, 4, false},  {256, 4, 4, false}, 
                                        {512, 1, 1, false, false, true},     {512, 2, 2, false, false, true},
                                        {512, 2, 2, false, false, true},     {512, 1, 1, false, false, true},
                                        {512, 1, 1, false, false, true},     {512, 2, 2, false, false, true},
-                                       {256, 2, 2, false, false, true},     {512, 1, 1, false, false, true},
-                                       {512, 2, 2, false, false, true},     {256, 2, 2, false, false, true}};
+                                       {256, 2, 2, false, false, true}};
 constexpr int kNormConfigCount = int(sizeof(kNormConfigs) / sizeof(kNormConfigs[0]));
 
 int add_rmsnorm_configs() { return kNormConfigCount; }
@@ -615,10 +595,6 @@ cudaError_t add_rmsnorm_typed(int config, const RowArgs& ra, const void* x, void
     case 25: return launch_add_rmsnorm_pieces<T, 512, 2, kPiecesRereadInOrder, 4>(ra, x, residual, out, tokens, stream);
     case 26: return launch_add_rmsnorm_pieces<T, 512, 4, kPiecesRereadInOrder, 4>(ra, x, residual, out, tokens, stream);
     case 27: return launch_add_rmsnorm_pieces<T, 256, 4, kPiecesRereadInOrder, 8>(ra, x, residual, out, tokens, stream);
-    // 25-27 as loops, not unrolled (kPiecesRereadLooped)
-    case 28: return launch_add_rmsnorm_pieces<T, 512, 2, kPiecesRereadLooped, 4>(ra, x, residual, out, tokens, stream);
-    case 29: return launch_add_rmsnorm_pieces<T, 512, 4, kPiecesRereadLooped, 4>(ra, x, residual, out, tokens, stream);
-    case 30: return launch_add_rmsnorm_pieces<T, 256, 4, kPiecesRereadLooped, 8>(ra, x, residual, out, tokens, stream);
   }
   return cudaErrorInvalidValue;
 }
