@@ -84,7 +84,13 @@ EIGHT_BYTE_KERNELS = re.compile(r"add_rmsnorm_pieces_kernel")
 
 def narrow_load_problems(fn: str, sass: str) -> list[str]:
     if EIGHT_BYTE_KERNELS.search(fn):
-        return [] if re.search(r"\bLDG\.E(?:\.E[LF])?\.64 ", sass) else [f"{fn}: no 8-byte loads, the width it exists for"]
+        problems = [] if re.search(r"\bLDG\.E(?:\.E[LF])?\.64 ", sass) else [f"{fn}: no 8-byte loads, the width it exists for"]
+        # its hinted loads are asm without volatile (launch.cu load_piece_hinted): the compiler could move one above
+        # griddepcontrol.wait, and under PDL read x before the kernel that writes it is done
+        first_load, wait = re.search(r"\bLDG\b", sass), re.search(r"\bACQBULK\b", sass)
+        if first_load and wait and first_load.start() < wait.start():
+            problems.append(f"{fn}: a global load before griddepcontrol.wait (ACQBULK)")
+        return problems
     n = len(NARROW_LOADS.findall(sass))
     return [f"{fn}: {n} global loads narrower than 16 bytes (at most {MAX_NARROW_LOADS}: state words only)"] \
         if n > MAX_NARROW_LOADS else []

@@ -118,24 +118,32 @@ def dispatch_config(card: str, world_size: int, itemsize: int, hidden: int) -> D
 def norm_shape(card: str, tokens: int, hidden: int, itemsize: int) -> int:
     """Block shape of the standalone add + RMSNorm kernel for one call (csrc/kernels/launch.cu kNormConfigs).
 
-    The ``"norm"`` list's first entry (user file first, then ``configs/<card>.json``) whose optional
-    ``itemsize``, ``hidden``, ``max_hidden``, ``min_tokens`` and ``max_tokens`` admit the call gives ``shape``;
-    else 0, the kernel's own pick. Shapes that entries switch between for one hidden size must share their row
-    groups (threads per row) and element order, so that a row's result never depends on the batch it came in; a
-    shape with another order than shape 0 serves every token count of its hidden (tokenweave.tune).
+    The first file (user file first, then ``configs/<card>.json``) with a ``"norm"`` entry whose optional
+    ``itemsize``, ``hidden`` and ``max_hidden`` admit the call decides every token count of that hidden alone: its
+    first such entry whose optional ``min_tokens`` and ``max_tokens`` admit the call gives ``shape``; else 0, the
+    kernel's own pick (a tune writes no entry where shape 0 won). Shapes that entries switch between for one hidden
+    size must share their summation order (threads per row and element order), so that a row's result never depends
+    on the batch it came in: a family of shapes with another order than shape 0 serves every token count of its
+    hidden (tokenweave.tune), so a file that left some counts to shape 0 must not have them filled from another
+    file's family.
     """
     return _norm_shape(card, tokens, hidden, itemsize, _user_file())
 
 
 @functools.lru_cache(maxsize=4096)
 def _norm_shape(card, tokens, hidden, itemsize, user_file) -> int:
+    deciding = None  # the file whose entries speak for this hidden and dtype size
     for text in _all_entries(card, user_file, "norm"):
         e = json.loads(text)
         if e.get("itemsize", itemsize) != itemsize or e.get("hidden", hidden) != hidden:
             continue
-        if hidden > e.get("max_hidden", hidden) or not e.get("min_tokens", 0) <= tokens <= e.get("max_tokens", tokens):
+        if hidden > e.get("max_hidden", hidden):
             continue
-        return int(e["shape"])
+        deciding = deciding or e["_file"]
+        if e["_file"] != deciding:
+            break
+        if e.get("min_tokens", 0) <= tokens <= e.get("max_tokens", tokens):
+            return int(e["shape"])
     return 0
 
 

@@ -37,3 +37,13 @@ def test_transport_problems_tell_multimem_from_p2p():
     assert ck.transport_problems("f", p2p, "Multimem", "resident", True)  # multimem build without multicast
     assert ck.transport_problems("f", mc, "P2P", "resident", True)  # p2p build with multimem instructions
     assert ck.transport_problems("f", p2p, "P2P", "resident", True) == []
+
+
+def test_an_eight_byte_piece_kernel_must_load_after_the_grid_dependency_wait():
+    name = "_ZN10tokenweave25add_rmsnorm_pieces_kernelI13__nv_bfloat16Li512ELi4ELi2ELi3EEEvNS_7RowArgsEPK5uint2PS3_S6_l"
+    after = _sass("ACQBULK", "LDG.E.EL.64 R8, desc[UR4][R8.64]", "LDG.E.EF.64 R8, desc[UR4][R8.64]")
+    before = _sass("LDG.E.EL.64 R8, desc[UR4][R8.64]", "ACQBULK", "LDG.E.EF.64 R8, desc[UR4][R8.64]")
+    sixteen = _sass("ACQBULK", "LDG.E.128 R8, desc[UR4][R8.64]")
+    assert ck.narrow_load_problems(name, after) == []
+    assert ck.narrow_load_problems(name, before) == [f"{name}: a global load before griddepcontrol.wait (ACQBULK)"]
+    assert ck.narrow_load_problems(name, sixteen) == [f"{name}: no 8-byte loads, the width it exists for"]

@@ -574,7 +574,7 @@ def test_norm_decision_on_the_committed_run():
         others = {s for f in families[hidden] for s in f}
         same_order = {t: {k: us for k, us in m.items() if k not in others} for t, m in times.items()}
         clear = {t: k for t, k in tune.decide_norm_shapes(same_order, margin=0.05).items() if k != 0}
-        assert clear == {t: shipped[t] for t in clear}, (hidden, clear, shipped)
+        assert clear and clear == {t: shipped[t] for t in clear}, (hidden, clear, shipped)
     assert any(set(f) >= {16, 20} for f in families[8192])  # the 8-byte-piece family at 8192 (launch.cu)
 
 
@@ -688,6 +688,26 @@ def test_an_entry_over_part_of_the_counts_rederives_its_per_count_choice():
     times = {int(t): {int(s): us for s, us in m.items()} for t, m in entry["measured"][4096].items()}
     again = {int(t): us for t, us in entry["shape0_again"][4096].items()}
     assert set(tune.decide_norm_shapes(times, repeat=again, whole_range=[6]).values()) == {6}  # the part alone
+
+
+def test_a_user_tune_of_a_hidden_is_never_filled_from_the_shipped_family(fresh_tuning):
+    """The shipped H200 config serves hidden 8192 with a family of another summation order at every count. A user's
+    own tune of 8192 that kept shape 0 at some counts (no entry there) and a shape of shape 0's bits at others must
+    decide every count of 8192 alone: filling its gaps from the shipped family would give a row other bits in a
+    larger batch. Hiddens the user did not tune still take the shipped entries."""
+    shipped = {t: tuning.norm_shape("h200", t, 8192, 2) for t in (1, 16, 128, 1024, 4096, 8192)}
+    orders = {s for e in json.loads((tuning.CONFIG_DIR / "h200.json").read_text())["norm"]
+              for f in e.get("other_order", []) for s in (f if isinstance(f, list) else [f])}
+    assert set(shipped.values()) <= orders, shipped  # the premise: the shipped 8192 entries are a family's
+    for match in ({"hidden": 8192}, {"max_hidden": 8192}):  # --key shape, --key world
+        fresh_tuning.write_text(json.dumps({"device": "h200", "norm": [
+            {"device": "h200", "itemsize": 2, **match, "min_tokens": 1, "max_tokens": 127, "shape": 4}]}))
+        tuning.clear_cache()
+        assert {t: tuning.norm_shape("h200", t, 8192, 2) for t in shipped} == {
+            1: 4, 16: 4, 128: 0, 1024: 0, 4096: 0, 8192: 0}, match
+        assert tuning.norm_shape("h200", 16, 4096, 2) == (4 if "max_hidden" in match else
+                                                          tuning._norm_shape("h200", 16, 4096, 2, None))
+        assert tuning.norm_shape("h200", 1024, 8192, 4) == 0  # another dtype size: no entry anywhere
 
 
 def test_norm_entries_per_hidden_and_world_read_back(fresh_tuning):

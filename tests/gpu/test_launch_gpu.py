@@ -81,7 +81,8 @@ def _norm_inputs(tokens, hidden, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=str)
-@pytest.mark.parametrize("tokens,hidden", ((1, 4096), (5, 1032), (37, 8192), (1000, 2056), (300, 16384)))
+@pytest.mark.parametrize("tokens,hidden", ((1, 4096), (5, 1032), (37, 8192), (1000, 2056), (300, 16384),
+                                          (7, 6152)))
 def test_every_norm_shape_matches_float64(dtype, tokens, hidden):
     """Each shape within tolerance of float64, every element written; the two-pass shape 9 (256 threads,
     the default's row groups) with the bits of shape 1, the one-pass shape it replaces."""
@@ -125,7 +126,8 @@ def test_every_norm_shape_matches_float64(dtype, tokens, hidden):
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
 @pytest.mark.parametrize("case", ("no_residual", "in_place"))
-@pytest.mark.parametrize("tokens,hidden", ((3, 8192), (2011, 1032), (600, 16384), (5, 12288), (3, 32768)))
+@pytest.mark.parametrize("tokens,hidden", ((3, 8192), (2011, 1032), (600, 16384), (5, 12288), (3, 32768),
+                                          (7, 6152), (9, 2056)))
 def test_every_norm_shape_without_residual_and_in_place(dtype, case, tokens, hidden):
     """No residual (z = x), and out = x: every shape with shape 0's row group gives shape 0's bits and writes
     every element; every other shape that holds the row stays within tolerance of float64; a shape that says it
