@@ -357,28 +357,42 @@ def decide_norm_shapes(times: dict[int, dict[int, float]], margin: float = NORM_
 
     ``whole_range``: families of shapes with another summation order (:data:`OTHER_ORDER`, :func:`norm_families`;
     a bare shape number is a family of one), never mixed with the others. A family replaces the per-count choice
-    at every count, with its fastest member at each count (:func:`family_choice`), when over the counts that is
+    at every count, with a member chosen by count (:func:`family_choice`), when over the counts that is
     faster than the choice by more than the margin in geometric mean and slower by at most twice the margin at any
-    count (:func:`whole_range_gain`); of several, the one with the largest mean gain (ties: the lower shapes)."""
+    count (:func:`whole_range_gain`); of several, the one with the largest mean gain (ties: the lower shapes). Within
+    the family a member displaces its anchor at a count only by more than the margin (:func:`family_choice`)."""
     families = _as_families(whole_range)
     choice, reference = _per_count_choice(times, margin, repeat, {s for f in families for s in f})
-    gains = {f: whole_range_gain(times, reference, f) for f in families}
+    gains = {f: whole_range_gain(times, reference, f, margin) for f in families}
     adopted = [f for f, (g, worst) in gains.items() if g > 1 + margin and worst >= 1 - 2 * margin]
     if adopted:
         best = min(adopted, key=lambda f: (-gains[f][0], f))
-        return family_choice(times, best)
+        return family_choice(times, best, margin)
     return choice
 
 
-def family_choice(times: dict[int, dict[int, float]], family: int | Sequence[int]) -> dict[int, int]:
-    """tokens -> the fastest shape of ``family`` timed there (ties: the lower shape); counts where none of it was
-    timed are left out. Within a family the bits are one, so no margin guards the switch."""
+def family_choice(times: dict[int, dict[int, float]], family: int | Sequence[int],
+                  margin: float = 0.0) -> dict[int, int]:
+    """tokens -> the shape of ``family`` that serves that count; counts where none of it was timed are left out.
+
+    The family's anchor, its member timed at every count with the smallest geometric mean of time over the fastest
+    member's (ties: the lower shape), serves each count unless another member is faster there by more than
+    ``margin`` (a fraction of the anchor's time); then the fastest (ties: the lower shape). Within a family the bits
+    are one, so the margin guards against noise only: members within a percent of each other swapped places between
+    runs (16 and 22 at 1024-2047 x 8192 in the runs of 90d5372, 01cc739 and 5674140), and the bench then timed the
+    member picked 8% slower (docs/PERFORMANCE.md)."""
     members = _as_families([family])[0]
+    timed = {t: [s for s in members if s in by_shape] for t, by_shape in times.items()}
+    everywhere = [s for s in members if all(s in by_shape for by_shape in times.values())]
+    anchor = min(everywhere, key=lambda s: (sum(math.log(times[t][s] / min(times[t][m] for m in timed[t]))
+                                                for t in times), s), default=None)
     choice = {}
     for tokens, by_shape in times.items():
-        timed = [s for s in members if s in by_shape]
-        if timed:
-            choice[tokens] = min(timed, key=lambda s: (by_shape[s], s))
+        if not timed[tokens]:
+            continue
+        best = min(timed[tokens], key=lambda s: (by_shape[s], s))
+        keep = anchor is not None and by_shape[best] >= (1 - margin) * by_shape[anchor]
+        choice[tokens] = anchor if keep else best
     return choice
 
 
@@ -400,11 +414,11 @@ def _per_count_choice(times: dict[int, dict[int, float]], margin: float, repeat:
 
 
 def whole_range_gain(times: dict[int, dict[int, float]], reference: dict[int, float],
-                     family: int | Sequence[int]) -> tuple[float, float]:
+                     family: int | Sequence[int], margin: float = 0.0) -> tuple[float, float]:
     """``(geometric mean, smallest)`` over the token counts of reference / time of the family's choice there
-    (:func:`family_choice`; a bare shape number is a family of one; > 1: faster); (0, 0) where no shape of it was
-    timed at some count."""
-    choice = family_choice(times, family)
+    (:func:`family_choice` with ``margin``; a bare shape number is a family of one; > 1: faster); (0, 0) where no
+    shape of it was timed at some count."""
+    choice = family_choice(times, family, margin)
     if not times or len(choice) != len(times):
         return 0.0, 0.0
     ratios = [reference[t] / times[t][choice[t]] for t in times]
@@ -810,7 +824,7 @@ def _whole_range_gain_of(result: dict, shape: int, margin: float) -> tuple[float
     result."""
     orders = {s for s, why in result["shapes"].items() if why == OTHER_ORDER}
     _, reference = _per_count_choice(result["measured"], margin, result.get("repeat"), orders)
-    return whole_range_gain(result["measured"], reference, _family_of(result, shape))
+    return whole_range_gain(result["measured"], reference, _family_of(result, shape), margin)
 
 
 def _range_text(lo: int, hi: int | None) -> str:

@@ -47,3 +47,19 @@ def test_an_eight_byte_piece_kernel_must_load_after_the_grid_dependency_wait():
     assert ck.narrow_load_problems(name, after) == []
     assert ck.narrow_load_problems(name, before) == [f"{name}: a global load before griddepcontrol.wait (ACQBULK)"]
     assert ck.narrow_load_problems(name, sixteen) == [f"{name}: no 8-byte loads, the width it exists for"]
+
+
+def test_an_exact_piece_kernel_must_issue_a_rows_loads_before_reading_one():
+    """kExact kernels (launch.cu): a first-pass load read before the last one is issued makes the warp wait a memory
+    latency in between (the SASS of the in-order shape 25 at 5674140); overwriting a register is not reading it."""
+    name = "_ZN10tokenweave25add_rmsnorm_pieces_kernelI13__nv_bfloat16Li512ELi2ELi3ELi4ELb1EEEvNS_7RowArgsEPK5uint2PS3_S6_l"
+    head = ("ACQBULK", "LDG.E.EL.64 R8, desc[UR4][R2.64]", "LDG.E.EL.64 R14, desc[UR4][R6.64]")
+    tail = ("LDG.E.EL.64 R10, desc[UR4][R2.64+0x1000]", "LDG.E.EL.64 R12, desc[UR4][R6.64+0x1000]",
+            "PRMT R20, R14, 0x7632, R20", "SHFL.BFLY PT, R0, R21, 0x10, 0x1f")
+    assert ck.narrow_load_problems(name, _sass(*head, *tail)) == []
+    waits = _sass(*head, "PRMT R20, R15, 0x7632, R20", *tail)
+    assert ck.narrow_load_problems(name, waits) == [
+        f"{name}: the load into R15 is read (PRMT R20, R15, 0x7632, R20) before the last first-pass load is issued"]
+    assert ck.narrow_load_problems(name, _sass(*head, "IMAD.MOV.U32 R14, RZ, RZ, R3", "FADD R1, R14, R14", *tail)) == []
+    general = name.replace("ELb1EE", "ELb0EE")  # guards between the loads: not checked (several code paths)
+    assert ck.narrow_load_problems(general, waits) == []

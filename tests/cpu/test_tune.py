@@ -404,6 +404,23 @@ def test_norm_decision_for_the_whole_range():
     assert tune.decide_norm_shapes(times, whole_range=[16, 17]) == {1: 4, 128: 4, 4096: 0}
 
 
+def test_family_member_displaces_its_anchor_only_by_more_than_the_margin():
+    """Within a family the anchor (best geometric mean over the fastest member) serves every count where no member
+    beats it by more than the margin: members within noise of each other no longer swap places by count."""
+    times = {1: {0: 10.0, 16: 9.0, 22: 8.9},      # 22 1.1% faster: within 2%, the anchor 16 stays
+             128: {0: 10.0, 16: 9.0, 22: 9.1},
+             1024: {0: 10.0, 16: 9.0, 22: 8.7},   # 22 3.3% faster: it serves here
+             4096: {0: 10.0, 16: 9.0}}             # 22 not timed here: it cannot be the anchor
+    assert tune.family_choice(times, (16, 22)) == {1: 22, 128: 16, 1024: 22, 4096: 16}  # no margin: the fastest
+    assert tune.family_choice(times, (16, 22), margin=0.02) == {1: 16, 128: 16, 1024: 22, 4096: 16}
+    assert tune.family_choice(times, (22,), margin=0.02) == {1: 22, 128: 22, 1024: 22}  # never timed at 4096
+    assert tune.decide_norm_shapes(times, whole_range=[(16, 22)]) == {1: 16, 128: 16, 1024: 22, 4096: 16}
+    gain, worst = tune.whole_range_gain(times, {t: 10.0 for t in times}, (16, 22), margin=0.02)
+    assert worst == pytest.approx(10.0 / 9.0) and gain == pytest.approx((10 / 9.0) ** 0.75 * (10 / 8.7) ** 0.25)
+    times[128][22] = 8.0  # now 22 has the best geometric mean where both ran, yet is not timed at 4096: 16 anchors
+    assert tune.family_choice(times, (16, 22), margin=0.02) == {1: 16, 128: 22, 1024: 22, 4096: 16}
+
+
 def test_norm_decision_against_shape_0_timed_twice():
     """Shape 0 timed again after the others: the faster of its two times is the reference, and a shape must beat it
     by more than the margin and by more than the two differ (the noise at that size)."""
