@@ -164,6 +164,28 @@ def test_every_norm_shape_without_residual_and_in_place(dtype, case, tokens, hid
                 assert torch.equal(res, res0), f"shape {shape}: residual differs from shape 0's"
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("tokens,hidden", ((37, 8192), (300, 4096), (5, 2048)))
+def test_a_zero_residual_gives_the_bits_of_none(dtype, tokens, hidden):
+    """x + 0 is x exactly, so a residual of zeros must give every shape the bits it gives without a residual (and
+    leave x as the residual). For the 8-byte-piece shapes whose row fills them (launch.cu kExact: 16-27 at these
+    hiddens) this compares their branch-free form, taken with a residual, with their general form, taken without."""
+    x, _, weight = _norm_inputs(tokens, hidden, dtype, 11 * tokens + hidden)
+    for shape in range(_C.add_rmsnorm_configs()):
+        if _C.add_rmsnorm_row_group(shape, hidden, x.element_size()) < 0:
+            continue
+        outs = []
+        for residual in (torch.zeros_like(x), None):
+            out = torch.full_like(x, float("nan"))
+            torch.ops.tokenweave.add_rmsnorm(x, residual, weight, out, EPS, shape)
+            torch.cuda.synchronize()
+            assert not out.isnan().any(), f"shape {shape}: elements left unwritten"
+            if residual is not None:
+                assert torch.equal(residual, x), f"shape {shape}: the residual is not x + 0"
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), f"shape {shape}: a zero residual gives other bits than none"
+
+
 @pytest.mark.parametrize("writer", WRITERS)
 def test_pdl_chain_in_a_graph_gives_the_same_bits(pdl, writer):
     """x is rewritten by a kernel right before each add_rmsnorm: the norm must wait for it."""
