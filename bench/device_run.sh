@@ -85,8 +85,11 @@ if has phases; then
 fi
 if has tune; then  # the one-GPU stages of tokenweave-tune ("norm" block shapes, "launch" PDL) into the shipped config
   t0=$(date +%s); card=$(python -c "import tokenweave.tuning as t; print(t.device_slug())" 2>/dev/null || echo h200)
+  # up to the norm bench's largest batch (bench/add_rmsnorm.py: 16384; the tune's default stops at 8192, and a
+  # choice there was carried to 16384 untimed), with its 15 replays
   timeout ${T_TUNE:-200} tokenweave-tune --no-allreduce --hidden ${TUNE_HIDDEN:-4096 8192} --key world \
-    --out tokenweave/configs/$card.json --results-dir bench/results ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
+    --out tokenweave/configs/$card.json --results-dir bench/results --max-tokens 16384 --replays 15 \
+    ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
   log "tune: rc=$? in $(( $(date +%s) - t0 )) s"; tail -15 "$OUT/tune.log"
   cp "tokenweave/configs/$card.json" "$OUT/config-$card.json"  # the tuned config comes back beside the results
 fi
