@@ -19,7 +19,8 @@ Variants (us per call; one process, no communication):
     run-to-run noise every ratio carries (table column ``noise``, JSON key ``noise``).
 
 Timing: CUDA events around replays of a CUDA graph of ``--calls`` calls, after eager and graph warm-up,
-median of ``--replays``. Each row also carries its achieved bandwidth (bytes read + written / time)
+median of ``--replays``; before each variant the L2 is cleaned (``harness.clean_l2``), so that no variant inherits
+the cache lines another left. Each row also carries its achieved bandwidth (bytes read + written / time)
 against the card's copy bandwidth (a large device copy measured once in the same run: ``frac_of_peak_copy``;
 ``bw_low`` below 70% at sizes where a copy of the same bytes reaches 70%, null at latency-bound sizes) and
 against a copy of the same bytes (``frac_of_copy``). Each tokenweave row is checked against the baseline's
@@ -164,7 +165,7 @@ def main(argv=None) -> dict:
             calls = calls_of(case, norm)
             for variant, fn in ((v, calls[v]) for v in VARIANTS if v in calls):
                 case.reset()
-                us = timer(fn, calls=args.calls, replays=args.replays, before_replay=case.reset)
+                us = timer(fn, calls=args.calls, replays=args.replays, before_replay=case.reset, clean=True)
                 row = {"tokens": t, "hidden": hidden, "dtype": "bfloat16", "variant": variant, "us": us,
                        **harness.bandwidth_fields(us, traffic, copy)}
                 if variant == "tokenweave":
@@ -195,7 +196,7 @@ def main(argv=None) -> dict:
     extra = {"device_name": torch.cuda.get_device_name(device) if on_gpu else "cpu",
              "measurement": on_gpu,
              "timing": (f"CUDA events around replays of a CUDA graph of {args.calls} calls, median of {args.replays} "
-                        "replays, us per call" if on_gpu else
+                        "replays, us per call; the L2 cleaned before each variant (harness.clean_l2)" if on_gpu else
                         f"eager wall clock, {args.calls} calls, median of {args.replays}"),
              "variants": {harness.BASELINE: "compiled add+RMSNorm, torch.compile(fullgraph, dynamic=False) per shape",
                           "tokenweave": "tokenweave.add_rmsnorm",

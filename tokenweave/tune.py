@@ -1189,7 +1189,7 @@ class NormBench(NormOp):
         x, src, res, out, w = self._timed_tensors(tokens, hidden)
         res.copy_(src)
         return harness.time_cuda_graph(lambda: self.op(x, res, w, out, EPS, shape), calls=self.calls,
-                                       replays=self.replays, before_replay=lambda: res.copy_(src))
+                                       replays=self.replays, before_replay=lambda: res.copy_(src), clean=True)
 
 
 def launch_measure(device, hidden: int, dtype, calls: int, replays: int) -> LaunchMeasure:

@@ -4,8 +4,8 @@
 
 On one set of the bench's tensors (bench/add_rmsnorm.py Case, PDL as the card's config says), shapes are timed
 (CUDA graph of 20 calls, median of 15 replays) in the sequence SEQUENCE (default below): ``reset`` is not timed; it
-returns L2 lines marked persisting to normal (cudaCtxResetPersistingL2Cache) and then writes a buffer of 4x the L2
-size. The shapes 20, 23-26 and the compiled norm load x and the residual with L2::evict_last (launch.cu
+is ``tokenweave.bench.harness.clean_l2`` (L2 lines marked persisting back to normal, then a write of twice the L2's
+size). The shapes 20, 23-26 and the compiled norm load x and the residual with L2::evict_last (launch.cu
 load_piece_hinted; Triton's eviction_policy), 16 and 22 without a hint. Needs a CUDA GPU.
 """
 import json
@@ -35,19 +35,11 @@ norm = harness.StaticCompiled(baseline_add_rmsnorm)
 norm(case.x, case.res_work, case.weight, tune.EPS)
 op = torch.ops.tokenweave.add_rmsnorm.default
 l2_bytes = torch.cuda.get_device_properties(dev).L2_cache_size
-scrub = torch.empty(4 * l2_bytes // 4, device=dev, dtype=torch.float32)
-try:
-    from cuda.bindings import runtime as cudart
-except ImportError:  # older cuda-python
-    from cuda import cudart
 
 
 def reset():
-    torch.cuda.synchronize(dev)
-    err = cudart.cudaCtxResetPersistingL2Cache()
-    scrub.fill_(1.0)
-    torch.cuda.synchronize(dev)
-    return str(err[0] if isinstance(err, tuple) else err)
+    harness.clean_l2()  # what the norm bench and the tune now do before each variant
+    return "clean_l2"
 
 
 rows = []

@@ -35,7 +35,7 @@ LOW_BANDWIDTH_FRACTION = 0.7
 
 # ---------------------------------------------------------------------------------------------- timing
 def time_cuda_graph(fn: Callable[..., object], *, calls: int = 20, replays: int = 5, warmup: int = 3,
-                    before_replay: Callable[[], None] | None = None, world=None) -> float:
+                    before_replay: Callable[[], None] | None = None, world=None, clean: bool = False) -> float:
     """Median time of one ``fn()`` call, measured inside a CUDA graph.
 
     ``calls`` back-to-back calls are captured into one graph, so launch overhead is excluded the
@@ -52,6 +52,9 @@ def time_cuda_graph(fn: Callable[..., object], *, calls: int = 20, replays: int 
     before_replay : callable, optional
         Called before every timed replay, outside the timed region (reset in-place inputs so
         repeated all-reduces do not overflow; align the ranks).
+    clean : bool
+        :func:`clean_l2` first, so that the time does not depend on what was timed before (the norm benches:
+        variants run one after another on the same tensors).
     world : tokenweave.testing.EmulatedWorld, optional
         ``fn`` is then ``fn(comm, rank)``, issued for every emulated rank, and each rank's ``calls`` calls
         are captured into a graph of its own (``EmulatedWorld.capture``: one graph with every rank as a
@@ -62,6 +65,8 @@ def time_cuda_graph(fn: Callable[..., object], *, calls: int = 20, replays: int 
     float
         Median over replays of (replay time / ``calls``), in microseconds.
     """
+    if clean:
+        clean_l2()
     if world is not None:
         rank_fn = fn
         fn = lambda: world.run(rank_fn)  # noqa: E731
@@ -90,6 +95,30 @@ def time_cuda_graph(fn: Callable[..., object], *, calls: int = 20, replays: int 
         graph.reset()  # give the graph's private memory pool back before the next variant
 
 
+_SCRUB: dict = {}
+
+
+def clean_l2() -> None:
+    """Leave the current device's L2 as no earlier kernel chose it: lines marked persisting (loaded with
+    L2::evict_last, as the compiled norm and the re-read norm shapes load x and the residual) back to normal
+    priority, then every line replaced by writing a buffer of twice the L2's size. Without it a norm shape timed
+    right after shape 20 on the same tensors took 64.1 us at 4096 x 8192 where it took 67-68 us elsewhere
+    (bench/results/variants/a4ad667 and 3d509ed; bench/debug/norm_l2_carryover.py)."""
+    device = torch.cuda.current_device()
+    torch.cuda.synchronize(device)
+    try:
+        from tokenweave._ext import _C
+
+        _C.reset_persisting_l2_cache()
+    except (ImportError, AttributeError):  # no extension: the write below still evicts every normal line
+        pass
+    if device not in _SCRUB:
+        _SCRUB[device] = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size // 4,
+                                     dtype=torch.float32, device=device)
+    _SCRUB[device].fill_(1.0)
+    torch.cuda.synchronize(device)
+
+
 _SIDE_STREAMS: dict = {}
 
 
@@ -103,8 +132,8 @@ def _side_stream() -> torch.cuda.Stream:
 
 
 def time_wall(fn: Callable[[], object], *, calls: int = 20, replays: int = 5, warmup: int = 3,
-              before_replay: Callable[[], None] | None = None) -> float:
-    """Like :func:`time_cuda_graph` but eager and wall-clock timed (for CPU runs).
+              before_replay: Callable[[], None] | None = None, clean: bool = False) -> float:
+    """Like :func:`time_cuda_graph` but eager and wall-clock timed (for CPU runs; ``clean`` does nothing here).
 
     Returns
     -------
