@@ -299,9 +299,8 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
 // One row per CTA, read and written in 8-byte pieces, kPieces per input a thread, Threads x 8 bytes (4 KiB at 512
 // threads) apart: LDG.E.64 at immediate offsets, as the compiled norm's kernel was seen to. 2-byte types (group_of:
 // G = Threads). Other bits than shape 0 (another element order), so tokenweave-tune takes them only as a family
-// serving every count of a hidden (tune.norm_families): the shipped H200 config serves hidden 8192 with 16, 22 and
-// 20 (bench/results/add_rmsnorm-h200-tp1.json: 1.01-1.02x of the compiled norm from 8192 tokens, where shape 20
-// keeps DRAM as busy as it; docs/PERFORMANCE.md). At hidden 4096 none reaches the compiled norm from 4096 tokens.
+// serving every count of a hidden (tune.norm_families): the shipped H200 config serves hidden 8192 with 16, 22, 23
+// and 20 and hidden 4096 with 18 and 24 (bench/results/add_rmsnorm-h200-tp1.json; docs/PERFORMANCE.md).
 // kOrder, the order of a row's traffic (each sums the same pieces in the same order: equal Threads and kPieces give
 // equal bits):
 //   kPiecesEarly   a residual piece is written as soon as z is formed, before the reduction (shape 16)
@@ -314,7 +313,7 @@ __global__ void __launch_bounds__(Threads, MinBlocks) add_rmsnorm_two_pass_kerne
 //                  piece at a time (loads of x, the residual and the weight, then its stores), as the compiled norm's
 //                  loop over 2048-element blocks at hidden 4096 runs (Triton's loads and stores are volatile asm)
 // Both passes of kPiecesRereadInOrder as loops, not unrolled (shapes 28-30 of 5674140), ran 0.78-0.87x of the
-// compiled norm from 4096 tokens (bench/results/add_rmsnorm-h200-tp1.json) and were removed.
+// compiled norm from 4096 tokens (the norm bench at 5674140) and were removed.
 enum PiecesOrder { kPiecesEarly, kPiecesLate, kPiecesReread, kPiecesRereadInOrder };
 
 // An 8-byte load with an L1 eviction priority and an L2 policy made beside it (createpolicy), as Triton emits its
@@ -350,9 +349,11 @@ __device__ __forceinline__ void store_piece_in_order(uint2* p, uint2 v) {
 // kernel has no branch at all. Each guard of the general form sits between a load and the next, and the compiler
 // may place a use of the first load's value inside it: in the in-order shape 25 (512 x 2 pieces) the residual's
 // first piece was unpacked right after its load, so the second piece's loads waited one DRAM latency behind it
-// (cuobjdump -sass of 5674140; Nsight Compute at 16384 x 4096: DRAM 72% busy against the compiled norm's 85%, which
-// is built for its static shape and has no branch). Same bits as the general form: the mean divides by the same
-// power of two (Threads x kPieces x 4), exactly, by a multiply.
+// (cuobjdump -sass of 5674140; Nsight Compute at 16384 x 4096, bench/results/variants/01cc739: DRAM 72% busy against
+// the compiled norm's 85%, which is built for its static shape and has no branch). Its exact form keeps DRAM as busy
+// as the compiled norm (83.4-84.8% against 84.0-85.1%, variants/1ed6e1f; .ci/check_kernels.py checks that every
+// exact kernel issues its first-pass loads before reading one). Same bits as the general form: the mean divides by
+// the same power of two (Threads x kPieces x 4), exactly, by a multiply (tests/gpu/test_launch_gpu.py compares them).
 template <typename T, int Threads, int kPieces, int kOrder, int kCtasPerSm, bool kExact>
 __global__ void __launch_bounds__(Threads, kCtasPerSm) add_rmsnorm_pieces_kernel(RowArgs ra, const uint2* x,
                                                                                      uint2* residual, uint2* out,

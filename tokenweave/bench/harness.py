@@ -101,9 +101,11 @@ _SCRUB: dict = {}
 def clean_l2() -> None:
     """Leave the current device's L2 as no earlier kernel chose it: lines marked persisting (loaded with
     L2::evict_last, as the compiled norm and the re-read norm shapes load x and the residual) back to normal
-    priority, then every line replaced by writing a buffer of twice the L2's size. Without it a norm shape timed
-    right after shape 20 on the same tensors took 64.1 us at 4096 x 8192 where it took 67-68 us elsewhere
-    (bench/results/variants/a4ad667 and 3d509ed; bench/debug/norm_l2_carryover.py)."""
+    priority, then every line replaced by writing a buffer of twice the L2's size. Without it a variant inherits
+    the lines an earlier one kept: on one H200 (bench/debug/norm_l2_carryover.py, bench/results/variants/95d8f74)
+    norm shape 22 took 67.3-67.8 us at 4096 x 8192 after this, but 64.7-64.9 right after shape 20 or the compiled
+    norm on the same tensors (both load x and the residual with L2::evict_last), and shape 18 at 4096 x 4096 31.4
+    us after shape 24 against 34.2-34.6."""
     device = torch.cuda.current_device()
     torch.cuda.synchronize(device)
     try:
