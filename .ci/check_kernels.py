@@ -90,7 +90,9 @@ def narrow_load_problems(fn: str, sass: str) -> list[str]:
         first_load, wait = re.search(r"\bLDG\b", sass), re.search(r"\bACQBULK\b", sass)
         if first_load and wait and first_load.start() < wait.start():
             problems.append(f"{fn}: a global load before griddepcontrol.wait (ACQBULK)")
-        if re.search(r"ELb1EE", fn):  # kExact: every load of a row in flight before the first use of one
+        # kExact, the last template argument (mangled "Lb1EE" before the parameters): every load of a row in
+        # flight before the first use of one
+        if re.search(r"ELb1EE", fn):
             problems += [f"{fn}: {p}" for p in loads_waited_on(sass)]
         return problems
     n = len(NARROW_LOADS.findall(sass))
@@ -110,15 +112,18 @@ def loads_waited_on(sass: str) -> list[str]:
         return []
     problems, pending = [], {}
     for i in range(loads[0], loads[-1] + 1):
-        op, _, args = re.sub(r"^@!?P\d+\s+", "", body[i]).partition(" ")
+        predicate = re.match(r"^@!?U?P(?:\d+|T)\s+", body[i])
+        op, _, args = body[i][predicate.end() if predicate else 0:].partition(" ")
         operands = [a.strip() for a in args.split(",")]
         reads = " ".join(operands if op.startswith(("ST", "RED", "ATOM")) else operands[1:])
         for reg in [r for r in pending if re.search(rf"\bR{r}\b", reads)]:
             problems.append(f"the load into R{reg} is read ({body[i]}) before the last first-pass load is issued")
             del pending[reg]
         written = re.match(r"R(\d+)", operands[0]) if not op.startswith(("ST", "RED", "ATOM")) else None
-        if written:  # overwritten before any read: that load's value is gone, nothing waits on it
-            pending.pop(int(written.group(1)), None)
+        if written and not predicate:  # overwritten before any read: that load's value is gone, nothing waits on it
+            first = int(written.group(1))
+            for reg in (first, first + 1) if re.search(r"\.(?:WIDE|64)\b", op) else (first,):
+                pending.pop(reg, None)
         if re.search(r"\bLDG\b", op):
             first = int(re.match(r"R(\d+)", operands[0]).group(1))
             pending.update({first: i, first + 1: i})  # an 8-byte load fills a register pair

@@ -377,7 +377,9 @@ def family_choice(times: dict[int, dict[int, float]], family: int | Sequence[int
 
     The family's anchor, its member timed at every count with the smallest geometric mean of time over the fastest
     member's (ties: the lower shape), serves each count unless another member is faster there by more than
-    ``margin`` (a fraction of the anchor's time); then the fastest (ties: the lower shape). Within a family the bits
+    ``margin`` (a fraction of the anchor's time); then the fastest (ties: the lower shape). So at ``margin=0`` a tie
+    with the anchor goes to the anchor. Where no member was timed at every count there is no anchor, and each count
+    takes its fastest member. Within a family the bits
     are one, so the margin guards against noise only: members within a percent of each other swapped places between
     runs (16 and 22 at 1024-2047 x 8192 in the runs of 90d5372, 01cc739 and 5674140), and the bench then timed the
     member picked 8% slower (docs/PERFORMANCE.md)."""

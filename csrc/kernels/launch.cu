@@ -352,8 +352,10 @@ __device__ __forceinline__ void store_piece_in_order(uint2* p, uint2 v) {
 // (cuobjdump -sass of 5674140; Nsight Compute at 16384 x 4096, bench/results/variants/01cc739: DRAM 72% busy against
 // the compiled norm's 85%, which is built for its static shape and has no branch). Its exact form keeps DRAM as busy
 // as the compiled norm (83.4-84.8% against 84.0-85.1%, variants/1ed6e1f; .ci/check_kernels.py checks that every
-// exact kernel issues its first-pass loads before reading one). Same bits as the general form: the mean divides by
-// the same power of two (Threads x kPieces x 4), exactly, by a multiply (tests/gpu/test_launch_gpu.py compares them).
+// exact kernel issues its first-pass loads before reading one). Same bits as the general form, which divides the sum
+// of squares by the same power of two (Threads x kPieces x 4) and adds eps: the exact form compiles to one
+// fma(sum, 2^-k, eps), equal wherever sum x 2^-k is exact in fp32, i.e. unless eps is about 0 and a row's sum of
+// squares is below about 1e-34 (tests/gpu/test_launch_gpu.py compares the two forms).
 template <typename T, int Threads, int kPieces, int kOrder, int kCtasPerSm, bool kExact>
 __global__ void __launch_bounds__(Threads, kCtasPerSm) add_rmsnorm_pieces_kernel(RowArgs ra, const uint2* x,
                                                                                      uint2* residual, uint2* out,

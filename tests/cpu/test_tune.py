@@ -419,6 +419,15 @@ def test_family_member_displaces_its_anchor_only_by_more_than_the_margin():
     assert worst == pytest.approx(10.0 / 9.0) and gain == pytest.approx((10 / 9.0) ** 0.75 * (10 / 8.7) ** 0.25)
     times[128][22] = 8.0  # now 22 has the best geometric mean where both ran, yet is not timed at 4096: 16 anchors
     assert tune.family_choice(times, (16, 22), margin=0.02) == {1: 16, 128: 22, 1024: 22, 4096: 16}
+    # both timed everywhere: the anchor is the best geometric mean (22 here, not the lower shape 16), and a member
+    # exactly the margin faster does not displace it while one just beyond does
+    both = {1: {16: 10.0, 22: 9.5}, 128: {16: 10.0, 22: 9.7}, 1024: {16: 9.8, 22: 10.0}, 4096: {16: 9.8, 22: 10.0}}
+    for order in ((16, 22), (22, 16)):
+        assert tune.family_choice(both, order, margin=0.03) == {t: 22 for t in both}
+        assert tune.family_choice(both, order, margin=0.01) == {1: 22, 128: 22, 1024: 16, 4096: 16}
+    edge = {1: {16: 10.0, 22: 7.5}, 2: {16: 10.0, 22: 20.0}}  # 16 anchors; at 1 token 22 is exactly 25% faster
+    assert tune.family_choice(edge, (16, 22), margin=0.25) == {1: 16, 2: 16}
+    assert tune.family_choice(edge, (16, 22), margin=0.24) == {1: 22, 2: 16}
 
 
 def test_norm_decision_against_shape_0_timed_twice():

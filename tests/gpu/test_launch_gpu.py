@@ -168,8 +168,9 @@ def test_every_norm_shape_without_residual_and_in_place(dtype, case, tokens, hid
 @pytest.mark.parametrize("tokens,hidden", ((37, 8192), (300, 4096), (5, 2048)))
 def test_a_zero_residual_gives_the_bits_of_none(dtype, tokens, hidden):
     """x + 0 is x exactly, so a residual of zeros must give every shape the bits it gives without a residual (and
-    leave x as the residual). For the 8-byte-piece shapes whose row fills them (launch.cu kExact: 16-27 at these
-    hiddens) this compares their branch-free form, taken with a residual, with their general form, taken without."""
+    leave x as the residual). For the 8-byte-piece shapes whose row fills them (launch.cu kExact: 16, 19, 20, 22, 23,
+    26 at 8192; 17, 18, 21, 24, 25, 27 at 4096; none at 2048, where shapes 0-15 run) this compares their branch-free
+    form, taken with a residual, with their general form, taken without."""
     x, _, weight = _norm_inputs(tokens, hidden, dtype, 11 * tokens + hidden)
     for shape in range(_C.add_rmsnorm_configs()):
         if _C.add_rmsnorm_row_group(shape, hidden, x.element_size()) < 0:

@@ -105,16 +105,19 @@ def clean_l2() -> None:
     the lines an earlier one kept: on one H200 (bench/debug/norm_l2_carryover.py, bench/results/variants/95d8f74)
     norm shape 22 took 67.3-67.8 us at 4096 x 8192 after this, but 64.7-64.9 right after shape 20 or the compiled
     norm on the same tensors (both load x and the residual with L2::evict_last), and shape 18 at 4096 x 4096 31.4
-    us after shape 24 against 34.2-34.6."""
+    us after shape 24 against 34.2-34.6. The reset and the write were measured together, not each alone."""
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("tokenweave.bench.clean_l2: called during a CUDA graph capture; clean before capturing")
     device = torch.cuda.current_device()
     torch.cuda.synchronize(device)
-    try:
-        from tokenweave._ext import _C
+    from tokenweave._ext import _C
 
+    if _C is not None:  # without the extension the write below still evicts every line of normal priority
+        if not hasattr(_C, "reset_persisting_l2_cache"):
+            raise RuntimeError("tokenweave.bench.clean_l2: the built extension predates reset_persisting_l2_cache; "
+                               "rebuild it (pip install --no-build-isolation --no-deps -e .)")
         _C.reset_persisting_l2_cache()
-    except (ImportError, AttributeError):  # no extension: the write below still evicts every normal line
-        pass
-    if device not in _SCRUB:
+    if device not in _SCRUB:  # kept for the process (2 x L2: about 120 MiB on an H200), not allocated per timing
         _SCRUB[device] = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size // 4,
                                      dtype=torch.float32, device=device)
     _SCRUB[device].fill_(1.0)
