@@ -145,7 +145,9 @@ def main(argv=None) -> dict:
         print(note, flush=True)
 
     copy = harness.CopyBandwidth(device)  # once, before anything is timed
-    print(f"[{BENCH}] device copy {copy.peak_gbps:.0f} GB/s ({copy.peak_bytes >> 20} MiB read + written)", flush=True)
+    methods = ", ".join(f"{name} {g:.0f}" for name, g in copy.peak_by_method.items())
+    print(f"[{BENCH}] device copy {copy.peak_gbps:.0f} GB/s ({copy.peak_bytes >> 20} MiB read + written; {methods})",
+          flush=True)
     t0 = time.perf_counter()
     if compiled:  # every shape compiled and run once before any timing
         for hidden in hiddens:
@@ -202,8 +204,7 @@ def main(argv=None) -> dict:
                           "tokenweave": "tokenweave.add_rmsnorm",
                           harness.BASELINE_REPEAT: "the baseline timed again, last at each size (run-to-run noise)"},
              "extension": tw.HAS_EXTENSION,
-             "copy_bandwidth": {"GBps": round(copy.peak_gbps, 1), "traffic_bytes": copy.peak_bytes,
-                                "method": "device-to-device copy_, read + written bytes / time"},
+             "copy_bandwidth": copy.describe(),
              "low_bandwidth": low, "baseline_compile": summary, "compile_s": round(compile_s, 1), "notes": notes}
     json_path, png_path = harness.write_results(BENCH, 1, rows, args.out_dir, extra)
     print(f"wrote {json_path.resolve()}" + (f" and {png_path.name}" if png_path else ""), flush=True)

@@ -506,6 +506,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const cudaError_t e = cudaCtxResetPersistingL2Cache();
     TORCH_CHECK(e == cudaSuccess, "tokenweave.reset_persisting_l2_cache: ", cudaGetErrorString(e));
   });
+  // Benchmarks only (tokenweave.bench.harness.CopyBandwidth): the card's copy bandwidth through SM loads and stores
+  m.def("stream_copy", [](at::Tensor& dst, const at::Tensor& src) {
+    constexpr const char* op = "tokenweave.stream_copy";
+    TORCH_CHECK_VALUE(src.is_cuda() && dst.is_cuda() && src.device() == dst.device(), op,
+                      ": src and dst must be CUDA tensors on one device");
+    TORCH_CHECK_VALUE(src.is_contiguous() && dst.is_contiguous() && src.nbytes() == dst.nbytes(), op,
+                      ": src and dst must be contiguous and of equal size; got ", num(src.nbytes()), " and ",
+                      num(dst.nbytes()), " bytes");
+    TORCH_CHECK_VALUE(src.nbytes() % 16 == 0 && reinterpret_cast<uintptr_t>(src.data_ptr()) % 16 == 0 &&
+                          reinterpret_cast<uintptr_t>(dst.data_ptr()) % 16 == 0,
+                      op, ": sizes and addresses must be multiples of 16 bytes; got ", num(src.nbytes()), " bytes");
+    const c10::cuda::CUDAGuard guard(src.device());
+    const cudaError_t e = tw::stream_copy(src.data_ptr(), dst.data_ptr(), int64_t(src.nbytes()),
+                                          at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(e == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(e));
+  });
   m.def("set_programmatic_launch", &tw::set_programmatic_launch);
   m.def("programmatic_launch", &tw::programmatic_launch);
   m.attr("STATE_WORDS") = int(sizeof(tw::LocalState) / 4);

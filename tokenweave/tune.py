@@ -51,9 +51,11 @@ Two more stages need no communication: they run on one GPU in every mode (rank 0
     than those two differ, else shape 0. Shapes that are right but sum a row in another order (``OTHER_ORDER``:
     the residual bitwise, out within :data:`NORM_ORDER_TOLERANCE`) are timed too, in families that sum a row in
     one order (:func:`norm_families`: equal threads per row and equal bits on the probe batch). A family may
-    replace that choice at every count of the hidden, never at some, with its fastest member at each count: where
-    that is faster than the choice by more than the margin in geometric mean over the counts and at worst twice
-    the margin slower at any. A measured count stands for the counts up to
+    replace that choice at every count of the hidden, never at some, with one member at each count: where that is
+    faster than the choice by more than the margin in geometric mean over the counts and at worst twice the margin
+    slower at any. The member is the family's anchor (:func:`family_choice`: the best geometric mean) unless another
+    is faster at that count by more than :data:`FAMILY_MARGIN` and shape 0's two times differ. A measured count
+    stands for the counts up to
     the next one (the first from 1, the last open); consecutive counts with one shape merge into one entry
     (``min_tokens``/``max_tokens``), and shape 0 needs none.
 
@@ -113,6 +115,13 @@ NORM_MARGIN = 0.02
 # at 1 x 4096), and then a shape running shape 0's own kernel "beat" shape 0 by more than 2%. So shape 0 is timed
 # again after the others at each size: the faster of its two times is the reference, and a shape must beat it by
 # more than the two differ as well (see decide_norm_shapes).
+# Within a family of one summation order the bits are one, so choosing its member by count guards against noise only:
+# a member displaces the family's anchor at a count when faster by more than that count's run-to-run noise (shape
+# 0's two times, as above) and by more than this floor. Since harness.clean_l2 the tune and the bench timed one kernel
+# within 0.2% of each other from 4096 tokens (docs/PERFORMANCE.md, 95d8f74); below 64 tokens a call takes about 2 us,
+# its times are kept to 0.01 us (0.5%), and shape 0's two times there were often equal (no noise seen): 1% is two
+# such steps. NORM_MARGIN here kept shape 18 at 4096 x 4096, where 24 was 1.7% faster in the tune and in the bench.
+FAMILY_MARGIN = 0.01
 # Rows of the batch on which each shape's out and residual must equal shape 0's bits: more than one CTA of any
 # shape takes at once (at most 1024 threads / 32 per row), and a prime, so full and partial CTAs both take part.
 NORM_PROBE_ROWS = 257
@@ -347,43 +356,54 @@ def same_but_order(got: Sequence[torch.Tensor], reference: Sequence[torch.Tensor
 
 def decide_norm_shapes(times: dict[int, dict[int, float]], margin: float = NORM_MARGIN,
                        repeat: dict[int, float] | None = None,
-                       whole_range: Iterable[int | Sequence[int]] = ()) -> dict[int, int]:
+                       whole_range: Iterable[int | Sequence[int]] = (),
+                       family_margin: float = FAMILY_MARGIN) -> dict[int, int]:
     """The block shape per token count from ``times`` (tokens -> shape -> us, shape 0 among them): the fastest
     shape where it beats shape 0 by more than ``margin`` (a fraction of shape 0's time), else 0. Ties go to the
     lower shape number.
 
     ``repeat`` (tokens -> us): shape 0 timed again after the others. Where given, shape 0's time is the faster of
-    its two, and the margin at least their difference as a fraction of it (the run-to-run noise at that size).
+    its two, and the margin at least their difference as a fraction of it (the run-to-run noise at that size,
+    :func:`run_noise`).
 
     ``whole_range``: families of shapes with another summation order (:data:`OTHER_ORDER`, :func:`norm_families`;
     a bare shape number is a family of one), never mixed with the others. A family replaces the per-count choice
     at every count, with a member chosen by count (:func:`family_choice`), when over the counts that is
     faster than the choice by more than the margin in geometric mean and slower by at most twice the margin at any
     count (:func:`whole_range_gain`); of several, the one with the largest mean gain (ties: the lower shapes). Within
-    the family a member displaces its anchor at a count only by more than the margin (:func:`family_choice`)."""
+    the family a member displaces its anchor at a count only by more than ``family_margin`` and that count's noise
+    (:data:`FAMILY_MARGIN`: the bits are one, so only noise is at stake there)."""
     families = _as_families(whole_range)
+    noise = run_noise(times, repeat)
     choice, reference = _per_count_choice(times, margin, repeat, {s for f in families for s in f})
-    gains = {f: whole_range_gain(times, reference, f, margin) for f in families}
+    gains = {f: whole_range_gain(times, reference, f, family_margin, noise) for f in families}
     adopted = [f for f, (g, worst) in gains.items() if g > 1 + margin and worst >= 1 - 2 * margin]
     if adopted:
         best = min(adopted, key=lambda f: (-gains[f][0], f))
-        return family_choice(times, best, margin)
+        return family_choice(times, best, family_margin, noise)
     return choice
 
 
+def run_noise(times: dict[int, dict[int, float]], repeat: dict[int, float] | None) -> dict[int, float]:
+    """tokens -> the run-to-run noise there, ``|shape 0 - shape 0 again|`` as a fraction of the faster of the two;
+    counts without a repeat are left out."""
+    return {t: abs(by_shape[0] - repeat[t]) / min(by_shape[0], repeat[t])
+            for t, by_shape in times.items() if repeat and t in repeat and 0 in by_shape}
+
+
 def family_choice(times: dict[int, dict[int, float]], family: int | Sequence[int],
-                  margin: float = 0.0) -> dict[int, int]:
+                  margin: float = 0.0, noise: dict[int, float] | None = None) -> dict[int, int]:
     """tokens -> the shape of ``family`` that serves that count; counts where none of it was timed are left out.
 
     The family's anchor, its member timed at every count with the smallest geometric mean of time over the fastest
     member's (ties: the lower shape), serves each count unless another member is faster there by more than
-    ``margin`` (a fraction of the anchor's time); then the fastest (ties: the lower shape). So at ``margin=0`` a tie
-    with the anchor goes to the anchor. Where no member was timed at every count there is no anchor, and each count
-    takes its fastest member. Within a family the bits
-    are one, so the margin guards against noise only: members within a percent of each other swapped places between
-    runs (16 and 22 at 1024-2047 x 8192 in the runs of 90d5372, 01cc739 and 5674140), and the bench then timed the
-    member picked 8% slower (docs/PERFORMANCE.md)."""
+    ``margin`` and that count's ``noise`` (fractions of the anchor's time; :func:`run_noise`); then the fastest
+    (ties: the lower shape). So at ``margin=0`` without noise a tie with the anchor goes to the anchor. Where no
+    member was timed at every count there is no anchor, and each count takes its fastest member. Before
+    harness.clean_l2, members within a percent of each other swapped places between runs (16 and 22 at 1024-2047 x
+    8192 in the runs of 90d5372, 01cc739 and 5674140; docs/PERFORMANCE.md): the margin keeps such a member out."""
     members = _as_families([family])[0]
+    noise = noise or {}
     timed = {t: [s for s in members if s in by_shape] for t, by_shape in times.items()}
     everywhere = [s for s in members if all(s in by_shape for by_shape in times.values())]
     anchor = min(everywhere, key=lambda s: (sum(math.log(times[t][s] / min(times[t][m] for m in timed[t]))
@@ -393,7 +413,8 @@ def family_choice(times: dict[int, dict[int, float]], family: int | Sequence[int
         if not timed[tokens]:
             continue
         best = min(timed[tokens], key=lambda s: (by_shape[s], s))
-        keep = anchor is not None and by_shape[best] >= (1 - margin) * by_shape[anchor]
+        needed = max(margin, noise.get(tokens, 0.0))
+        keep = anchor is not None and by_shape[best] >= (1 - needed) * by_shape[anchor]
         choice[tokens] = anchor if keep else best
     return choice
 
@@ -403,11 +424,11 @@ def _per_count_choice(times: dict[int, dict[int, float]], margin: float, repeat:
     """decide_norm_shapes' choice per count among the shapes not in ``whole``, and the time of that choice (shape
     0's: the faster of its two)."""
     choice, reference = {}, {}
+    noise = run_noise(times, repeat)
     for tokens, by_shape in times.items():
-        base, needed = by_shape[0], margin
+        base, needed = by_shape[0], max(margin, noise.get(tokens, 0.0))
         if repeat is not None and tokens in repeat:
             base = min(by_shape[0], repeat[tokens])
-            needed = max(margin, abs(by_shape[0] - repeat[tokens]) / base)
         per_count = {s: us for s, us in by_shape.items() if s not in whole}
         best = min(per_count, key=lambda s: (per_count[s], s))
         choice[tokens] = best if best != 0 and per_count[best] < (1 - needed) * base else 0
@@ -416,11 +437,12 @@ def _per_count_choice(times: dict[int, dict[int, float]], margin: float, repeat:
 
 
 def whole_range_gain(times: dict[int, dict[int, float]], reference: dict[int, float],
-                     family: int | Sequence[int], margin: float = 0.0) -> tuple[float, float]:
+                     family: int | Sequence[int], margin: float = 0.0,
+                     noise: dict[int, float] | None = None) -> tuple[float, float]:
     """``(geometric mean, smallest)`` over the token counts of reference / time of the family's choice there
-    (:func:`family_choice` with ``margin``; a bare shape number is a family of one; > 1: faster); (0, 0) where no
-    shape of it was timed at some count."""
-    choice = family_choice(times, family, margin)
+    (:func:`family_choice` with ``margin`` and ``noise``; a bare shape number is a family of one; > 1: faster);
+    (0, 0) where no shape of it was timed at some count."""
+    choice = family_choice(times, family, margin, noise)
     if not times or len(choice) != len(times):
         return 0.0, 0.0
     ratios = [reference[t] / times[t][choice[t]] for t in times]
@@ -826,7 +848,8 @@ def _whole_range_gain_of(result: dict, shape: int, margin: float) -> tuple[float
     result."""
     orders = {s for s, why in result["shapes"].items() if why == OTHER_ORDER}
     _, reference = _per_count_choice(result["measured"], margin, result.get("repeat"), orders)
-    return whole_range_gain(result["measured"], reference, _family_of(result, shape), margin)
+    noise = run_noise(result["measured"], result.get("repeat"))
+    return whole_range_gain(result["measured"], reference, _family_of(result, shape), FAMILY_MARGIN, noise)
 
 
 def _range_text(lo: int, hi: int | None) -> str:
@@ -866,8 +889,9 @@ def make_norm_entries(norm: dict[int, dict], itemsize: int, key: str, prov: Prov
             family = sorted({s for h in hiddens for s in _family_of(norm[h], shape)})
             gains = "; ".join(f"{g:.3f}x in geometric mean, at worst {w:.3f}x, at hidden {h}"
                               for h in hiddens for g, w in [_whole_range_gain_of(norm[h], shape, margin)])
-            kin = (f"its family (shapes {', '.join(map(str, family))}: one summation order, the fastest of them at "
-                   f"each count)" if len(family) > 1 else "it")
+            kin = (f"its family (shapes {', '.join(map(str, family))}: one summation order; at each count its anchor "
+                   f"unless another member is faster by more than {FAMILY_MARGIN:.1%} and shape 0's run-to-run "
+                   f"difference)" if len(family) > 1 else "it")
             beat = (f"it sums a row in another order than shape 0, so {kin} serves every token count or none; over "
                     f"the per-count choice: {gains} (needs more than {1 + margin:.2f}x, and at least "
                     f"{1 - 2 * margin:.2f}x at every count); its times against shape 0's: {beat}")

@@ -126,6 +126,37 @@ def test_copy_bandwidth_on_cpu_counts_read_and_written_bytes():
     assert len(calls) == 2
 
 
+def test_copy_bandwidth_is_the_faster_method_at_each_size():
+    """Each size's bandwidth is the fastest of the copy methods (cudaMemcpy is slower than an SM copy on Hopper), and
+    the results' description names every method with its large-copy bandwidth."""
+    assert list(harness.CopyBandwidth(torch.device("cpu"), lambda fn, **kw: (fn(), 1000.0)[1],
+                                      peak_bytes=2 << 20).methods) == ["copy_"]  # no SM copy without a GPU
+    ran: list[tuple[str, int]] = []
+    us = {"memcpy": 1000.0, "sm": 600.0}
+
+    def method(name):
+        def copy(dst, src):
+            dst.copy_(src)
+            ran.append((name, src.numel()))
+        return copy
+
+    def timer(fn, **kw):
+        fn()
+        return us[ran[-1][0]] if ran[-1][0] != "sm" or ran[-1][1] > 4096 else 2000.0  # sm slower when small
+
+    copy = harness.CopyBandwidth(torch.device("cpu"), timer, peak_bytes=2 << 20,
+                                 methods={"memcpy": method("memcpy"), "sm": method("sm")})
+    assert copy.peak_by_method == {"memcpy": pytest.approx((2 << 20) / 1000e3), "sm": pytest.approx((2 << 20) / 600e3)}
+    assert copy.peak_gbps == pytest.approx((2 << 20) / 600e3)
+    assert ran == [("memcpy", 1 << 20), ("sm", 1 << 20)]  # each copies half the traffic (read + written counted)
+    assert copy.gbps(8192) == pytest.approx(8192 / 1000e3)  # at 8 KiB of traffic memcpy is the faster
+    copy.gbps(8192)
+    assert len(ran) == 4  # cached per size
+    d = copy.describe()
+    assert d["GBps"] == round(copy.peak_gbps, 1) and set(d["by_method"]) == {"memcpy", "sm"}
+    assert "memcpy and sm" in d["method"]
+
+
 def test_time_wall_calls_and_resets():
     calls, resets = [], []
     us = harness.time_wall(lambda: calls.append(1), calls=4, replays=3, warmup=2,

@@ -414,7 +414,10 @@ def test_family_member_displaces_its_anchor_only_by_more_than_the_margin():
     assert tune.family_choice(times, (16, 22)) == {1: 22, 128: 16, 1024: 22, 4096: 16}  # no margin: the fastest
     assert tune.family_choice(times, (16, 22), margin=0.02) == {1: 16, 128: 16, 1024: 22, 4096: 16}
     assert tune.family_choice(times, (22,), margin=0.02) == {1: 22, 128: 22, 1024: 22}  # never timed at 4096
-    assert tune.decide_norm_shapes(times, whole_range=[(16, 22)]) == {1: 16, 128: 16, 1024: 22, 4096: 16}
+    # decide_norm_shapes chooses the member by FAMILY_MARGIN (1%), not NORM_MARGIN: 22's 1.1% at 1 token is enough
+    assert tune.decide_norm_shapes(times, whole_range=[(16, 22)]) == {1: 22, 128: 16, 1024: 22, 4096: 16}
+    assert tune.decide_norm_shapes(times, whole_range=[(16, 22)], family_margin=0.02) == {
+        1: 16, 128: 16, 1024: 22, 4096: 16}
     gain, worst = tune.whole_range_gain(times, {t: 10.0 for t in times}, (16, 22), margin=0.02)
     assert worst == pytest.approx(10.0 / 9.0) and gain == pytest.approx((10 / 9.0) ** 0.75 * (10 / 8.7) ** 0.25)
     times[128][22] = 8.0  # now 22 has the best geometric mean where both ran, yet is not timed at 4096: 16 anchors
@@ -428,6 +431,30 @@ def test_family_member_displaces_its_anchor_only_by_more_than_the_margin():
     edge = {1: {16: 10.0, 22: 7.5}, 2: {16: 10.0, 22: 20.0}}  # 16 anchors; at 1 token 22 is exactly 25% faster
     assert tune.family_choice(edge, (16, 22), margin=0.25) == {1: 16, 2: 16}
     assert tune.family_choice(edge, (16, 22), margin=0.24) == {1: 22, 2: 16}
+
+
+def test_family_member_needs_more_than_the_counts_noise():
+    """A member displaces the anchor only by more than FAMILY_MARGIN and by more than shape 0's two times differ at
+    that count (run_noise): the 4096 x 4096 case of 95d8f74, where 24 was 1.7% faster than the anchor 18."""
+    times = {1: {0: 2.34, 18: 1.74, 24: 1.87},
+             8: {0: 2.43, 18: 1.81, 24: 1.80},        # 0.55% faster: under the floor
+             16: {0: 2.5, 18: 1.90, 24: 2.05},
+             128: {0: 2.75, 18: 1.93, 24: 2.04},      # 18 faster at few tokens: the anchor (best geometric mean)
+             2048: {0: 19.0, 18: 16.97, 24: 16.03},   # 5.5% faster, noise 0.74%
+             4096: {0: 37.2, 18: 34.66, 24: 34.08},   # 1.7% faster, noise 0.05%
+             8192: {0: 80.0, 18: 70.0, 24: 68.8}}     # 1.7% faster, but shape 0's two times differ by 2%
+    repeat = {1: 2.33, 8: 2.44, 2048: 18.86, 4096: 37.22, 8192: 81.6}
+    noise = tune.run_noise(times, repeat)
+    assert noise[4096] == pytest.approx(0.02 / 37.2) and noise[8192] == pytest.approx(0.02)
+    assert tune.run_noise(times, None) == {} and set(tune.run_noise(times, {8: 2.4})) == {8}
+    assert tune.FAMILY_MARGIN == 0.01 < tune.NORM_MARGIN
+    small = {1: 18, 8: 18, 16: 18, 128: 18}
+    assert tune.family_choice(times, (18, 24), tune.FAMILY_MARGIN, noise) == {**small, 2048: 24, 4096: 24, 8192: 18}
+    assert tune.family_choice(times, (18, 24), tune.FAMILY_MARGIN) == {**small, 2048: 24, 4096: 24, 8192: 24}
+    assert tune.decide_norm_shapes(times, repeat=repeat, whole_range=[(18, 24)]) == {
+        **small, 2048: 24, 4096: 24, 8192: 18}
+    # the old margin (NORM_MARGIN, 2%) kept the anchor at 4096
+    assert tune.decide_norm_shapes(times, repeat=repeat, whole_range=[(18, 24)], family_margin=0.02)[4096] == 18
 
 
 def test_norm_decision_against_shape_0_timed_twice():

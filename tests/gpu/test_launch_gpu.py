@@ -8,6 +8,7 @@
   kernel, or a Triton kernel that triggers its dependents first (griddepcontrol.launch_dependents) and then
   spins 20 us before it writes: our kernel then surely starts before x is written. The same for every
   collective algorithm in the emulated world (W ranks on this GPU).
+- The benchmarks' copy yardstick (``_C.stream_copy``) copies every byte and refuses what it cannot copy.
 """
 from __future__ import annotations
 
@@ -273,3 +274,29 @@ def test_pdl_collectives_in_the_emulated_world(pdl, W, algo, writer):
             results[on] = replayed[0]
         assert not results[True].isnan().any()
         assert torch.equal(results[True], results[False]), "PDL on gives other bits than PDL off"
+
+
+@pytest.mark.parametrize("nbytes", [16, 4096 + 48, (1 << 20) + 16 * 7, 3 * (1 << 24) + 16 * 1001])
+def test_stream_copy_copies_every_byte(nbytes):
+    """The benchmarks' copy yardstick (_C.stream_copy): every byte of random data lands, at sizes that leave a
+    partial grid-stride step, into a poisoned destination at an offset; nothing past the end is written."""
+    g = torch.Generator(device="cuda").manual_seed(nbytes)
+    src = torch.randint(0, 256, (nbytes + 32,), dtype=torch.uint8, device="cuda", generator=g)[16:16 + nbytes]
+    dst_full = torch.full((nbytes + 64,), 0xA5, dtype=torch.uint8, device="cuda")
+    dst = dst_full[32:32 + nbytes]
+    _C.stream_copy(dst, src)
+    torch.cuda.synchronize()
+    assert torch.equal(dst, src)
+    assert bool((dst_full[:32] == 0xA5).all()) and bool((dst_full[32 + nbytes:] == 0xA5).all())
+
+
+def test_stream_copy_rejects_what_it_cannot_copy():
+    src = torch.zeros(64, dtype=torch.uint8, device="cuda")
+    with pytest.raises((ValueError, RuntimeError), match="tokenweave.stream_copy: .*equal size"):
+        _C.stream_copy(torch.empty(48, dtype=torch.uint8, device="cuda"), src)
+    with pytest.raises((ValueError, RuntimeError), match="tokenweave.stream_copy: .*multiples of 16"):
+        _C.stream_copy(torch.empty(24, dtype=torch.uint8, device="cuda"), src[:24])
+    with pytest.raises((ValueError, RuntimeError), match="tokenweave.stream_copy: .*multiples of 16"):
+        _C.stream_copy(torch.empty(32, dtype=torch.uint8, device="cuda"), src[8:40])
+    with pytest.raises((ValueError, RuntimeError), match="tokenweave.stream_copy: .*CUDA"):
+        _C.stream_copy(torch.empty(64, dtype=torch.uint8), src)

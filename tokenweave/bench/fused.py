@@ -551,8 +551,7 @@ def report(ctx: Context, rows: list[dict], compile_s: float) -> None:
              "timing": (f"CUDA graph of {ctx.args.calls} calls, median of {ctx.args.replays} replays, us per call"
                         if on_gpu else f"eager wall clock, {ctx.args.calls} calls, median of {ctx.args.replays}"),
              "variants": {v: _legend(v) for v in dict.fromkeys(r["variant"] for r in rows)},
-             "copy_bandwidth": {"GBps": round(ctx.copy.peak_gbps, 1), "traffic_bytes": ctx.copy.peak_bytes,
-                                "method": "device-to-device copy_, read + written bytes / time",
+             "copy_bandwidth": {**ctx.copy.describe(),
                                 "low_flag": f"norm below {harness.LOW_BANDWIDTH_FRACTION} x this bandwidth where a "
                                             "copy of the same bytes reaches that fraction (bw_low null elsewhere)"},
              "baseline_norm_low_bandwidth": low, "baseline_compile": compiled or "eager",
