@@ -48,13 +48,14 @@ Two more stages need no communication: they run on one GPU in every mode (rank 0
     switched between by batch size, so a row's result never depends on its batch. Each is timed at every token
     count (with PDL as the launch stage decided), and shape 0 again after them; per count the fastest wins if it
     beats the faster of shape 0's two times (the kernel's own pick) by more than :data:`NORM_MARGIN` and by more
-    than those two differ, else shape 0. Shapes that are right but sum a row in another order (``OTHER_ORDER``:
+    than the noise (:func:`run_noise`: how far the two times were apart, at most, among calls of like length), else
+    shape 0. Shapes that are right but sum a row in another order (``OTHER_ORDER``:
     the residual bitwise, out within :data:`NORM_ORDER_TOLERANCE`) are timed too, in families that sum a row in
     one order (:func:`norm_families`: equal threads per row and equal bits on the probe batch). A family may
     replace that choice at every count of the hidden, never at some, with one member at each count: where that is
     faster than the choice by more than the margin in geometric mean over the counts and at worst twice the margin
     slower at any. The member is the family's anchor (:func:`family_choice`: the best geometric mean) unless another
-    is faster at that count by more than :data:`FAMILY_MARGIN` and shape 0's two times differ. A measured count
+    is faster at that count by more than :data:`FAMILY_MARGIN` and the noise. A measured count
     stands for the counts up to
     the next one (the first from 1, the last open); consecutive counts with one shape merge into one entry
     (``min_tokens``/``max_tokens``), and shape 0 needs none.
@@ -114,7 +115,7 @@ NORM_MARGIN = 0.02
 # ... but at a few microseconds one run can be 9% off (bench/results/add_rmsnorm-h200-tp1.json, e6bb5c4: 2.2 vs 2.0 us
 # at 1 x 4096), and then a shape running shape 0's own kernel "beat" shape 0 by more than 2%. So shape 0 is timed
 # again after the others at each size: the faster of its two times is the reference, and a shape must beat it by
-# more than the two differ as well (see decide_norm_shapes).
+# more than the noise as well (run_noise: the two times' largest difference among calls of like length).
 # Within a family of one summation order the bits are one, so choosing its member by count guards against noise only:
 # a member displaces the family's anchor at a count when faster by more than that count's run-to-run noise (shape
 # 0's two times, as above) and by more than this floor. Since harness.clean_l2 the tune and the bench timed one kernel
@@ -363,8 +364,7 @@ def decide_norm_shapes(times: dict[int, dict[int, float]], margin: float = NORM_
     lower shape number.
 
     ``repeat`` (tokens -> us): shape 0 timed again after the others. Where given, shape 0's time is the faster of
-    its two, and the margin at least their difference as a fraction of it (the run-to-run noise at that size,
-    :func:`run_noise`).
+    its two, and the margin at least the run-to-run noise at that size (:func:`run_noise`).
 
     ``whole_range``: families of shapes with another summation order (:data:`OTHER_ORDER`, :func:`norm_families`;
     a bare shape number is a family of one), never mixed with the others. A family replaces the per-count choice
@@ -385,10 +385,13 @@ def decide_norm_shapes(times: dict[int, dict[int, float]], margin: float = NORM_
 
 
 def run_noise(times: dict[int, dict[int, float]], repeat: dict[int, float] | None) -> dict[int, float]:
-    """tokens -> the run-to-run noise there, ``|shape 0 - shape 0 again|`` as a fraction of the faster of the two;
-    counts without a repeat are left out."""
-    return {t: abs(by_shape[0] - repeat[t]) / min(by_shape[0], repeat[t])
-            for t, by_shape in times.items() if repeat and t in repeat and 0 in by_shape}
+    """tokens -> the run-to-run noise there: the largest ``|shape 0 - shape 0 again|`` (as a fraction of the faster
+    of the two) among the counts whose shape 0 call took from half to twice as long as at this count; counts
+    without a repeat are left out. One repeat is one sample, and calls of like length share their noise: at 2 x
+    4096 the two times were equal, at 256 x 4096 (3.2 us against 2.4) 2.5% apart (the tune of 4c12610)."""
+    sample = {t: (abs(by_shape[0] - repeat[t]) / min(by_shape[0], repeat[t]), min(by_shape[0], repeat[t]))
+              for t, by_shape in times.items() if repeat and t in repeat and 0 in by_shape}
+    return {t: max(n for n, us in sample.values() if own / 2 <= us <= 2 * own) for t, (_, own) in sample.items()}
 
 
 def family_choice(times: dict[int, dict[int, float]], family: int | Sequence[int],
@@ -890,14 +893,14 @@ def make_norm_entries(norm: dict[int, dict], itemsize: int, key: str, prov: Prov
             gains = "; ".join(f"{g:.3f}x in geometric mean, at worst {w:.3f}x, at hidden {h}"
                               for h in hiddens for g, w in [_whole_range_gain_of(norm[h], shape, margin)])
             kin = (f"its family (shapes {', '.join(map(str, family))}: one summation order; at each count its anchor "
-                   f"unless another member is faster by more than {FAMILY_MARGIN:.1%} and shape 0's run-to-run "
-                   f"difference)" if len(family) > 1 else "it")
+                   f"unless another member is faster by more than {FAMILY_MARGIN:.1%} and the run-to-run noise of "
+                   f"shape 0 at calls of like length)" if len(family) > 1 else "it")
             beat = (f"it sums a row in another order than shape 0, so {kin} serves every token count or none; over "
                     f"the per-count choice: {gains} (needs more than {1 + margin:.2f}x, and at least "
                     f"{1 - 2 * margin:.2f}x at every count); its times against shape 0's: {beat}")
         else:
             beat = (f"beat shape 0 (the kernel's own pick){twice} by more than {margin:.0%} and its run-to-run "
-                    f"difference: {beat}")
+                    f"noise at calls of like length: {beat}")
         source = (f"{_one_gpu_where(prov)}: at {_range_text(lo, hi)} shape {shape}: {beat}; also timed (shape 0's "
                   f"bits): {', '.join(map(str, others)) or 'none'}"
                   + (f"; (another summation order): {', '.join(map(str, orders))}" if orders else "")

@@ -441,12 +441,16 @@ def test_family_member_needs_more_than_the_counts_noise():
              16: {0: 2.5, 18: 1.90, 24: 2.05},
              128: {0: 2.75, 18: 1.93, 24: 2.04},      # 18 faster at few tokens: the anchor (best geometric mean)
              2048: {0: 19.0, 18: 16.97, 24: 16.03},   # 5.5% faster, noise 0.74%
-             4096: {0: 37.2, 18: 34.66, 24: 34.08},   # 1.7% faster, noise 0.05%
+             4096: {0: 37.2, 18: 34.66, 24: 34.08},   # 1.7% faster, noise 0.05% here, 0.74% at 2048
              8192: {0: 80.0, 18: 70.0, 24: 68.8}}     # 1.7% faster, but shape 0's two times differ by 2%
     repeat = {1: 2.33, 8: 2.44, 2048: 18.86, 4096: 37.22, 8192: 81.6}
     noise = tune.run_noise(times, repeat)
-    assert noise[4096] == pytest.approx(0.02 / 37.2) and noise[8192] == pytest.approx(0.02)
-    assert tune.run_noise(times, None) == {} and set(tune.run_noise(times, {8: 2.4})) == {8}
+    # each count takes the largest sample among calls from half to twice as long (counts without a repeat: none)
+    assert set(noise) == set(repeat)
+    assert noise[1] == noise[8] == pytest.approx(0.01 / 2.33)
+    assert noise[2048] == noise[4096] == pytest.approx(0.14 / 18.86)  # 37.2 us is within twice 18.86
+    assert noise[8192] == pytest.approx(0.02)  # 80 us: 37.2 and 80 are its like; 18.86 is not
+    assert tune.run_noise(times, None) == {} and tune.run_noise(times, {8: 2.4}) == {8: pytest.approx(0.03 / 2.4)}
     assert tune.FAMILY_MARGIN == 0.01 < tune.NORM_MARGIN
     small = {1: 18, 8: 18, 16: 18, 128: 18}
     assert tune.family_choice(times, (18, 24), tune.FAMILY_MARGIN, noise) == {**small, 2048: 24, 4096: 24, 8192: 18}
@@ -459,15 +463,19 @@ def test_family_member_needs_more_than_the_counts_noise():
 
 def test_norm_decision_against_shape_0_timed_twice():
     """Shape 0 timed again after the others: the faster of its two times is the reference, and a shape must beat it
-    by more than the margin and by more than the two differ (the noise at that size)."""
+    by more than the margin and by more than the noise at that size (run_noise: the largest difference of the two
+    among calls from half to twice as long)."""
     times = {2: {0: 2.6, 1: 2.4},          # shape 0's own kernel, 8% "faster" than a slow first timing of shape 0
              16: {0: 10.0, 4: 9.7},        # 3% faster, shape 0 steady: wins
-             128: {0: 10.0, 4: 9.5},       # 5% faster, but shape 0's two times differ by 6%: noise
-             1024: {0: 10.4, 9: 9.9}}      # 1% faster than the faster time of shape 0 only: within the margin
-    repeat = {2: 2.4, 16: 10.02, 128: 10.6, 1024: 10.0}
+             128: {0: 25.0, 4: 23.75},     # 5% faster, but shape 0's two times differ by 6%: noise
+             1024: {0: 83.2, 9: 79.2}}     # 1% faster than the faster time of shape 0 only: within the margin
+    repeat = {2: 2.4, 16: 10.02, 128: 26.5, 1024: 80.0}
     assert tune.decide_norm_shapes(times) == {2: 1, 16: 4, 128: 4, 1024: 9}  # one time of shape 0 each: fooled
     assert tune.decide_norm_shapes(times, repeat=repeat) == {2: 0, 16: 4, 128: 0, 1024: 0}
     assert tune.decide_norm_shapes(times, repeat={16: 10.02}) == {2: 1, 16: 4, 128: 4, 1024: 9}  # per count
+    # a call of like length (15 us, within twice 10) that was 6.7% noisy makes 16's 3% noise too
+    like = {**times, 32: {0: 15.0}}
+    assert tune.decide_norm_shapes(like, repeat={**repeat, 32: 16.0})[16] == 0
 
 
 def test_token_ranges_cover_every_count_once():
