@@ -154,7 +154,8 @@ def test_copy_bandwidth_is_the_faster_method_at_each_size():
     assert len(ran) == 4  # cached per size
     d = copy.describe()
     assert d["GBps"] == round(copy.peak_gbps, 1) and set(d["by_method"]) == {"memcpy", "sm"}
-    assert "memcpy and sm" in d["method"]
+    assert "memcpy, sm" in d["method"]
+    assert copy.nominal_gbps is None and d["nominal_GBps"] is None  # no card: no nominal bandwidth
 
 
 def test_time_wall_calls_and_resets():

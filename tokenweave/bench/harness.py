@@ -303,11 +303,10 @@ def add_rmsnorm_traffic_bytes(tokens: int, hidden: int, itemsize: int) -> int:
 class CopyBandwidth:
     """Device-to-device copy bandwidth, the yardstick of memory-bound kernels (read + write bytes counted).
 
-    A size's bandwidth is the faster of the copies in :attr:`methods`: ``copy_`` (cudaMemcpy device-to-device), and
-    on a GPU with the extension built ``stream_copy`` (``_C.stream_copy``: 16-byte loads and stores on every SM).
-    cudaMemcpy alone moved 2716 GB/s on one H200 at 95d8f74, where the norm kernels reached about 4.2 TB/s, so it
+    A size's bandwidth is the fastest of the copies in :attr:`methods` (:meth:`default_methods`). cudaMemcpy alone
+    moved 2716 GB/s at 2 GiB of traffic on one H200 at 95d8f74, where the norm kernels reached about 4.2 TB/s, so it
     was no ceiling. ``peak_gbps`` is a large copy (``peak_bytes`` of traffic): the card's copy bandwidth, and
-    :attr:`peak_by_method` each method's. :meth:`gbps` times a copy moving the same traffic as a kernel, which tells
+    :attr:`peak_by_method` each method's; :attr:`nominal_gbps` the card's nominal memory bandwidth. :meth:`gbps` times a copy moving the same traffic as a kernel, which tells
     whether that size is bandwidth-bound at all (at a few KB launch and tail latency bound a copy and a kernel
     alike).
     """
@@ -320,17 +319,37 @@ class CopyBandwidth:
         self.calls, self.replays = calls, replays
         self.methods = methods if methods is not None else self.default_methods(device)
         self._by_method: dict[int, dict[str, float]] = {}
-        if peak_bytes is None:  # 2 GiB of traffic on a GPU saturates HBM; a CPU run only checks the pipeline
-            peak_bytes = 2 << 30 if device.type == "cuda" else 32 << 20
+        # 512 MiB of traffic on a GPU, about 10x the L2 of an H100 or H200: there cudaMemcpy moved 4238 GB/s on one
+        # H200 and at 2 GiB 2771 (bench/results/variants/60dd033/copy_probe.json); a CPU run only checks the pipeline
+        if peak_bytes is None:
+            peak_bytes = 512 << 20 if device.type == "cuda" else 32 << 20
         self.peak_bytes = peak_bytes
         self.peak_by_method = self.by_method(peak_bytes)
         self.peak_gbps = max(self.peak_by_method.values())
+        self.nominal_gbps = self.nominal_memory_gbps(device)
+
+    @staticmethod
+    def nominal_memory_gbps(device: torch.device) -> float | None:
+        """The card's nominal memory bandwidth (GB/s, from its memory clock and bus width; ``_C``), None on a CPU or
+        without the extension."""
+        if device.type != "cuda":
+            return None
+        from tokenweave._ext import _C
+
+        if _C is None or not hasattr(_C, "nominal_memory_gbps"):
+            return None
+        with torch.cuda.device(device):
+            return float(_C.nominal_memory_gbps())
 
     @staticmethod
     def default_methods(device: torch.device) -> dict[str, Callable[[torch.Tensor, torch.Tensor], object]]:
-        """name -> copy(dst, src): ``copy_`` everywhere, ``stream_copy`` on a GPU with the extension built."""
+        """name -> copy(dst, src): ``copy_`` everywhere; on a GPU torch's elementwise kernel (``bitwise_not`` of int64
+        views: a read and a write of each byte) and, with the extension built, ``stream_copy``. None is fastest at
+        every size (bench/debug/copy_probe.py: at 1 GiB copied the elementwise kernel, at 256 MiB cudaMemcpy)."""
         methods: dict[str, Callable[[torch.Tensor, torch.Tensor], object]] = {"copy_": lambda dst, src: dst.copy_(src)}
         if device.type == "cuda":
+            methods["torch_elementwise"] = lambda dst, src: torch.bitwise_not(src.view(torch.int64),
+                                                                              out=dst.view(torch.int64))
             from tokenweave._ext import _C
 
             if _C is not None and hasattr(_C, "stream_copy"):
@@ -362,8 +381,10 @@ class CopyBandwidth:
         """The results file's ``copy_bandwidth``: the card's copy bandwidth and how it was measured."""
         return {"GBps": round(self.peak_gbps, 1), "traffic_bytes": self.peak_bytes,
                 "by_method": {name: round(g, 1) for name, g in self.peak_by_method.items()},
-                "method": "the faster of " + " and ".join(self.methods) + " device to device, read + written bytes "
-                          "/ time (copy_: cudaMemcpy; stream_copy: tokenweave's 16-byte SM copy, _C.stream_copy)"}
+                "nominal_GBps": None if self.nominal_gbps is None else round(self.nominal_gbps, 1),
+                "method": "the fastest of " + ", ".join(self.methods) + " device to device, read + written bytes / "
+                          "time (copy_: cudaMemcpy; torch_elementwise: torch.bitwise_not of int64 views; stream_copy: "
+                          "tokenweave's 16-byte SM copy, _C.stream_copy)"}
 
 
 def bandwidth_fields(us: float | None, traffic_bytes: int, copy: CopyBandwidth | None) -> dict:
