@@ -522,6 +522,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                           at::cuda::getCurrentCUDAStream());
     TORCH_CHECK(e == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(e));
   });
+  // Benchmarks only: the current device's nominal memory bandwidth in GB/s (1e9 bytes), from its peak memory clock
+  // (two transfers a clock) and bus width: the card's number beside the measured copy
+  m.def("nominal_memory_gbps", []() {
+    int dev = 0, clock_khz = 0, bus_bits = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, dev);
+    TORCH_CHECK(e == cudaSuccess, "tokenweave.nominal_memory_gbps: ", cudaGetErrorString(e));
+    return 2.0 * double(clock_khz) * 1e3 * double(bus_bits) / 8.0 / 1e9;
+  });
   m.def("set_programmatic_launch", &tw::set_programmatic_launch);
   m.def("programmatic_launch", &tw::programmatic_launch);
   m.attr("STATE_WORDS") = int(sizeof(tw::LocalState) / 4);

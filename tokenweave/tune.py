@@ -55,7 +55,7 @@ Two more stages need no communication: they run on one GPU in every mode (rank 0
     replace that choice at every count of the hidden, never at some, with one member at each count: where that is
     faster than the choice by more than the margin in geometric mean over the counts and at worst twice the margin
     slower at any. The member is the family's anchor (:func:`family_choice`: the best geometric mean) unless another
-    is faster at that count by more than :data:`FAMILY_MARGIN` and the noise. A measured count
+    is faster at that count by more than :data:`FAMILY_MARGIN` and twice the noise. A measured count
     stands for the counts up to
     the next one (the first from 1, the last open); consecutive counts with one shape merge into one entry
     (``min_tokens``/``max_tokens``), and shape 0 needs none.
@@ -117,8 +117,8 @@ NORM_MARGIN = 0.02
 # again after the others at each size: the faster of its two times is the reference, and a shape must beat it by
 # more than the noise as well (run_noise: the two times' largest difference among calls of like length).
 # Within a family of one summation order the bits are one, so choosing its member by count guards against noise only:
-# a member displaces the family's anchor at a count when faster by more than that count's run-to-run noise (shape
-# 0's two times, as above) and by more than this floor. Since harness.clean_l2 the tune and the bench timed one kernel
+# a member displaces the family's anchor at a count when faster by more than twice that count's run-to-run noise
+# (family_noise) and by more than this floor. Since harness.clean_l2 the tune and the bench timed one kernel
 # within 0.2% of each other from 4096 tokens (docs/PERFORMANCE.md, 95d8f74); below 64 tokens a call takes about 2 us,
 # its times are kept to 0.01 us (0.5%), and shape 0's two times there were often equal (no noise seen): 1% is two
 # such steps. NORM_MARGIN here kept shape 18 at 4096 x 4096, where 24 was 1.7% faster in the tune and in the bench.
@@ -371,10 +371,10 @@ def decide_norm_shapes(times: dict[int, dict[int, float]], margin: float = NORM_
     at every count, with a member chosen by count (:func:`family_choice`), when over the counts that is
     faster than the choice by more than the margin in geometric mean and slower by at most twice the margin at any
     count (:func:`whole_range_gain`); of several, the one with the largest mean gain (ties: the lower shapes). Within
-    the family a member displaces its anchor at a count only by more than ``family_margin`` and that count's noise
-    (:data:`FAMILY_MARGIN`: the bits are one, so only noise is at stake there)."""
+    the family a member displaces its anchor at a count only by more than ``family_margin`` and that count's
+    :func:`family_noise` (:data:`FAMILY_MARGIN`: the bits are one, so only noise is at stake there)."""
     families = _as_families(whole_range)
-    noise = run_noise(times, repeat)
+    noise = family_noise(times, repeat)
     choice, reference = _per_count_choice(times, margin, repeat, {s for f in families for s in f})
     gains = {f: whole_range_gain(times, reference, f, family_margin, noise) for f in families}
     adopted = [f for f, (g, worst) in gains.items() if g > 1 + margin and worst >= 1 - 2 * margin]
@@ -387,11 +387,20 @@ def decide_norm_shapes(times: dict[int, dict[int, float]], margin: float = NORM_
 def run_noise(times: dict[int, dict[int, float]], repeat: dict[int, float] | None) -> dict[int, float]:
     """tokens -> the run-to-run noise there: the largest ``|shape 0 - shape 0 again|`` (as a fraction of the faster
     of the two) among the counts whose shape 0 call took from half to twice as long as at this count; counts
-    without a repeat are left out. One repeat is one sample, and calls of like length share their noise: at 2 x
-    4096 the two times were equal, at 256 x 4096 (3.2 us against 2.4) 2.5% apart (the tune of 4c12610)."""
+    without a repeat are left out. One repeat is one sample, and calls of like length share their noise: at 1 x
+    4096 the two times were equal, at 256 x 4096 (3.2 us against 2.3) 2.5% apart (the tune of 4c12610,
+    bench/results/variants/4c12610)."""
     sample = {t: (abs(by_shape[0] - repeat[t]) / min(by_shape[0], repeat[t]), min(by_shape[0], repeat[t]))
               for t, by_shape in times.items() if repeat and t in repeat and 0 in by_shape}
     return {t: max(n for n, us in sample.values() if own / 2 <= us <= 2 * own) for t, (_, own) in sample.items()}
+
+
+def family_noise(times: dict[int, dict[int, float]], repeat: dict[int, float] | None) -> dict[int, float]:
+    """tokens -> twice :func:`run_noise`: what a member must beat its family's anchor by at that count (with
+    :data:`FAMILY_MARGIN`). The member's time and the anchor's each carry the noise of one timing, so their
+    difference can be off by twice it: at 1 x 4096 the tune of 7314e38 timed shape 25 2.9% faster than 18 where
+    shape 0's noise was 3.0%, and the bench of that run timed it 7.0% slower (bench/results/variants/7314e38)."""
+    return {t: 2 * n for t, n in run_noise(times, repeat).items()}
 
 
 def family_choice(times: dict[int, dict[int, float]], family: int | Sequence[int],
@@ -851,7 +860,7 @@ def _whole_range_gain_of(result: dict, shape: int, margin: float) -> tuple[float
     result."""
     orders = {s for s, why in result["shapes"].items() if why == OTHER_ORDER}
     _, reference = _per_count_choice(result["measured"], margin, result.get("repeat"), orders)
-    noise = run_noise(result["measured"], result.get("repeat"))
+    noise = family_noise(result["measured"], result.get("repeat"))
     return whole_range_gain(result["measured"], reference, _family_of(result, shape), FAMILY_MARGIN, noise)
 
 
@@ -893,8 +902,8 @@ def make_norm_entries(norm: dict[int, dict], itemsize: int, key: str, prov: Prov
             gains = "; ".join(f"{g:.3f}x in geometric mean, at worst {w:.3f}x, at hidden {h}"
                               for h in hiddens for g, w in [_whole_range_gain_of(norm[h], shape, margin)])
             kin = (f"its family (shapes {', '.join(map(str, family))}: one summation order; at each count its anchor "
-                   f"unless another member is faster by more than {FAMILY_MARGIN:.1%} and the run-to-run noise of "
-                   f"shape 0 at calls of like length)" if len(family) > 1 else "it")
+                   f"unless another member is faster by more than {FAMILY_MARGIN:.1%} and twice the run-to-run "
+                   f"noise of shape 0 at calls of like length)" if len(family) > 1 else "it")
             beat = (f"it sums a row in another order than shape 0, so {kin} serves every token count or none; over "
                     f"the per-count choice: {gains} (needs more than {1 + margin:.2f}x, and at least "
                     f"{1 - 2 * margin:.2f}x at every count); its times against shape 0's: {beat}")

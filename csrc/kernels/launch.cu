@@ -677,12 +677,13 @@ cudaError_t peer_probe(const CommDevice& c, uint64_t magic, uint64_t* result, cu
   return cudaGetLastError();
 }
 
-// The copy yardstick of the benchmarks (tokenweave.bench.harness.CopyBandwidth): cudaMemcpy device-to-device moved
-// 2716 GB/s (read + written) on one H200 at 95d8f74 where the norm kernels reached about 4.2 TB/s, so it understated
-// what the card's HBM does. Each thread keeps kCopyUnroll 16-byte loads in flight before its stores (64 bytes; 2048
-// threads an SM then hold 128 KiB in flight an SM, several times the ~22 KiB that 4.8 TB/s over 132 SMs at ~600 ns of
-// DRAM latency asks), grid-stride over exactly the CTAs that are resident at once: at 4c12610 the kernel took 34
-// registers, 6 of its 8 CTAs an SM fit, the other 2 ran as a second wave, and it reached 3851 GB/s.
+// One of the benchmarks' copy yardsticks (tokenweave.bench.harness.CopyBandwidth): a plain SM copy beside cudaMemcpy
+// and torch's elementwise kernel. Each thread keeps kCopyUnroll 16-byte loads in flight before its stores (64 bytes;
+// 2048 threads an SM then hold 128 KiB in flight an SM, several times the ~22 KiB that 4.8 TB/s over 132 SMs at
+// ~600 ns of DRAM latency asks), grid-stride over the CTAs resident at once (at 34 registers only 6 of 8 fit).
+// Measured on one H200 it trails the fastest of the three at every size from 16 MiB to 1 GiB copied (3838 GB/s at
+// 256 MiB against cudaMemcpy's 4238; 3894 at 1 GiB against torch's 4094, where cudaMemcpy fell to 2771:
+// bench/results/variants/60dd033/copy_probe.json), below the norm kernels' 4.2 TB/s: the yardstick takes the fastest.
 constexpr int kCopyThreads = 256, kCopyUnroll = 4, kCopyCtasPerSm = 2048 / kCopyThreads;
 
 __global__ void __launch_bounds__(kCopyThreads, kCopyCtasPerSm) stream_copy_kernel(const uint4* __restrict__ src, uint4* __restrict__ dst,

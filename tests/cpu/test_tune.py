@@ -451,6 +451,7 @@ def test_family_member_needs_more_than_the_counts_noise():
     assert noise[2048] == noise[4096] == pytest.approx(0.14 / 18.86)  # 37.2 us is within twice 18.86
     assert noise[8192] == pytest.approx(0.02)  # 80 us: 37.2 and 80 are its like; 18.86 is not
     assert tune.run_noise(times, None) == {} and tune.run_noise(times, {8: 2.4}) == {8: pytest.approx(0.03 / 2.4)}
+    assert tune.family_noise(times, repeat) == {t: pytest.approx(2 * n) for t, n in noise.items()}
     assert tune.FAMILY_MARGIN == 0.01 < tune.NORM_MARGIN
     small = {1: 18, 8: 18, 16: 18, 128: 18}
     assert tune.family_choice(times, (18, 24), tune.FAMILY_MARGIN, noise) == {**small, 2048: 24, 4096: 24, 8192: 18}

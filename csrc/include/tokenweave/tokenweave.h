@@ -33,8 +33,8 @@ bool programmatic_launch();
 // after whatever the stream ran before (the GEMM that wrote those chunks).
 cudaError_t mark_ready(uint32_t* ready, int begin, int end, uint32_t pieces, cudaStream_t stream);
 
-// Benchmarks' copy yardstick: bytes from src to dst in 16-byte vectors on every SM (cudaMemcpy device-to-device is
-// slower on Hopper). bytes and both pointers must be multiples of 16.
+// One of the benchmarks' copy yardsticks: bytes from src to dst in 16-byte vectors on every SM. bytes and both
+// pointers must be multiples of 16.
 cudaError_t stream_copy(const void* src, void* dst, int64_t bytes, cudaStream_t stream);
 
 // Stream gate of track-and-trigger (consumer="stream"): `stream` waits until *counter >= target, then
