@@ -55,7 +55,7 @@ Two more stages need no communication: they run on one GPU in every mode (rank 0
     replace that choice at every count of the hidden, never at some, with one member at each count: where that is
     faster than the choice by more than the margin in geometric mean over the counts and at worst twice the margin
     slower at any. The member is the family's anchor (:func:`family_choice`: the best geometric mean) unless another
-    is faster at that count by more than :data:`FAMILY_MARGIN` and twice the noise. A measured count
+    is faster at that count by more than :data:`FAMILY_MARGIN`, the noise and :data:`FAMILY_MIN_US`. A measured count
     stands for the counts up to
     the next one (the first from 1, the last open); consecutive counts with one shape merge into one entry
     (``min_tokens``/``max_tokens``), and shape 0 needs none.
@@ -117,12 +117,17 @@ NORM_MARGIN = 0.02
 # again after the others at each size: the faster of its two times is the reference, and a shape must beat it by
 # more than the noise as well (run_noise: the two times' largest difference among calls of like length).
 # Within a family of one summation order the bits are one, so choosing its member by count guards against noise only:
-# a member displaces the family's anchor at a count when faster by more than twice that count's run-to-run noise
-# (family_noise) and by more than this floor. Since harness.clean_l2 the tune and the bench timed one kernel
-# within 0.2% of each other from 4096 tokens (docs/PERFORMANCE.md, 95d8f74); below 64 tokens a call takes about 2 us,
-# its times are kept to 0.01 us (0.5%), and shape 0's two times there were often equal (no noise seen): 1% is two
-# such steps. NORM_MARGIN here kept shape 18 at 4096 x 4096, where 24 was 1.7% faster in the tune and in the bench.
+# a member displaces the family's anchor at a count when faster by more than this fraction, the run-to-run noise of
+# calls of like length (run_noise), and FAMILY_MIN_US. Since harness.clean_l2 the tune and the bench timed one kernel
+# within 0.2% of each other from 4096 tokens (docs/PERFORMANCE.md, 95d8f74): 1% is 5x that. NORM_MARGIN here kept
+# shape 18 at 4096 x 4096, where 24 was 1.1-1.7% faster in each of five tunes (docs/PERFORMANCE.md).
 FAMILY_MARGIN = 0.01
+# ... and at calls of a few microseconds one kernel timed twice in one norm bench differed by up to 0.15 us: the
+# compiled norm and its repeat at 128 x 4096 (0.15 us, 7314e38), the op and its shape's own column at 1024 x 8192
+# (0.14 us, 4c12610; bench/results/variants/). Without this floor the noise and 1% let 25 serve 1 x 4096 at 7314e38
+# (1.68 against 18's 1.73 us in the tune, 1.90 against 1.78 in the bench); twice the noise instead kept 18 at 4096 x
+# 4096 in the tune of 783db04 (24 1.2% faster; one sample of 0.79% noise at 2048 tokens, doubled).
+FAMILY_MIN_US = 0.15
 # Rows of the batch on which each shape's out and residual must equal shape 0's bits: more than one CTA of any
 # shape takes at once (at most 1024 threads / 32 per row), and a prime, so full and partial CTAs both take part.
 NORM_PROBE_ROWS = 257
@@ -371,16 +376,17 @@ def decide_norm_shapes(times: dict[int, dict[int, float]], margin: float = NORM_
     at every count, with a member chosen by count (:func:`family_choice`), when over the counts that is
     faster than the choice by more than the margin in geometric mean and slower by at most twice the margin at any
     count (:func:`whole_range_gain`); of several, the one with the largest mean gain (ties: the lower shapes). Within
-    the family a member displaces its anchor at a count only by more than ``family_margin`` and that count's
-    :func:`family_noise` (:data:`FAMILY_MARGIN`: the bits are one, so only noise is at stake there)."""
+    the family a member displaces its anchor at a count only by more than ``family_margin``, that count's
+    :func:`run_noise` and :data:`FAMILY_MIN_US` (:data:`FAMILY_MARGIN`: the bits are one, so only noise is at stake
+    there)."""
     families = _as_families(whole_range)
-    noise = family_noise(times, repeat)
+    noise = run_noise(times, repeat)
     choice, reference = _per_count_choice(times, margin, repeat, {s for f in families for s in f})
-    gains = {f: whole_range_gain(times, reference, f, family_margin, noise) for f in families}
+    gains = {f: whole_range_gain(times, reference, f, family_margin, noise, FAMILY_MIN_US) for f in families}
     adopted = [f for f, (g, worst) in gains.items() if g > 1 + margin and worst >= 1 - 2 * margin]
     if adopted:
         best = min(adopted, key=lambda f: (-gains[f][0], f))
-        return family_choice(times, best, family_margin, noise)
+        return family_choice(times, best, family_margin, noise, FAMILY_MIN_US)
     return choice
 
 
@@ -395,21 +401,15 @@ def run_noise(times: dict[int, dict[int, float]], repeat: dict[int, float] | Non
     return {t: max(n for n, us in sample.values() if own / 2 <= us <= 2 * own) for t, (_, own) in sample.items()}
 
 
-def family_noise(times: dict[int, dict[int, float]], repeat: dict[int, float] | None) -> dict[int, float]:
-    """tokens -> twice :func:`run_noise`: what a member must beat its family's anchor by at that count (with
-    :data:`FAMILY_MARGIN`). The member's time and the anchor's each carry the noise of one timing, so their
-    difference can be off by twice it: at 1 x 4096 the tune of 7314e38 timed shape 25 2.9% faster than 18 where
-    shape 0's noise was 3.0%, and the bench of that run timed it 7.0% slower (bench/results/variants/7314e38)."""
-    return {t: 2 * n for t, n in run_noise(times, repeat).items()}
-
-
 def family_choice(times: dict[int, dict[int, float]], family: int | Sequence[int],
-                  margin: float = 0.0, noise: dict[int, float] | None = None) -> dict[int, int]:
+                  margin: float = 0.0, noise: dict[int, float] | None = None,
+                  min_us: float = 0.0) -> dict[int, int]:
     """tokens -> the shape of ``family`` that serves that count; counts where none of it was timed are left out.
 
     The family's anchor, its member timed at every count with the smallest geometric mean of time over the fastest
     member's (ties: the lower shape), serves each count unless another member is faster there by more than
-    ``margin`` and that count's ``noise`` (fractions of the anchor's time; :func:`run_noise`); then the fastest
+    ``margin`` and that count's ``noise`` (fractions of the anchor's time; :func:`run_noise`) and ``min_us``
+    microseconds; then the fastest
     (ties: the lower shape). So at ``margin=0`` without noise a tie with the anchor goes to the anchor. Where no
     member was timed at every count there is no anchor, and each count takes its fastest member. Before
     harness.clean_l2, members within a percent of each other swapped places between runs (16 and 22 at 1024-2047 x
@@ -425,8 +425,8 @@ def family_choice(times: dict[int, dict[int, float]], family: int | Sequence[int
         if not timed[tokens]:
             continue
         best = min(timed[tokens], key=lambda s: (by_shape[s], s))
-        needed = max(margin, noise.get(tokens, 0.0))
-        keep = anchor is not None and by_shape[best] >= (1 - needed) * by_shape[anchor]
+        keep = anchor is not None and by_shape[anchor] - by_shape[best] <= max(
+            max(margin, noise.get(tokens, 0.0)) * by_shape[anchor], min_us)
         choice[tokens] = anchor if keep else best
     return choice
 
@@ -450,11 +450,11 @@ def _per_count_choice(times: dict[int, dict[int, float]], margin: float, repeat:
 
 def whole_range_gain(times: dict[int, dict[int, float]], reference: dict[int, float],
                      family: int | Sequence[int], margin: float = 0.0,
-                     noise: dict[int, float] | None = None) -> tuple[float, float]:
+                     noise: dict[int, float] | None = None, min_us: float = 0.0) -> tuple[float, float]:
     """``(geometric mean, smallest)`` over the token counts of reference / time of the family's choice there
-    (:func:`family_choice` with ``margin`` and ``noise``; a bare shape number is a family of one; > 1: faster);
-    (0, 0) where no shape of it was timed at some count."""
-    choice = family_choice(times, family, margin, noise)
+    (:func:`family_choice` with ``margin``, ``noise`` and ``min_us``; a bare shape number is a family of one; > 1:
+    faster); (0, 0) where no shape of it was timed at some count."""
+    choice = family_choice(times, family, margin, noise, min_us)
     if not times or len(choice) != len(times):
         return 0.0, 0.0
     ratios = [reference[t] / times[t][choice[t]] for t in times]
@@ -860,8 +860,9 @@ def _whole_range_gain_of(result: dict, shape: int, margin: float) -> tuple[float
     result."""
     orders = {s for s, why in result["shapes"].items() if why == OTHER_ORDER}
     _, reference = _per_count_choice(result["measured"], margin, result.get("repeat"), orders)
-    noise = family_noise(result["measured"], result.get("repeat"))
-    return whole_range_gain(result["measured"], reference, _family_of(result, shape), FAMILY_MARGIN, noise)
+    noise = run_noise(result["measured"], result.get("repeat"))
+    return whole_range_gain(result["measured"], reference, _family_of(result, shape), FAMILY_MARGIN, noise,
+                            FAMILY_MIN_US)
 
 
 def _range_text(lo: int, hi: int | None) -> str:
@@ -902,8 +903,8 @@ def make_norm_entries(norm: dict[int, dict], itemsize: int, key: str, prov: Prov
             gains = "; ".join(f"{g:.3f}x in geometric mean, at worst {w:.3f}x, at hidden {h}"
                               for h in hiddens for g, w in [_whole_range_gain_of(norm[h], shape, margin)])
             kin = (f"its family (shapes {', '.join(map(str, family))}: one summation order; at each count its anchor "
-                   f"unless another member is faster by more than {FAMILY_MARGIN:.1%} and twice the run-to-run "
-                   f"noise of shape 0 at calls of like length)" if len(family) > 1 else "it")
+                   f"unless another member is faster by more than {FAMILY_MARGIN:.1%}, the run-to-run noise of "
+                   f"shape 0 at calls of like length and {FAMILY_MIN_US} us)" if len(family) > 1 else "it")
             beat = (f"it sums a row in another order than shape 0, so {kin} serves every token count or none; over "
                     f"the per-count choice: {gains} (needs more than {1 + margin:.2f}x, and at least "
                     f"{1 - 2 * margin:.2f}x at every count); its times against shape 0's: {beat}")

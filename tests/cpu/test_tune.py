@@ -414,8 +414,10 @@ def test_family_member_displaces_its_anchor_only_by_more_than_the_margin():
     assert tune.family_choice(times, (16, 22)) == {1: 22, 128: 16, 1024: 22, 4096: 16}  # no margin: the fastest
     assert tune.family_choice(times, (16, 22), margin=0.02) == {1: 16, 128: 16, 1024: 22, 4096: 16}
     assert tune.family_choice(times, (22,), margin=0.02) == {1: 22, 128: 22, 1024: 22}  # never timed at 4096
-    # decide_norm_shapes chooses the member by FAMILY_MARGIN (1%), not NORM_MARGIN: 22's 1.1% at 1 token is enough
-    assert tune.decide_norm_shapes(times, whole_range=[(16, 22)]) == {1: 22, 128: 16, 1024: 22, 4096: 16}
+    # decide_norm_shapes chooses the member by FAMILY_MARGIN (1%) and FAMILY_MIN_US, not NORM_MARGIN: 22's 1.1% at 1
+    # token is 0.1 us, under the floor in microseconds
+    assert tune.decide_norm_shapes(times, whole_range=[(16, 22)]) == {1: 16, 128: 16, 1024: 22, 4096: 16}
+    assert tune.family_choice(times, (16, 22), tune.FAMILY_MARGIN) == {1: 22, 128: 16, 1024: 22, 4096: 16}
     assert tune.decide_norm_shapes(times, whole_range=[(16, 22)], family_margin=0.02) == {
         1: 16, 128: 16, 1024: 22, 4096: 16}
     gain, worst = tune.whole_range_gain(times, {t: 10.0 for t in times}, (16, 22), margin=0.02)
@@ -434,10 +436,11 @@ def test_family_member_displaces_its_anchor_only_by_more_than_the_margin():
 
 
 def test_family_member_needs_more_than_the_counts_noise():
-    """A member displaces the anchor only by more than FAMILY_MARGIN and by more than shape 0's two times differ at
-    that count (run_noise): the 4096 x 4096 case of 95d8f74, where 24 was 1.7% faster than the anchor 18."""
-    times = {1: {0: 2.34, 18: 1.74, 24: 1.87},
-             8: {0: 2.43, 18: 1.81, 24: 1.80},        # 0.55% faster: under the floor
+    """A member displaces the anchor only by more than FAMILY_MARGIN, the noise of like-length calls (run_noise) and
+    FAMILY_MIN_US: the 4096 x 4096 case of 95d8f74, where 24 was 1.7% faster than the anchor 18, and the 1 x 4096
+    case of 7314e38, where 25 was 0.05 us faster in the tune and 0.12 us slower in the bench."""
+    times = {1: {0: 2.34, 18: 1.73, 24: 1.87, 25: 1.68},  # 25 2.9% faster, but by 0.05 us
+             8: {0: 2.43, 18: 1.81, 24: 1.80},        # 0.55% faster: under 1%
              16: {0: 2.5, 18: 1.90, 24: 2.05},
              128: {0: 2.75, 18: 1.93, 24: 2.04},      # 18 faster at few tokens: the anchor (best geometric mean)
              2048: {0: 19.0, 18: 16.97, 24: 16.03},   # 5.5% faster, noise 0.74%
@@ -451,15 +454,21 @@ def test_family_member_needs_more_than_the_counts_noise():
     assert noise[2048] == noise[4096] == pytest.approx(0.14 / 18.86)  # 37.2 us is within twice 18.86
     assert noise[8192] == pytest.approx(0.02)  # 80 us: 37.2 and 80 are its like; 18.86 is not
     assert tune.run_noise(times, None) == {} and tune.run_noise(times, {8: 2.4}) == {8: pytest.approx(0.03 / 2.4)}
-    assert tune.family_noise(times, repeat) == {t: pytest.approx(2 * n) for t, n in noise.items()}
-    assert tune.FAMILY_MARGIN == 0.01 < tune.NORM_MARGIN
-    small = {1: 18, 8: 18, 16: 18, 128: 18}
-    assert tune.family_choice(times, (18, 24), tune.FAMILY_MARGIN, noise) == {**small, 2048: 24, 4096: 24, 8192: 18}
-    assert tune.family_choice(times, (18, 24), tune.FAMILY_MARGIN) == {**small, 2048: 24, 4096: 24, 8192: 24}
-    assert tune.decide_norm_shapes(times, repeat=repeat, whole_range=[(18, 24)]) == {
-        **small, 2048: 24, 4096: 24, 8192: 18}
+    assert tune.FAMILY_MARGIN == 0.01 < tune.NORM_MARGIN and 0 < tune.FAMILY_MIN_US < 1
+    small = {8: 18, 16: 18, 128: 18}
+    rule = (tune.FAMILY_MARGIN, noise, tune.FAMILY_MIN_US)
+    assert tune.family_choice(times, (18, 24, 25), *rule) == {1: 18, **small, 2048: 24, 4096: 24, 8192: 18}
+    assert tune.family_choice(times, (18, 24, 25), tune.FAMILY_MARGIN, noise) == {  # no floor in us: 25 at 1 token
+        1: 25, **small, 2048: 24, 4096: 24, 8192: 18}
+    assert tune.family_choice(times, (18, 24, 25), tune.FAMILY_MARGIN) == {1: 25, **small, 2048: 24, 4096: 24,
+                                                                           8192: 24}  # no noise either
+    assert tune.family_choice(times, (18, 24, 25), 0.0, None, 0.95)[2048] == 18  # 0.94 us faster: not enough
+    assert tune.family_choice(times, (18, 24, 25), 0.0, None, 0.93)[2048] == 24
+    assert tune.family_choice(times, (18, 24, 25), 0.0, None, 0.93)[4096] == 18  # 0.58 us
+    assert tune.decide_norm_shapes(times, repeat=repeat, whole_range=[(18, 24, 25)]) == {
+        1: 18, **small, 2048: 24, 4096: 24, 8192: 18}
     # the old margin (NORM_MARGIN, 2%) kept the anchor at 4096
-    assert tune.decide_norm_shapes(times, repeat=repeat, whole_range=[(18, 24)], family_margin=0.02)[4096] == 18
+    assert tune.decide_norm_shapes(times, repeat=repeat, whole_range=[(18, 24, 25)], family_margin=0.02)[4096] == 18
 
 
 def test_norm_decision_against_shape_0_timed_twice():
