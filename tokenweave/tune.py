@@ -120,7 +120,8 @@ NORM_MARGIN = 0.02
 # a member displaces the family's anchor at a count when faster by more than this fraction, the run-to-run noise of
 # calls of like length (run_noise), and FAMILY_MIN_US. Since harness.clean_l2 the tune and the bench timed one kernel
 # within 0.2% of each other from 4096 tokens (docs/PERFORMANCE.md, 95d8f74): 1% is 5x that. NORM_MARGIN here kept
-# shape 18 at 4096 x 4096, where 24 was 1.1-1.7% faster in each of five tunes (docs/PERFORMANCE.md).
+# shape 18 at 4096 x 4096, where 24 was 1.2-1.9% faster in each of the tunes of 95d8f74, 4c12610, 7314e38, 783db04
+# and f42ff0a (docs/PERFORMANCE.md).
 FAMILY_MARGIN = 0.01
 # ... and at calls of a few microseconds one kernel timed twice in one norm bench differed by up to 0.15 us: the
 # compiled norm and its repeat at 128 x 4096 (0.15 us, 7314e38), the op and its shape's own column at 1024 x 8192

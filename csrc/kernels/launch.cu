@@ -681,9 +681,9 @@ cudaError_t peer_probe(const CommDevice& c, uint64_t magic, uint64_t* result, cu
 // and torch's elementwise kernel. Each thread keeps kCopyUnroll 16-byte loads in flight before its stores (64 bytes;
 // 2048 threads an SM then hold 128 KiB in flight an SM, several times the ~22 KiB that 4.8 TB/s over 132 SMs at
 // ~600 ns of DRAM latency asks), grid-stride over the CTAs resident at once (at 34 registers only 6 of 8 fit).
-// Measured on one H200 it trails the fastest of the three at every size from 16 MiB to 1 GiB copied (3838 GB/s at
-// 256 MiB against cudaMemcpy's 4238; 3894 at 1 GiB against torch's 4094, where cudaMemcpy fell to 2771:
-// bench/results/variants/60dd033/copy_probe.json), below the norm kernels' 4.2 TB/s: the yardstick takes the fastest.
+// Measured on one H200 it trails the fastest of the three at every size from 16 MiB to 1 GiB copied (3848 GB/s at
+// 256 MiB against cudaMemcpy's 4238; 3895 at 1 GiB against torch's 4098, where cudaMemcpy fell to 2770:
+// bench/results/variants/783db04/copy_probe.json), below the norm kernels' 4.2 TB/s: the yardstick takes the fastest.
 constexpr int kCopyThreads = 256, kCopyUnroll = 4, kCopyCtasPerSm = 2048 / kCopyThreads;
 
 __global__ void __launch_bounds__(kCopyThreads, kCopyCtasPerSm) stream_copy_kernel(const uint4* __restrict__ src, uint4* __restrict__ dst,

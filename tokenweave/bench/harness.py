@@ -320,7 +320,7 @@ class CopyBandwidth:
         self.methods = methods if methods is not None else self.default_methods(device)
         self._by_method: dict[int, dict[str, float]] = {}
         # 512 MiB of traffic on a GPU, about 10x the L2 of an H100 or H200: there cudaMemcpy moved 4238 GB/s on one
-        # H200 and at 2 GiB 2771 (bench/results/variants/60dd033/copy_probe.json); a CPU run only checks the pipeline
+        # H200 and at 2 GiB 2770 (bench/results/variants/783db04/copy_probe.json); a CPU run only checks the pipeline
         if peak_bytes is None:
             peak_bytes = 512 << 20 if device.type == "cuda" else 32 << 20
         self.peak_bytes = peak_bytes
