@@ -118,16 +118,16 @@ NORM_MARGIN = 0.02
 # more than the noise as well (run_noise: the two times' largest difference among calls of like length).
 # Within a family of one summation order the bits are one, so choosing its member by count guards against noise only:
 # a member displaces the family's anchor at a count when faster by more than this fraction, the run-to-run noise of
-# calls of like length (run_noise), and FAMILY_MIN_US. Since harness.clean_l2 the tune and the bench timed one kernel
-# within 0.2% of each other from 4096 tokens (docs/PERFORMANCE.md, 95d8f74): 1% is 5x that. NORM_MARGIN here kept
-# shape 18 at 4096 x 4096, where 24 was 1.2-1.9% faster in each of the tunes of 95d8f74, 4c12610, 7314e38, 783db04
-# and f42ff0a (docs/PERFORMANCE.md).
+# calls of like length (run_noise), and FAMILY_MIN_US. Since harness.clean_l2 the tune and the bench timed each
+# member of a family within 0.72% of each other from 4096 tokens (median 0.21%; 95d8f74, bench/results/variants/
+# 95d8f74): 1% is above that. NORM_MARGIN there kept shape 18 at 4096 x 4096, and would have in each of the tunes of
+# 95d8f74, 4c12610, 7314e38, 783db04 and f42ff0a, where 24 was 1.2-1.9% faster (docs/PERFORMANCE.md).
 FAMILY_MARGIN = 0.01
 # ... and at calls of a few microseconds one kernel timed twice in one norm bench differed by up to 0.15 us: the
 # compiled norm and its repeat at 128 x 4096 (0.15 us, 7314e38), the op and its shape's own column at 1024 x 8192
 # (0.14 us, 4c12610; bench/results/variants/). Without this floor the noise and 1% let 25 serve 1 x 4096 at 7314e38
 # (1.68 against 18's 1.73 us in the tune, 1.90 against 1.78 in the bench); twice the noise instead kept 18 at 4096 x
-# 4096 in the tune of 783db04 (24 1.2% faster; one sample of 0.79% noise at 2048 tokens, doubled).
+# 4096 in the tune of 783db04 (24 1.2% faster; one sample of 0.78% noise at 2048 tokens, doubled).
 FAMILY_MIN_US = 0.15
 # Rows of the batch on which each shape's out and residual must equal shape 0's bits: more than one CTA of any
 # shape takes at once (at most 1024 threads / 32 per row), and a prime, so full and partial CTAs both take part.
@@ -364,13 +364,13 @@ def same_but_order(got: Sequence[torch.Tensor], reference: Sequence[torch.Tensor
 def decide_norm_shapes(times: dict[int, dict[int, float]], margin: float = NORM_MARGIN,
                        repeat: dict[int, float] | None = None,
                        whole_range: Iterable[int | Sequence[int]] = (),
-                       family_margin: float = FAMILY_MARGIN) -> dict[int, int]:
+                       family_margin: float = FAMILY_MARGIN, family_min_us: float = FAMILY_MIN_US) -> dict[int, int]:
     """The block shape per token count from ``times`` (tokens -> shape -> us, shape 0 among them): the fastest
     shape where it beats shape 0 by more than ``margin`` (a fraction of shape 0's time), else 0. Ties go to the
     lower shape number.
 
     ``repeat`` (tokens -> us): shape 0 timed again after the others. Where given, shape 0's time is the faster of
-    its two, and the margin at least the run-to-run noise at that size (:func:`run_noise`).
+    its two, and the margin at least the run-to-run noise of calls of like length (:func:`run_noise`).
 
     ``whole_range``: families of shapes with another summation order (:data:`OTHER_ORDER`, :func:`norm_families`;
     a bare shape number is a family of one), never mixed with the others. A family replaces the per-count choice
@@ -378,28 +378,30 @@ def decide_norm_shapes(times: dict[int, dict[int, float]], margin: float = NORM_
     faster than the choice by more than the margin in geometric mean and slower by at most twice the margin at any
     count (:func:`whole_range_gain`); of several, the one with the largest mean gain (ties: the lower shapes). Within
     the family a member displaces its anchor at a count only by more than ``family_margin``, that count's
-    :func:`run_noise` and :data:`FAMILY_MIN_US` (:data:`FAMILY_MARGIN`: the bits are one, so only noise is at stake
-    there)."""
+    :func:`run_noise` and ``family_min_us`` microseconds (:data:`FAMILY_MARGIN`, :data:`FAMILY_MIN_US`: the bits
+    are one, so only noise is at stake there)."""
     families = _as_families(whole_range)
     noise = run_noise(times, repeat)
     choice, reference = _per_count_choice(times, margin, repeat, {s for f in families for s in f})
-    gains = {f: whole_range_gain(times, reference, f, family_margin, noise, FAMILY_MIN_US) for f in families}
+    gains = {f: whole_range_gain(times, reference, f, family_margin, noise, family_min_us) for f in families}
     adopted = [f for f, (g, worst) in gains.items() if g > 1 + margin and worst >= 1 - 2 * margin]
     if adopted:
         best = min(adopted, key=lambda f: (-gains[f][0], f))
-        return family_choice(times, best, family_margin, noise, FAMILY_MIN_US)
+        return family_choice(times, best, family_margin, noise, family_min_us)
     return choice
 
 
 def run_noise(times: dict[int, dict[int, float]], repeat: dict[int, float] | None) -> dict[int, float]:
-    """tokens -> the run-to-run noise there: the largest ``|shape 0 - shape 0 again|`` (as a fraction of the faster
-    of the two) among the counts whose shape 0 call took from half to twice as long as at this count; counts
-    without a repeat are left out. One repeat is one sample, and calls of like length share their noise: at 1 x
-    4096 the two times were equal, at 256 x 4096 (3.2 us against 2.3) 2.5% apart (the tune of 4c12610,
-    bench/results/variants/4c12610)."""
-    sample = {t: (abs(by_shape[0] - repeat[t]) / min(by_shape[0], repeat[t]), min(by_shape[0], repeat[t]))
-              for t, by_shape in times.items() if repeat and t in repeat and 0 in by_shape}
-    return {t: max(n for n, us in sample.values() if own / 2 <= us <= 2 * own) for t, (_, own) in sample.items()}
+    """tokens -> the run-to-run noise there: the largest sample ``|shape 0 - shape 0 again| / the faster of the two``
+    among the counts timed twice whose faster shape 0 time lies in [t0 / 2, 2 t0], t0 this count's (the faster of
+    its two where it has two); counts with no such sample are left out. One repeat is one sample, and calls of like
+    length share their noise: at 1 x 4096 the two times were equal, at 256 x 4096 (3.2 us against 2.3) 2.4% apart
+    (the tune of 4c12610, bench/results/variants/4c12610)."""
+    repeat = repeat or {}
+    own = {t: min(by_shape[0], repeat.get(t, by_shape[0])) for t, by_shape in times.items() if 0 in by_shape}
+    sample = [(abs(times[t][0] - repeat[t]) / own[t], own[t]) for t in own if t in repeat]
+    noise = {t: [n for n, us in sample if t0 / 2 <= us <= 2 * t0] for t, t0 in own.items()}
+    return {t: max(found) for t, found in noise.items() if found}
 
 
 def family_choice(times: dict[int, dict[int, float]], family: int | Sequence[int],

@@ -686,8 +686,8 @@ cudaError_t peer_probe(const CommDevice& c, uint64_t magic, uint64_t* result, cu
 // bench/results/variants/783db04/copy_probe.json), below the norm kernels' 4.2 TB/s: the yardstick takes the fastest.
 constexpr int kCopyThreads = 256, kCopyUnroll = 4, kCopyCtasPerSm = 2048 / kCopyThreads;
 
-__global__ void __launch_bounds__(kCopyThreads, kCopyCtasPerSm) stream_copy_kernel(const uint4* __restrict__ src, uint4* __restrict__ dst,
-                                                                  int64_t vecs) {
+__global__ void __launch_bounds__(kCopyThreads, kCopyCtasPerSm)
+    stream_copy_kernel(const uint4* __restrict__ src, uint4* __restrict__ dst, int64_t vecs) {
   const int64_t stride = int64_t(gridDim.x) * kCopyThreads * kCopyUnroll;
   for (int64_t base = int64_t(blockIdx.x) * kCopyThreads * kCopyUnroll + threadIdx.x; base < vecs; base += stride) {
     uint4 v[kCopyUnroll];
@@ -711,7 +711,8 @@ cudaError_t stream_copy(const void* src, void* dst, int64_t bytes, cudaStream_t 
   int dev = 0, sms = 0, resident = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, stream_copy_kernel, kCopyThreads, 0);
+  if (e == cudaSuccess)
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, stream_copy_kernel, kCopyThreads, 0);
   if (e != cudaSuccess) return e;
   const int64_t vecs = bytes / 16, per_cta = int64_t(kCopyThreads) * kCopyUnroll;
   const int64_t blocks = std::min<int64_t>((vecs + per_cta - 1) / per_cta, int64_t(sms) * std::max(resident, 1));

@@ -127,7 +127,7 @@ def test_copy_bandwidth_on_cpu_counts_read_and_written_bytes():
 
 
 def test_copy_bandwidth_is_the_faster_method_at_each_size():
-    """Each size's bandwidth is the fastest of the copy methods (cudaMemcpy is slower than an SM copy on Hopper), and
+    """Each size's bandwidth is the fastest of the copy methods (none was fastest at every size on one H200), and
     the results' description names every method with its large-copy bandwidth."""
     assert list(harness.CopyBandwidth(torch.device("cpu"), lambda fn, **kw: (fn(), 1000.0)[1],
                                       peak_bytes=2 << 20).methods) == ["copy_"]  # no SM copy without a GPU

@@ -306,9 +306,9 @@ class CopyBandwidth:
     A size's bandwidth is the fastest of the copies in :attr:`methods` (:meth:`default_methods`). cudaMemcpy alone
     moved 2716 GB/s at 2 GiB of traffic on one H200 at 95d8f74, where the norm kernels reached about 4.2 TB/s, so it
     was no ceiling. ``peak_gbps`` is a large copy (``peak_bytes`` of traffic): the card's copy bandwidth, and
-    :attr:`peak_by_method` each method's; :attr:`nominal_gbps` the card's nominal memory bandwidth. :meth:`gbps` times a copy moving the same traffic as a kernel, which tells
-    whether that size is bandwidth-bound at all (at a few KB launch and tail latency bound a copy and a kernel
-    alike).
+    :attr:`peak_by_method` each method's; :attr:`nominal_gbps` the card's nominal memory bandwidth. :meth:`gbps`
+    times a copy moving the same traffic as a kernel, which tells whether that size is bandwidth-bound at all (at a
+    few KB launch and tail latency bound a copy and a kernel alike).
     """
 
     def __init__(self, device: torch.device, timer: Callable[..., float] | None = None, *,
@@ -330,8 +330,8 @@ class CopyBandwidth:
 
     @staticmethod
     def nominal_memory_gbps(device: torch.device) -> float | None:
-        """The card's nominal memory bandwidth (GB/s, from its memory clock and bus width; ``_C``), None on a CPU or
-        without the extension."""
+        """The card's nominal memory bandwidth (GB/s, from its memory clock and bus width; ``_C``), None on a CPU,
+        without the extension, or where the device reports no memory clock."""
         if device.type != "cuda":
             return None
         from tokenweave._ext import _C
@@ -339,7 +339,8 @@ class CopyBandwidth:
         if _C is None or not hasattr(_C, "nominal_memory_gbps"):
             return None
         with torch.cuda.device(device):
-            return float(_C.nominal_memory_gbps())
+            gbps = float(_C.nominal_memory_gbps())
+        return gbps if gbps > 0 else None
 
     @staticmethod
     def default_methods(device: torch.device) -> dict[str, Callable[[torch.Tensor, torch.Tensor], object]]:
