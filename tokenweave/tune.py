@@ -382,7 +382,7 @@ def decide_norm_shapes(times: dict[int, dict[int, float]], margin: float = NORM_
     are one, so only noise is at stake there)."""
     families = _as_families(whole_range)
     noise = run_noise(times, repeat)
-    choice, reference = _per_count_choice(times, margin, repeat, {s for f in families for s in f})
+    choice, reference = _per_count_choice(times, margin, repeat, noise, {s for f in families for s in f})
     gains = {f: whole_range_gain(times, reference, f, family_margin, noise, family_min_us) for f in families}
     adopted = [f for f, (g, worst) in gains.items() if g > 1 + margin and worst >= 1 - 2 * margin]
     if adopted:
@@ -435,11 +435,10 @@ def family_choice(times: dict[int, dict[int, float]], family: int | Sequence[int
 
 
 def _per_count_choice(times: dict[int, dict[int, float]], margin: float, repeat: dict[int, float] | None,
-                      whole: set[int]) -> tuple[dict[int, int], dict[int, float]]:
-    """decide_norm_shapes' choice per count among the shapes not in ``whole``, and the time of that choice (shape
-    0's: the faster of its two)."""
+                      noise: dict[int, float], whole: set[int]) -> tuple[dict[int, int], dict[int, float]]:
+    """decide_norm_shapes' choice per count among the shapes not in ``whole`` (``noise``: :func:`run_noise` of
+    ``times`` and ``repeat``), and the time of that choice (shape 0's: the faster of its two)."""
     choice, reference = {}, {}
-    noise = run_noise(times, repeat)
     for tokens, by_shape in times.items():
         base, needed = by_shape[0], max(margin, noise.get(tokens, 0.0))
         if repeat is not None and tokens in repeat:
@@ -862,8 +861,8 @@ def _whole_range_gain_of(result: dict, shape: int, margin: float) -> tuple[float
     """:func:`whole_range_gain` of the family of ``shape`` over the per-count choice, from one hidden's tune_norm
     result."""
     orders = {s for s, why in result["shapes"].items() if why == OTHER_ORDER}
-    _, reference = _per_count_choice(result["measured"], margin, result.get("repeat"), orders)
     noise = run_noise(result["measured"], result.get("repeat"))
+    _, reference = _per_count_choice(result["measured"], margin, result.get("repeat"), noise, orders)
     return whole_range_gain(result["measured"], reference, _family_of(result, shape), FAMILY_MARGIN, noise,
                             FAMILY_MIN_US)
 
